@@ -1,0 +1,75 @@
+"""One settings object for the whole project, read from `ZSAD_*` environment variables.
+
+The CLI, the service, the evaluation and the tests all take a `Settings`; nothing else reads the environment.
+Every open detail of the method (see docs/method.md) is a field here, with the default we chose.
+"""
+from __future__ import annotations
+
+from functools import lru_cache
+from pathlib import Path
+from typing import Literal
+
+from pydantic import Field
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+REPO_ROOT = Path(__file__).resolve().parent.parent
+
+ScoreName = Literal["fnn", "prompt", "combined"]
+
+
+class Settings(BaseSettings):
+    model_config = SettingsConfigDict(env_prefix="ZSAD_", env_file=None, extra="ignore")
+
+    # --- model store and model choice -------------------------------------------------------------------------
+    model_store: Path = Field(REPO_ROOT / "model_store", description="Root of the versioned model store.")
+    model_name: str = Field("default", description="FNN model name in the store that the service and CLI use.")
+    model_version: str | None = Field(None, description="Pin a version; None follows the name's `current` pointer.")
+    device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
+    precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
+        "auto", description="'auto': fp16 on GPU, fp32 on CPU. bf16 speeds up CPUs with AMX/AVX512-BF16."
+    )
+    hub_cache: Path | None = Field(None, description="Cache dir for pretrained CLIP downloads (default: <store>/_hub).")
+
+    # --- scoring ----------------------------------------------------------------------------------------------
+    default_score: ScoreName = Field("combined", description="Score used for the label when a request names none.")
+    combine_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of s_fnn in `combined` (rest is s_pr).")
+    prompt_temperature: float = Field(0.07, gt=0.0, description="Softmax temperature of the prompt score s_pr.")
+    generic_object: str = Field("object", description="Object word for s_pr when no object name is given.")
+
+    # --- windows / heatmaps -------------------------------------------------------------------------------------
+    window_scales: tuple[int, ...] = Field((2, 3), description="Window sizes in patches (ViT) or feature cells (CNN).")
+    window_stride: int = Field(1, ge=1, description="Window stride in patches / cells.")
+    window_chunk: int = Field(1024, ge=1, description="Max windows per forward call: bounds memory.")
+    cnn_window_mode: Literal["attnpool", "crop"] = Field(
+        "attnpool", description="CNN towers: pool feature-map windows through the attention pool, or crop the image."
+    )
+    resize_policy: Literal["letterbox", "stretch", "center_crop"] = Field(
+        "letterbox", description="Non-square images: letterbox keeps the whole image visible."
+    )
+    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Heat above this is in the binary mask/regions.")
+
+    # --- service --------------------------------------------------------------------------------------------------
+    host: str = "127.0.0.1"
+    port: int = 8000
+    api_keys_read: list[str] = Field(default_factory=list, description="Keys with the read scope.")
+    api_keys_admin: list[str] = Field(default_factory=list, description="Keys with the admin scope (implies read).")
+    max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted request body.")
+    max_pixels: int = Field(50_000_000, description="Largest accepted image (width x height).")
+    max_batch_size: int = Field(8, ge=1, description="Dynamic micro-batching: max images per forward.")
+    max_batch_wait_ms: float = Field(5.0, ge=0.0, description="Dynamic micro-batching: max wait to fill a batch.")
+    batching: bool = Field(True, description="Turn dynamic micro-batching off (batch size 1).")
+    queue_size: int = Field(64, ge=1, description="Bounded inference queue; full -> 503 with Retry-After.")
+    request_timeout_s: float = Field(60.0, gt=0, description="Per-request inference timeout.")
+    results_url: str | None = Field(None, description="SQLAlchemy URL of the results store (PostgreSQL for replicas).")
+    results_path: Path = Field(REPO_ROOT / "data" / "results.sqlite", description="SQLite results store path.")
+    keep_heatmaps: bool = Field(True, description="Keep heatmap PNGs in the results store.")
+    heatmap_retention: int = Field(1000, ge=0, description="Keep at most this many heatmap PNGs (oldest dropped).")
+    thresholds_path: Path = Field(REPO_ROOT / "data" / "thresholds.json", description="Per product/line thresholds.")
+    default_threshold: float | None = Field(
+        None, description="Threshold when no product threshold is set; None uses the model manifest's advice."
+    )
+
+
+@lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    return Settings()
