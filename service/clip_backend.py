@@ -11,6 +11,7 @@ therefore works in one space.
 from __future__ import annotations
 
 import json
+import logging
 import os
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -167,7 +168,18 @@ def fetch_weights(arch: str, tag: str, cache_dir: Path, timeout_s: float = 30.0)
     os.environ.setdefault("HF_HUB_ETAG_TIMEOUT", str(int(timeout_s)))
     os.environ.setdefault("HF_HUB_DOWNLOAD_TIMEOUT", str(int(timeout_s)))
     import socket
+    from urllib.parse import urlparse
 
+    endpoint = os.environ.get("HF_ENDPOINT", "https://huggingface.co") if cfg.get("hf_hub") else cfg.get("url", "")
+    host = urlparse(endpoint).hostname or "huggingface.co"
+    try:  # fail in seconds, not after a minute of retries, when there is no network at all
+        socket.create_connection((host, 443), timeout=min(timeout_s, 10.0)).close()
+    except OSError as exc:
+        raise ClipLoadError(
+            f"cannot reach {host} to download {arch}/{tag} ({exc}). This machine is offline: run "
+            f"`{fetch_command(arch, tag)}` where there is network access and copy {cache_dir} here "
+            "(or mount a pre-fetched model store)."
+        ) from exc
     old_timeout = socket.getdefaulttimeout()
     socket.setdefaulttimeout(timeout_s)
     try:
@@ -189,10 +201,15 @@ def _create(arch_or_dir: str) -> nn.Module:
     """An open_clip model with random weights: only ever returned after `_load_weights` filled it."""
     import open_clip
 
+    quiet = logging.getLogger()  # open_clip warns "initialized randomly" here; we load the weights next
+    level = quiet.level
+    quiet.setLevel(logging.ERROR)
     try:
         model = open_clip.create_model(arch_or_dir, pretrained=None, load_weights=False, precision="fp32", device="cpu")
     except Exception as exc:
         raise ClipLoadError(f"cannot build open_clip model {arch_or_dir!r}: {exc}") from exc
+    finally:
+        quiet.setLevel(level)
     return model.eval()
 
 

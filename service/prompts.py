@@ -66,6 +66,8 @@ class RandomWordConfig:
 class PromptPair:
     normal: str
     anomalous: str
+    template: str = ""  # what the two prompts share, kept for inspection and tests
+    words: str = ""
 
 
 def random_words(rng: random.Random, cfg: RandomWordConfig) -> str:
@@ -77,7 +79,9 @@ def random_words(rng: random.Random, cfg: RandomWordConfig) -> str:
 
 
 def make_pair(template: str, normal_state: str, anomalous_state: str, obj: str) -> PromptPair:
-    return PromptPair(template.format(normal_state.format(obj)), template.format(anomalous_state.format(obj)))
+    return PromptPair(
+        template.format(normal_state.format(obj)), template.format(anomalous_state.format(obj)), template, obj
+    )
 
 
 def random_word_pairs(vocab: Vocabulary, cfg: RandomWordConfig) -> list[PromptPair]:

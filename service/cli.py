@@ -1,0 +1,261 @@
+"""`zsad` command line. Each sub-command is a thin shell over importable functions.
+
+Exit codes: 0 success, 1 a runtime failure (message on stderr), 2 wrong arguments (argparse's convention).
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import sys
+from pathlib import Path
+
+from .settings import Settings
+
+
+class CliError(Exception):
+    """A failure to report as one clear line and exit code 1."""
+
+
+def _settings(args: argparse.Namespace) -> Settings:
+    overrides = {}
+    if getattr(args, "store", None):
+        overrides["model_store"] = Path(args.store)
+    if getattr(args, "device", None):
+        overrides["device"] = args.device
+    return Settings(**overrides)
+
+
+def _split_ref(ref: str) -> tuple[str, str | None]:
+    name, _, version = ref.partition("@")
+    return name, version or None
+
+
+# --- train ------------------------------------------------------------------------------------------------------
+def cmd_train(args: argparse.Namespace) -> int:
+    from .clip_backend import ClipSpec, load_clip
+    from .fnn import FNNConfig
+    from .prompts import RandomWordConfig
+    from .store import ModelStore, StoreError
+    from .train import TrainConfig, train_fnn_model
+
+    settings = _settings(args)
+    store = ModelStore(settings.model_store)
+    if args.model:
+        if bool(args.pretrained) == bool(args.weights):
+            raise CliError("--model needs exactly one of --pretrained TAG or --weights FILE")
+        spec = ClipSpec("pretrained", args.model, pretrained=args.pretrained) if args.pretrained else None
+        if args.weights:
+            from .store import sha256_file
+
+            path = Path(args.weights).resolve()
+            if not path.is_file():
+                raise CliError(f"weights file {path} does not exist")
+            spec = ClipSpec("file", args.model, path=str(path), sha256=sha256_file(path))
+    else:
+        clip_name, clip_version = _split_ref(args.clip)
+        try:
+            folder, manifest = store.verify(clip_name, clip_version)
+        except StoreError as exc:
+            raise CliError(str(exc)) from exc
+        spec = ClipSpec("store", name=clip_name, version=manifest["version"],
+                        sha256=manifest["files"][manifest.get("weights", "open_clip_model.safetensors")])
+    backend = load_clip(spec, settings.model_store, settings.device, settings.precision, settings.hub_cache)
+    cfg = TrainConfig(
+        prompts=RandomWordConfig(args.n_pairs, args.words_min, args.words_max, args.word_len_min, args.word_len_max, args.seed),
+        fnn=FNNConfig(lr=args.lr, max_epochs=args.epochs, patience=args.patience, seed=args.seed),
+        random_words=not args.no_random_words,
+        generic_object=settings.generic_object,
+        vocabulary_path=args.vocabulary,
+    )
+    print(f"training FNN on {spec.label()} with {args.n_pairs} prompt pairs "
+          f"({'random words' if cfg.random_words else 'no random words'}), seed {args.seed}", file=sys.stderr)
+    result = train_fnn_model(backend, cfg, None if args.dry_run else store, args.name, args.version,
+                             not args.no_current, progress=not args.quiet)
+    out = {
+        "name": args.name,
+        "version": result.version,
+        "val_auroc_random_word": round(result.report.val_auroc, 4),
+        "val_auroc_clean": round(result.clean_auroc, 4),
+        "epochs": result.report.epochs,
+        "seconds": round(result.seconds, 1),
+    }
+    print(json.dumps(out))
+    return 0
+
+
+# --- score ------------------------------------------------------------------------------------------------------
+def cmd_score(args: argparse.Namespace) -> int:
+    from .detector import load_detector
+    from .heatmap import binary_mask, overlay_png, regions
+    from .preprocess import ImageError, load_image
+
+    settings = _settings(args)
+    name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
+    detector = load_detector(settings, name, version)
+    heat_dir = Path(args.heatmap) if args.heatmap else None
+    if heat_dir:
+        heat_dir.mkdir(parents=True, exist_ok=True)
+    failures = 0
+    for path in args.images:
+        try:
+            image = load_image(Path(path), settings.max_pixels)
+        except (ImageError, OSError) as exc:
+            failures += 1
+            print(json.dumps({"path": path, "error": str(exc)}))
+            continue
+        det = detector.detect([image], args.object, heatmap=heat_dir is not None)[0]
+        line = {"path": path, "s_fnn": round(det.scores["fnn"], 6), "s_pr": round(det.scores["prompt"], 6),
+                "combined": round(det.scores["combined"], 6)}
+        if heat_dir is not None:
+            heat = det.heat[args.score]
+            stem = Path(path).stem
+            (heat_dir / f"{stem}_overlay.png").write_bytes(overlay_png(image, heat))
+            from PIL import Image
+
+            Image.fromarray(binary_mask(heat, settings.mask_threshold)).save(heat_dir / f"{stem}_mask.png")
+            line["regions"] = [r.to_dict() for r in regions(heat, settings.mask_threshold)]
+        print(json.dumps(line), flush=True)
+    if failures:
+        print(f"{failures} of {len(args.images)} images could not be scored", file=sys.stderr)
+        return 1
+    return 0
+
+
+# --- store ------------------------------------------------------------------------------------------------------
+def cmd_store(args: argparse.Namespace) -> int:
+    from .store import ModelStore
+
+    store = ModelStore(_settings(args).model_store)
+    if args.store_cmd == "list":
+        for name in store.names():
+            current = store.current(name)
+            for v in store.versions(name):
+                m = store.manifest(name, v)
+                flag = "*" if v == current else " "
+                print(f"{flag} {name}@{v}\t{m.get('kind', '?')}\t{m.get('created_at', '')}")
+        return 0
+    name, version = _split_ref(args.ref)
+    if args.verify:
+        store.verify(name, version)
+    print(json.dumps(store.manifest(name, version), indent=2))
+    return 0
+
+
+# --- fetch-weights ------------------------------------------------------------------------------------------------
+def cmd_fetch_weights(args: argparse.Namespace) -> int:
+    from .clip_backend import fetch_weights
+
+    settings = _settings(args)
+    cache = settings.hub_cache or settings.model_store / "_hub"
+    path = fetch_weights(args.model, args.pretrained, Path(cache), timeout_s=args.timeout)
+    print(json.dumps({"model": args.model, "pretrained": args.pretrained, "path": str(path)}))
+    return 0
+
+
+# --- serve ------------------------------------------------------------------------------------------------------
+def cmd_serve(args: argparse.Namespace) -> int:
+    import uvicorn
+
+    settings = _settings(args)
+    host = args.host or settings.host
+    port = args.port or settings.port
+    os.environ["ZSAD_MODEL_STORE"] = str(settings.model_store)
+    uvicorn.run("service.api.app:create_app", factory=True, host=host, port=port, log_level=args.log_level,
+                timeout_graceful_shutdown=30)
+    return 0
+
+
+def build_parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(prog="zsad", description="Zero-shot visual anomaly detection (random-word CLIP + FNN).")
+    p.add_argument("--store", help="model store folder (default: $ZSAD_MODEL_STORE or ./model_store)")
+    sub = p.add_subparsers(dest="command", required=True, metavar="COMMAND")
+
+    t = sub.add_parser("train", help="train an FNN on random-word prompts and publish it to the store")
+    src = t.add_argument_group("CLIP (default: the in-house CLIP in the store)")
+    src.add_argument("--clip", default="tiny-factory-clip", help="store CLIP NAME[@VERSION] (default: %(default)s)")
+    src.add_argument("--model", help="open_clip architecture, e.g. ViT-B-16-plus-240")
+    src.add_argument("--pretrained", help="open_clip pretrained tag, e.g. laion400m_e31 (see fetch-weights)")
+    src.add_argument("--weights", help="local weights file for --model (safetensors preferred)")
+    t.add_argument("--name", default="default", help="store name to publish under (default: %(default)s)")
+    t.add_argument("--version", help="version to publish (default: next vN)")
+    t.add_argument("--no-current", action="store_true", help="publish without moving the `current` pointer")
+    t.add_argument("--n-pairs", type=int, default=10_000, help="N_p random prompt pairs (default: %(default)s)")
+    t.add_argument("--words-min", type=int, default=1)
+    t.add_argument("--words-max", type=int, default=3)
+    t.add_argument("--word-len-min", type=int, default=3)
+    t.add_argument("--word-len-max", type=int, default=10)
+    t.add_argument("--no-random-words", action="store_true", help="ablation: plain object word instead of random words")
+    t.add_argument("--vocabulary", help="vocabulary JSON (default: service/data/vocabulary.json)")
+    t.add_argument("--seed", type=int, default=0)
+    t.add_argument("--lr", type=float, default=1e-3)
+    t.add_argument("--epochs", type=int, default=60)
+    t.add_argument("--patience", type=int, default=5)
+    t.add_argument("--device", help="cpu, cuda or auto")
+    t.add_argument("--dry-run", action="store_true", help="train and report, publish nothing")
+    t.add_argument("--quiet", action="store_true", help="no progress bars")
+    t.set_defaults(func=cmd_train)
+
+    s = sub.add_parser("score", help="score images; print one JSON line per image")
+    s.add_argument("images", nargs="+", metavar="IMAGE")
+    s.add_argument("--model-ref", help="FNN model NAME[@VERSION] (default: settings / current)")
+    s.add_argument("--object", help="object name for the prompt score (default: generic 'object')")
+    s.add_argument("--heatmap", metavar="DIR", help="write <stem>_overlay.png and <stem>_mask.png into DIR")
+    s.add_argument("--score", choices=["fnn", "prompt", "combined"], default="combined", help="map for --heatmap")
+    s.add_argument("--device", help="cpu, cuda or auto")
+    s.set_defaults(func=cmd_score)
+
+    st = sub.add_parser("store", help="inspect the model store")
+    st_sub = st.add_subparsers(dest="store_cmd", required=True, metavar="ACTION")
+    st_sub.add_parser("list", help="list models and versions (* = current)")
+    show = st_sub.add_parser("show", help="print a manifest")
+    show.add_argument("ref", metavar="NAME[@VERSION]")
+    show.add_argument("--verify", action="store_true", help="also check every file's sha256")
+    st.set_defaults(func=cmd_store)
+
+    f = sub.add_parser("fetch-weights", help="download pretrained CLIP weights into the store's hub cache (needs network)")
+    f.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16-plus-240")
+    f.add_argument("--pretrained", required=True, help="pretrained tag, e.g. laion400m_e31")
+    f.add_argument("--timeout", type=float, default=30.0, help="network timeout in seconds")
+    f.set_defaults(func=cmd_fetch_weights)
+
+    sv = sub.add_parser("serve", help="start the REST service (uvicorn)")
+    sv.add_argument("--host", help="bind address (default: $ZSAD_HOST or 127.0.0.1)")
+    sv.add_argument("--port", type=int, help="port (default: $ZSAD_PORT or 8000)")
+    sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.set_defaults(func=cmd_serve)
+
+    for module in ("service.synthetic.cli", "service.evaluation.cli"):
+        try:
+            register = __import__(module, fromlist=["register"]).register
+        except ImportError:
+            continue
+        register(sub)
+    # `--store` is global, but accept it after the command too (`zsad train --store DIR`).
+    for command in sub.choices.values():
+        try:
+            command.add_argument("--store", default=argparse.SUPPRESS, help="model store folder")
+        except argparse.ArgumentError:
+            pass
+    return p
+
+
+def main(argv: list[str] | None = None) -> int:
+    parser = build_parser()
+    args = parser.parse_args(argv)
+    from .clip_backend import ClipLoadError
+    from .detector import ModelLoadError
+    from .store import StoreError
+
+    try:
+        return int(args.func(args) or 0)
+    except (CliError, ClipLoadError, ModelLoadError, StoreError, ValueError) as exc:
+        print(f"zsad {args.command}: error: {exc}", file=sys.stderr)
+        return 1
+    except KeyboardInterrupt:
+        print("interrupted", file=sys.stderr)
+        return 130
+
+
+if __name__ == "__main__":
+    sys.exit(main())

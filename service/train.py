@@ -1,0 +1,128 @@
+"""The offline trainer: random-word prompt pairs -> CLIP text embeddings -> FNN -> model store.
+
+`zsad train` is a thin wrapper around `train_fnn_model`. The manifest written here is everything needed to reload
+and to reproduce the model: the CLIP it was trained on (with checksum), the FNN layout, the prompt configuration,
+the vocabulary itself, the seed and the validation metrics.
+"""
+from __future__ import annotations
+
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+import torch
+
+from . import __version__
+from .clip_backend import ClipBackend
+from .fnn import FNNConfig, TrainReport, auroc, fnn_to_bytes, pair_scores, train_fnn
+from .prompts import RandomWordConfig, Vocabulary, clean_pairs, random_word_pairs
+from .store import ModelStore
+
+FNN_FILE = "fnn.safetensors"
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    prompts: RandomWordConfig = field(default_factory=RandomWordConfig)
+    fnn: FNNConfig = field(default_factory=FNNConfig)
+    random_words: bool = True  # False: the ablation "FNN without random words" (object slot = generic_object)
+    generic_object: str = "object"
+    vocabulary_path: str | None = None
+
+
+@dataclass
+class TrainResult:
+    version: str | None
+    manifest: dict[str, Any]
+    report: TrainReport
+    clean_auroc: float
+    seconds: float
+
+
+def build_pairs(vocab: Vocabulary, cfg: TrainConfig):
+    if cfg.random_words:
+        return random_word_pairs(vocab, cfg.prompts)
+    # Same sampling of template and states, plain object word instead of random words.
+    import random
+
+    rng = random.Random(cfg.prompts.seed)
+    from .prompts import make_pair
+
+    return [
+        make_pair(rng.choice(vocab.templates), rng.choice(vocab.normal_states), rng.choice(vocab.anomalous_states),
+                  cfg.generic_object)
+        for _ in range(cfg.prompts.n_pairs)
+    ]
+
+
+def train_fnn_model(
+    backend: ClipBackend,
+    cfg: TrainConfig,
+    store: ModelStore | None = None,
+    name: str = "default",
+    version: str | None = None,
+    make_current: bool = True,
+    progress: bool = False,
+) -> TrainResult:
+    """Train an FNN on `backend`'s text tower; publish it to `store` when given."""
+    t0 = time.perf_counter()
+    vocab = Vocabulary.load(cfg.vocabulary_path)
+    pairs = build_pairs(vocab, cfg)
+    texts = [p.normal for p in pairs] + [p.anomalous for p in pairs]
+    emb = backend.encode_text(texts, progress=progress)
+    normal, anomalous = emb[: len(pairs)], emb[len(pairs) :]
+    fnn, report = train_fnn(normal, anomalous, cfg.fnn, progress=progress)
+
+    clean = clean_pairs(vocab, cfg.generic_object)
+    clean_emb = backend.encode_text([p.normal for p in clean] + [p.anomalous for p in clean])
+    labels, scores = pair_scores(fnn, clean_emb[: len(clean)], clean_emb[len(clean) :])
+    clean_auroc = auroc(labels, scores)
+
+    manifest: dict[str, Any] = {
+        "kind": "fnn",
+        "zsad_version": __version__,
+        "clip": backend.spec.to_manifest(),
+        "embed_dim": backend.embed_dim,
+        "fnn": {"layout": fnn.layout, "activation": "relu", "input": "l2-normalised CLIP embedding (centred if the CLIP ships centres)"},
+        "training": {
+            "n_pairs": cfg.prompts.n_pairs,
+            "random_words": cfg.random_words,
+            "prompts": asdict(cfg.prompts),
+            "fnn": cfg.fnn.to_dict(),
+            "generic_object": cfg.generic_object,
+            "vocabulary": vocab.to_dict(),
+        },
+        "metrics": {
+            "val_auroc_random_word": report.val_auroc,
+            "val_auroc_clean": clean_auroc,
+            "val_loss": report.val_loss,
+            "epochs": report.epochs,
+            "best_epoch": report.best_epoch,
+        },
+    }
+    result_version = None
+    if store is not None:
+        result_version = store.publish(name, {FNN_FILE: fnn_to_bytes(fnn)}, manifest, version, make_current)
+        manifest = store.manifest(name, result_version)
+    return TrainResult(result_version, manifest, report, clean_auroc, time.perf_counter() - t0)
+
+
+def load_fnn_from_store(store: ModelStore, name: str, version: str | None, embed_dim: int):
+    """(FNN, manifest) after checksum and dimension checks; raises StoreError on any mismatch."""
+    from .fnn import fnn_from_bytes
+    from .store import StoreError
+
+    folder, manifest = store.verify(name, version)
+    if manifest.get("kind") != "fnn":
+        raise StoreError(f"{name}@{manifest.get('version')} is not an FNN model (kind={manifest.get('kind')!r})")
+    layout = manifest["fnn"]["layout"]
+    if layout[0] != embed_dim or manifest.get("embed_dim") != embed_dim:
+        raise StoreError(
+            f"dimension mismatch: FNN {name}@{manifest['version']} expects {layout[0]}-d embeddings, CLIP gives {embed_dim}-d"
+        )
+    try:
+        fnn = fnn_from_bytes((Path(folder) / FNN_FILE).read_bytes(), layout)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from exc
+    return fnn, manifest
