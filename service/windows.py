@@ -1,0 +1,436 @@
+"""Window embeddings for WinCLIP-style heatmaps, by token selection rather than cropping.
+
+Why token selection: encoding every window as its own resized crop costs one full image pass per window (365 passes
+for ViT-B-16-plus-240 at scales 2 and 3). Selecting tokens instead runs the patch embedding once and then sends each
+window's few tokens (class token + its patches, each with its own positional embedding) through the transformer: the
+whole map then costs about 12x the tokens of one image pass.
+
+Two tower types are supported, both read straight from the open_clip modules (no forward hooks, no monkey-patching):
+
+* ViT (`open_clip.transformer.VisionTransformer`): one pass of conv1 + class token + positional embedding + ln_pre
+  gives tokens [B, 1+N, W]. Each window is `[cls, patches...]`, run through the model's blocks (a fused block forward
+  with `F.scaled_dot_product_attention` that reuses the module weights; it equals the module forward up to float
+  rounding), then `ln_post` / pooling / `proj` exactly as the tower does. With class-token pooling only the class
+  token of the last block is needed, so the last block computes keys/values for all tokens and everything else for
+  the class token only: the same result for less work.
+* CNN (`open_clip.modified_resnet.ModifiedResNet`): the stem and layers run once to the final feature map
+  [B, C, h, w]. Each window of cells is pooled through the model's own attention pool: a query token that is the
+  mean of the window's cells plus the window's cells, with the matching slice of the pool's positional embedding
+  (index 0 for the query, 1 + cell index for each cell), exactly as `AttentionPool2d.forward` treats the full map.
+  A `crop` mode (crop the window's pixel box, resize to the model input, encode as an image) is kept as the
+  reference approach.
+
+Grids come from the model (patch size / total CNN stride) and the actual input size. When the input is larger than
+the model's native size (e.g. a CNN run on an upsampled image to get a finer feature map), the positional embedding
+grid is resized bicubically, as open_clip does when it loads weights for another resolution. At the native size
+nothing is interpolated, and a window covering the whole grid reproduces `model.encode_image` exactly.
+
+Every embedding returned by `embed_image_and_windows` has gone through `backend.finish_image`.
+"""
+from __future__ import annotations
+
+import math
+from dataclasses import dataclass, field
+from typing import TYPE_CHECKING, Literal, Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .clip_backend import ClipBackend
+
+CnnWindowMode = Literal["attnpool", "crop"]
+
+__all__ = [
+    "Embeddings",
+    "window_starts",
+    "window_boxes",
+    "window_indices",
+    "incidence_matrix",
+    "coverage",
+    "tower_kind",
+    "feature_grid",
+    "vit_tokens",
+    "vit_encode_tokens",
+    "vit_window_embeddings",
+    "cnn_feature_map",
+    "cnn_window_embeddings",
+    "crop_window_embeddings",
+    "embed_image_and_windows",
+]
+
+
+# --- window geometry ---------------------------------------------------------------------------------------------
+def window_starts(size: int, scale: int, stride: int) -> list[int]:
+    """Start offsets of windows of `scale` cells along an axis of `size` cells.
+
+    Offsets are 0, stride, 2*stride, ...; when the stride does not land on the last possible offset, that offset
+    (size - scale) is added so every cell is covered by at least one window (the harmonic mean needs that).
+    """
+    if scale < 1 or stride < 1:
+        raise ValueError(f"window scale and stride must be >= 1 (got scale={scale}, stride={stride})")
+    if scale > size:
+        raise ValueError(f"window scale {scale} is larger than the grid side {size}")
+    starts = list(range(0, size - scale + 1, stride))
+    if starts[-1] != size - scale:
+        starts.append(size - scale)
+    return starts
+
+
+def window_boxes(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Tensor:
+    """LongTensor [n_windows, 4] of (row0, col0, row1, col1) cell boxes (end exclusive), row-major window order."""
+    rows = window_starts(grid_h, scale, stride)
+    cols = window_starts(grid_w, scale, stride)
+    boxes = [(r, c, r + scale, c + scale) for r in rows for c in cols]
+    return torch.tensor(boxes, dtype=torch.long)
+
+
+def window_indices(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Tensor:
+    """LongTensor [n_windows, scale*scale]: the row-major patch indices (into the h*w grid) of each window."""
+    boxes = window_boxes(grid_h, grid_w, scale, stride)
+    offs = torch.arange(scale)
+    local = (offs[:, None] * grid_w + offs[None, :]).reshape(-1)  # [k*k] row-major inside the window
+    top_left = boxes[:, 0] * grid_w + boxes[:, 1]
+    return top_left[:, None] + local[None, :]
+
+
+def incidence_matrix(grid_h: int, grid_w: int, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
+    """Dense [grid_h*grid_w, n_windows] matrix with 1 where the patch lies in the window: aggregation is a matmul."""
+    n = indices.shape[0]
+    mat = torch.zeros(grid_h * grid_w, n, dtype=dtype)
+    cols = torch.arange(n).repeat_interleave(indices.shape[1])
+    mat[indices.reshape(-1), cols] = 1
+    return mat
+
+
+def coverage(grid_h: int, grid_w: int, indices: torch.Tensor) -> torch.Tensor:
+    """LongTensor [grid_h, grid_w]: how many windows cover each patch."""
+    counts = torch.bincount(indices.reshape(-1), minlength=grid_h * grid_w)
+    return counts.reshape(grid_h, grid_w)
+
+
+# --- tower inspection ----------------------------------------------------------------------------------------------
+def tower_kind(visual: nn.Module) -> Literal["vit", "cnn"]:
+    """'vit' for open_clip VisionTransformer-like towers, 'cnn' for ModifiedResNet with an attention pool."""
+    if hasattr(visual, "conv1") and hasattr(visual, "transformer") and hasattr(visual, "class_embedding"):
+        return "vit"
+    if hasattr(visual, "attnpool") and hasattr(visual, "layer4"):
+        return "cnn"
+    raise NotImplementedError(
+        f"window embeddings support open_clip VisionTransformer and ModifiedResNet towers, not {type(visual).__name__}"
+    )
+
+
+def _pair(v: int | Sequence[int]) -> tuple[int, int]:
+    return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
+
+
+def _cnn_stride(visual: nn.Module) -> int:
+    # stem conv1 (stride 2) + stem avgpool (2) + layer2/3/4 (2 each) = 32 for every ModifiedResNet.
+    return 32
+
+
+def feature_grid(visual: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int]:
+    """(h, w) of the patch grid (ViT) or final feature map (CNN) for an input of `image_hw` pixels."""
+    h, w = image_hw
+    if tower_kind(visual) == "vit":
+        ph, pw = _pair(visual.patch_size) if hasattr(visual, "patch_size") else _pair(visual.conv1.stride)
+        return h // ph, w // pw
+    s = _cnn_stride(visual)
+    return h // s, w // s
+
+
+def _resize_grid_embed(grid_embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
+    """Bicubic resize of a [old_h*old_w, C] positional grid to [new_h*new_w, C] (computed in float32)."""
+    if old == new:
+        return grid_embed
+    c = grid_embed.shape[-1]
+    g = grid_embed.float().reshape(1, old[0], old[1], c).permute(0, 3, 1, 2)
+    g = F.interpolate(g, size=new, mode="bicubic", align_corners=False, antialias=True)
+    return g.permute(0, 2, 3, 1).reshape(new[0] * new[1], c).to(grid_embed.dtype)
+
+
+def _split_pos(pos: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor, tuple[int, int]]:
+    side = int(round(math.sqrt(pos.shape[0] - 1)))
+    if side * side != pos.shape[0] - 1:
+        raise NotImplementedError("positional embeddings of non-square native grids are not supported")
+    return pos[:1], pos[1:], (side, side)
+
+
+def _pos_for_grid(pos: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:
+    """[1 + h*w, C] positional embedding for `grid`: the model's own at its native grid, bicubic-resized otherwise."""
+    first, rest, native = _split_pos(pos)
+    return torch.cat([first, _resize_grid_embed(rest, native, grid)], dim=0)
+
+
+# --- ViT -------------------------------------------------------------------------------------------------------------
+def vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Tokens [B, 1+N, W] after patch embedding, class token, positional embedding and ln_pre (no patch dropout)."""
+    x = visual.conv1(pixels)  # [B, W, gh, gw]
+    b, w, gh, gw = x.shape
+    x = x.reshape(b, w, gh * gw).transpose(1, 2)
+    cls = visual.class_embedding.to(x.dtype).view(1, 1, w).expand(b, 1, w)
+    x = torch.cat([cls, x], dim=1)
+    x = x + _pos_for_grid(visual.positional_embedding, (gh, gw)).to(x.dtype)
+    return visual.ln_pre(x)
+
+
+def _fast_block_ok(blk: nn.Module) -> bool:
+    """True when the block is open_clip's plain ResidualAttentionBlock that `_block_forward` reproduces exactly."""
+    attn = getattr(blk, "attn", None)
+    return (
+        isinstance(attn, nn.MultiheadAttention)
+        and attn._qkv_same_embed_dim
+        and attn.in_proj_weight is not None
+        and attn.bias_k is None
+        and attn.bias_v is None
+        and not attn.add_zero_attn
+        and attn.batch_first
+        and not hasattr(blk, "ln_1_kv")
+        and hasattr(blk, "ln_1")
+        and hasattr(blk, "ln_2")
+        and hasattr(blk, "mlp")
+    )
+
+
+def _block_forward(blk: nn.Module, x: torch.Tensor, first_only: bool) -> torch.Tensor:
+    """One residual attention block on x [N, L, W] with SDPA.
+
+    Why not `blk(x)`: nn.MultiheadAttention's generic path costs several extra copies per call; for many short
+    sequences a single fused QKV matmul + SDPA is faster and numerically the same computation. With `first_only`
+    only token 0's output is produced (keys/values still come from every token): enough for class-token pooling.
+    """
+    attn: nn.MultiheadAttention = blk.attn
+    n, length, width = x.shape
+    heads = attn.num_heads
+    hd = width // heads
+    h = blk.ln_1(x)
+    if first_only:
+        kv = F.linear(h, attn.in_proj_weight[width:], attn.in_proj_bias[width:] if attn.in_proj_bias is not None else None)
+        k, v = kv.view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        q = F.linear(h[:, :1], attn.in_proj_weight[:width], attn.in_proj_bias[:width] if attn.in_proj_bias is not None else None)
+        q = q.view(n, 1, heads, hd).transpose(1, 2)
+        x = x[:, :1]
+        out_len = 1
+    else:
+        qkv = F.linear(h, attn.in_proj_weight, attn.in_proj_bias)
+        q, k, v = qkv.view(n, length, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+        out_len = length
+    o = F.scaled_dot_product_attention(q, k, v)  # [N, H, out_len, hd]
+    o = o.transpose(1, 2).reshape(n, out_len, width)
+    o = F.linear(o, attn.out_proj.weight, attn.out_proj.bias)
+    x = x + blk.ls_1(o)
+    x = x + blk.ls_2(blk.mlp(blk.ln_2(x)))
+    return x
+
+
+def _vit_pool_project(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Pooled, projected features [N, D] from transformer output x [N, L, W], as the tower's own `_pool` + proj."""
+    if getattr(visual, "attn_pool", None) is not None:
+        raise NotImplementedError("ViT towers with an attentional pooler (CoCa) are not supported for windows")
+    pool_type = getattr(visual, "pool_type", "tok")
+    if pool_type not in ("tok", "avg"):
+        raise NotImplementedError(f"ViT pool_type {pool_type!r} gives no single embedding per window")
+
+    def pool(t: torch.Tensor) -> torch.Tensor:
+        return t[:, 0] if pool_type == "tok" else t[:, 1:].mean(dim=1)
+
+    if getattr(visual, "final_ln_after_pool", False):
+        pooled = visual.ln_post(pool(x))
+    elif pool_type == "tok":
+        pooled = visual.ln_post(x[:, 0])  # LayerNorm is per token: normalising token 0 alone is the same
+    else:
+        pooled = pool(visual.ln_post(x))
+    if visual.proj is not None:
+        pooled = pooled @ visual.proj
+    return pooled
+
+
+def vit_encode_tokens(visual: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
+    """Raw embeddings [N, D] of token sequences [N, L, W] (class token first, already through ln_pre)."""
+    blocks = visual.transformer.resblocks
+    tok_pool = getattr(visual, "pool_type", "tok") == "tok" and getattr(visual, "attn_pool", None) is None
+    x = seqs
+    for i, blk in enumerate(blocks):
+        last = i == len(blocks) - 1
+        if _fast_block_ok(blk):
+            x = _block_forward(blk, x, first_only=last and tok_pool)
+        else:
+            x = blk(x)
+    return _vit_pool_project(visual, x)
+
+
+def _gather_rows(n_windows: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(start, stop)
+    return rows // n_windows, rows % n_windows  # image index, window index
+
+
+def vit_window_embeddings(visual: nn.Module, tokens: torch.Tensor, indices: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Raw window embeddings [B, n_windows, D] from ViT tokens [B, 1+N, W] and patch indices [n_windows, k*k].
+
+    Each window sequence is the class token plus the window's patch tokens (each with its own positional
+    embedding, already added in `vit_tokens`). Windows of all images are batched, at most `chunk` per call.
+    """
+    b = tokens.shape[0]
+    n = indices.shape[0]
+    idx = indices.to(tokens.device)
+    seq_idx = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=tokens.device), idx + 1], dim=1)  # [n, 1+k*k]
+    out: list[torch.Tensor] = []
+    for start in range(0, b * n, max(1, chunk)):
+        stop = min(b * n, start + max(1, chunk))
+        img, win = _gather_rows(n, start, stop)
+        seqs = tokens[img.to(tokens.device)[:, None], seq_idx[win.to(tokens.device)]]  # [c, 1+k*k, W]
+        out.append(vit_encode_tokens(visual, seqs))
+    return torch.cat(out, dim=0).reshape(b, n, -1)
+
+
+# --- CNN -------------------------------------------------------------------------------------------------------------
+def cnn_feature_map(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """Final ModifiedResNet feature map [B, C, h, w] (stem + layer1..4), before the attention pool."""
+    x = visual.stem(pixels)
+    x = visual.layer1(x)
+    x = visual.layer2(x)
+    x = visual.layer3(x)
+    return visual.layer4(x)
+
+
+def _attnpool_sequences(pool: nn.Module, cells: torch.Tensor, pos_q: torch.Tensor, pos_cells: torch.Tensor) -> torch.Tensor:
+    """Attention-pool output [N, D] for cell sets [N, K, C] with positional slices pos_q [C], pos_cells [N, K, C].
+
+    As `AttentionPool2d.forward`: the sequence is [mean(cells), cells] + positional embedding, multi-head attention
+    with the pool's q/k/v/c projections, output at the query position. Only that position is computed.
+    """
+    n, k, c = cells.shape
+    heads = pool.num_heads
+    hd = c // heads
+    query = cells.mean(dim=1) + pos_q  # [N, C]
+    seq = torch.cat([query[:, None], cells + pos_cells], dim=1)  # [N, 1+K, C]
+    q = F.linear(query, pool.q_proj.weight, pool.q_proj.bias).view(n, heads, 1, hd)
+    kk = F.linear(seq, pool.k_proj.weight, pool.k_proj.bias).view(n, 1 + k, heads, hd).transpose(1, 2)
+    vv = F.linear(seq, pool.v_proj.weight, pool.v_proj.bias).view(n, 1 + k, heads, hd).transpose(1, 2)
+    o = F.scaled_dot_product_attention(q, kk, vv).reshape(n, c)
+    return F.linear(o, pool.c_proj.weight, pool.c_proj.bias)
+
+
+def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.Tensor, chunk: int) -> torch.Tensor:
+    """Raw window embeddings [B, n_windows, D] pooling each window's cells of `fmap` [B, C, h, w] via `attnpool`."""
+    pool = visual.attnpool
+    b, c, h, w = fmap.shape
+    cells_all = fmap.reshape(b, c, h * w).transpose(1, 2)  # [B, h*w, C]
+    pos = _pos_for_grid(pool.positional_embedding, (h, w)).to(fmap.dtype)
+    n = indices.shape[0]
+    idx = indices.to(fmap.device)
+    out: list[torch.Tensor] = []
+    for start in range(0, b * n, max(1, chunk)):
+        stop = min(b * n, start + max(1, chunk))
+        img, win = _gather_rows(n, start, stop)
+        widx = idx[win.to(fmap.device)]  # [c, K]
+        cells = cells_all[img.to(fmap.device)[:, None], widx]  # [c, K, C]
+        out.append(_attnpool_sequences(pool, cells, pos[0], pos[1 + widx]))
+    return torch.cat(out, dim=0).reshape(b, n, -1)
+
+
+# --- crop mode (any tower) ---------------------------------------------------------------------------------------------
+def crop_window_embeddings(
+    model: nn.Module,
+    pixels: torch.Tensor,
+    boxes: torch.Tensor,
+    grid: tuple[int, int],
+    image_size: int,
+    chunk: int,
+) -> torch.Tensor:
+    """Raw embeddings [B, n, D] of windows cropped from `pixels` and encoded as whole images.
+
+    Window (row0, col0, row1, col1) in cells maps to the pixel box of those cells (cell = input size / grid);
+    the crop is resized to `image_size` (bicubic, antialias) and sent through `model.encode_image`. This is the
+    slow reference approach (one full image pass per window); `chunk // 8` crops (at least 1) go per call.
+    """
+    b, _, hp, wp = pixels.shape
+    ch, cw = hp / grid[0], wp / grid[1]
+    per_call = max(1, chunk // 8)
+    pending: list[torch.Tensor] = []
+    out: list[torch.Tensor] = []
+
+    def flush() -> None:
+        if pending:
+            out.append(model.encode_image(torch.cat(pending, dim=0)))
+            pending.clear()
+
+    for i in range(b):
+        for r0, c0, r1, c1 in boxes.tolist():
+            y0, y1 = int(round(r0 * ch)), int(round(r1 * ch))
+            x0, x1 = int(round(c0 * cw)), int(round(c1 * cw))
+            crop = pixels[i : i + 1, :, y0:y1, x0:x1]
+            if crop.shape[-2:] != (image_size, image_size):
+                crop = F.interpolate(crop.float(), size=(image_size, image_size), mode="bicubic", align_corners=False,
+                                     antialias=True).to(pixels.dtype)
+            pending.append(crop)
+            if len(pending) >= per_call:
+                flush()
+    flush()
+    return torch.cat(out, dim=0).reshape(b, boxes.shape[0], -1)
+
+
+# --- entry point -----------------------------------------------------------------------------------------------------------
+@dataclass
+class Embeddings:
+    """Global and window embeddings of a batch, all through `backend.finish_image` (float32, unit norm).
+
+    `windows[scale]` is [B, n_windows, D] in the order of `indices[scale]` ([n_windows, scale*scale] patch indices,
+    row-major over the `grid`). Scales larger than the grid are left out (they would be a single whole-image
+    window at best).
+    """
+
+    global_emb: torch.Tensor
+    windows: dict[int, torch.Tensor]
+    grid: tuple[int, int]
+    indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    stride: int = 1
+
+
+@torch.inference_mode()
+def embed_image_and_windows(
+    backend: "ClipBackend",
+    pixels: torch.Tensor,
+    scales: Sequence[int] = (2, 3),
+    stride: int = 1,
+    chunk: int = 1024,
+    cnn_mode: CnnWindowMode = "attnpool",
+) -> Embeddings:
+    """Global + window embeddings of preprocessed `pixels` [B, 3, H, W] (H, W multiples of the patch / CNN stride).
+
+    ViT: token selection (one patch-embedding pass, one batched transformer call per scale, `chunk` sequences per
+    call at most). CNN: `cnn_mode="attnpool"` pools feature-map windows through the attention pool (one backbone
+    pass); `"crop"` crops each window's pixels, resizes them to the model input and encodes them as images.
+    """
+    model = backend.model
+    visual = model.visual
+    x = pixels.to(backend.device, backend.dtype)
+    kind = tower_kind(visual)
+    grid = feature_grid(visual, (x.shape[-2], x.shape[-1]))
+    fitting = [s for s in dict.fromkeys(int(s) for s in scales) if s <= min(grid)]
+    indices = {s: window_indices(grid[0], grid[1], s, stride) for s in fitting}
+    raw: dict[int, torch.Tensor] = {}
+    if kind == "vit":
+        tokens = vit_tokens(visual, x)
+        glob = torch.cat([vit_encode_tokens(visual, tokens[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+        for s in fitting:
+            raw[s] = vit_window_embeddings(visual, tokens, indices[s], chunk)
+    elif cnn_mode == "attnpool":
+        fmap = cnn_feature_map(visual, x)
+        full = torch.arange(grid[0] * grid[1]).view(1, -1)
+        glob = cnn_window_embeddings(visual, fmap, full, chunk)[:, 0]
+        for s in fitting:
+            raw[s] = cnn_window_embeddings(visual, fmap, indices[s], chunk)
+    elif cnn_mode == "crop":
+        size = backend.image_size
+        whole = x if x.shape[-2:] == (size, size) else F.interpolate(
+            x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).to(x.dtype)
+        glob = model.encode_image(whole)
+        for s in fitting:
+            raw[s] = crop_window_embeddings(model, x, window_boxes(grid[0], grid[1], s, stride), grid, size, chunk)
+    else:
+        raise ValueError(f"unknown cnn window mode {cnn_mode!r} (use 'attnpool' or 'crop')")
+    windows = {s: backend.finish_image(r.reshape(-1, r.shape[-1])).reshape(r.shape[0], r.shape[1], -1) for s, r in raw.items()}
+    return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices, stride=stride)
