@@ -1,0 +1,257 @@
+"""Image decoding and geometry: bytes or path -> RGB PIL image -> normalised model pixels, and maps back.
+
+Decoding policy (`load_image`):
+* Formats: JPEG, PNG, BMP, TIFF, WebP and GIF only (the decoders are restricted, so no other Pillow plugin ever
+  parses untrusted input). Multi-frame files (animated GIF/WebP/PNG, multi-page TIFF) use their **first frame**:
+  inspection images are stills, and refusing a GIF screenshot helps nobody.
+* Size: an image with more than `max_pixels` pixels (width x height, read from the header before any decoding) is
+  refused as a possible decompression bomb. Pillow's own hard guard (2 x `Image.MAX_IMAGE_PIXELS`) also still applies;
+  this module never changes that global.
+* EXIF orientation is applied (`ImageOps.exif_transpose`), so the map lines up with what a viewer shows.
+* Modes: grayscale and bilevel become grey RGB; 16-bit and 32-bit integer or float images ('I;16*', 'I', 'F') are
+  scaled to 8 bits by their **actual** min..max range (a 12-bit sensor image in a 16-bit file would be nearly black if
+  divided by 65535, and clipping would saturate it); a constant image falls back to the type's nominal range.
+  Palette images are expanded; CMYK is converted through its embedded ICC profile when there is one (else Pillow's
+  formula); images with alpha (LA, PA, RGBA, palette transparency) are composited on a neutral background (by
+  default the CLIP mean colour, which is also the letterbox padding: "nothing here").
+* Anything unreadable (empty, truncated, not an image, unsupported format or mode) raises `ImageError`, a
+  `ValueError` with a message meant for the API caller.
+
+Geometry policy (`to_pixels`), for an S x S model input:
+* `letterbox` (default): scale the whole image to fit S x S, keep the aspect ratio, centre it, pad with the mean
+  colour (zero after normalisation). Nothing of the image is lost, so every pixel gets a heat value.
+* `stretch`: resize to S x S, ignoring the aspect ratio (shapes are distorted, nothing is lost).
+* `center_crop`: scale the short side to S and keep the centre square (open_clip's own preprocessing). Pixels
+  outside that square are not seen by the model; the map gives them `fill` (0 by default).
+Resizing is bicubic with antialiasing (Pillow's resampling filters widen with the scale factor on downscaling).
+`Geometry.to_original` maps a model-space map (the patch grid or S x S) back to the original H x W.
+"""
+from __future__ import annotations
+
+import io
+import os
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Literal, Sequence
+
+import numpy as np
+import torch
+from PIL import Image, ImageOps, UnidentifiedImageError
+
+ResizePolicy = Literal["letterbox", "stretch", "center_crop"]
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
+CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
+DEFAULT_BACKGROUND: tuple[int, int, int] = tuple(int(round(255 * m)) for m in CLIP_MEAN)  # type: ignore[assignment]
+
+__all__ = ["ImageError", "Geometry", "load_image", "to_rgb", "to_pixels", "ALLOWED_FORMATS", "DEFAULT_BACKGROUND"]
+
+
+class ImageError(ValueError):
+    """The input is not an image this service accepts; the message says why (safe to show to the caller)."""
+
+
+# --- decoding ------------------------------------------------------------------------------------------------------
+def load_image(
+    data: bytes | bytearray | memoryview | str | os.PathLike,
+    max_pixels: int = 50_000_000,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+) -> Image.Image:
+    """Decode `data` (raw bytes or a file path) to an RGB PIL image, upright per EXIF. Raises ImageError."""
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        raw = bytes(data)
+        if not raw:
+            raise ImageError("empty image data (0 bytes)")
+        source: io.BytesIO | Path = io.BytesIO(raw)
+        name = "image data"
+    else:
+        source = Path(data)
+        name = f"image file {source.name!r}"
+        if not source.is_file():
+            raise ImageError(f"{name} does not exist")
+        if source.stat().st_size == 0:
+            raise ImageError(f"{name} is empty (0 bytes)")
+    accepted = ", ".join(f.replace("WEBP", "WebP") for f in ALLOWED_FORMATS)
+    try:
+        im = Image.open(source, formats=list(ALLOWED_FORMATS))
+    except UnidentifiedImageError:
+        raise ImageError(f"{name} is not an image in an accepted format ({accepted})") from None
+    except Image.DecompressionBombError as exc:
+        raise ImageError(f"{name} is too large to decode safely: {exc}") from None
+    except Exception as exc:  # corrupt headers raise many types; all mean "unreadable"
+        raise ImageError(f"{name} cannot be read: {type(exc).__name__}: {exc}") from None
+    with im:
+        width, height = im.size
+        if width < 1 or height < 1:
+            raise ImageError(f"{name} has no pixels ({width}x{height})")
+        if width * height > max_pixels:
+            raise ImageError(
+                f"{name} has {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
+                "(refused as a possible decompression bomb)"
+            )
+        try:
+            if getattr(im, "n_frames", 1) > 1:
+                im.seek(0)
+            im.load()
+        except Exception as exc:
+            raise ImageError(f"{name} is truncated or corrupt ({im.format}): {type(exc).__name__}: {exc}") from None
+        try:
+            upright = ImageOps.exif_transpose(im)
+        except Exception:  # a malformed EXIF block must not make a readable image unreadable
+            upright = im
+        return to_rgb(upright if upright is not None else im, background)
+
+
+def _scale_to_8bit(im: Image.Image) -> Image.Image:
+    """'I;16*' / 'I' / 'F' -> 'L' by the image's actual finite range."""
+    arr = np.asarray(im).astype(np.float64)
+    finite = np.isfinite(arr)
+    if not finite.any():
+        return Image.new("L", im.size, 0)
+    lo, hi = float(arr[finite].min()), float(arr[finite].max())
+    if hi > lo:
+        out = (arr - lo) / (hi - lo) * 255.0
+    elif im.mode.startswith("I;16"):
+        out = arr / 65535.0 * 255.0
+    else:
+        out = np.clip(arr, 0.0, 255.0)
+    out = np.where(finite, out, 0.0)
+    return Image.fromarray(np.clip(np.rint(out), 0, 255).astype(np.uint8), mode="L")
+
+
+def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
+    icc = im.info.get("icc_profile")
+    if icc:
+        try:
+            from PIL import ImageCms
+
+            src = ImageCms.ImageCmsProfile(io.BytesIO(icc))
+            dst = ImageCms.createProfile("sRGB")
+            out = ImageCms.profileToProfile(im, src, dst, outputMode="RGB")
+            if out is not None:
+                return out
+        except Exception:  # a broken profile: fall back to the plain formula
+            pass
+    return im.convert("RGB")
+
+
+def to_rgb(im: Image.Image, background: tuple[int, int, int] = DEFAULT_BACKGROUND) -> Image.Image:
+    """Convert any decoded Pillow mode to RGB as documented in the module docstring. Raises ImageError."""
+    mode = im.mode
+    if mode == "RGB":
+        return im.copy()
+    if mode.startswith("I;16") or mode in ("I", "F"):
+        return _scale_to_8bit(im).convert("RGB")
+    if mode == "CMYK":
+        return _cmyk_to_rgb(im)
+    has_alpha = mode in ("LA", "La", "PA", "RGBA", "RGBa") or (mode in ("P", "L", "RGB") and "transparency" in im.info)
+    try:
+        if has_alpha:
+            rgba = im.convert("RGBA")
+            canvas = Image.new("RGBA", im.size, (*background, 255))
+            return Image.alpha_composite(canvas, rgba).convert("RGB")
+        return im.convert("RGB")
+    except (ValueError, OSError) as exc:
+        raise ImageError(f"unsupported image mode {mode!r}: {exc}") from None
+
+
+# --- geometry ---------------------------------------------------------------------------------------------------
+@dataclass(frozen=True)
+class Geometry:
+    """How an original H x W image sits in the S x S model input, and how to map model-space maps back.
+
+    `content` (x0, y0, x1, y1), in model pixels, is where the image content lies in the model input (the letterbox
+    region; the whole square otherwise). `source` (x0, y0, x1, y1), in original pixels, is the part of the original
+    shown there (the whole image, or the centre square for `center_crop`). Both boxes are end-exclusive.
+    """
+
+    height: int
+    width: int
+    size: int
+    policy: str
+    content: tuple[float, float, float, float]
+    source: tuple[float, float, float, float]
+
+    def _axis_matrix(self, n_in: int, n_out: int, axis: int) -> tuple[np.ndarray, np.ndarray]:
+        """[n_out, n_in] bilinear weights sampling a map of n_in cells (spanning the S model pixels) at the centres
+        of the n_out original pixels along `axis` (0: x, 1: y), and a mask of original pixels inside `source`."""
+        c0, c1 = self.content[axis], self.content[axis + 2]
+        s0, s1 = self.source[axis], self.source[axis + 2]
+        centres = np.arange(n_out, dtype=np.float64) + 0.5
+        model = c0 + (centres - s0) * (c1 - c0) / (s1 - s0)  # model-space coordinate of each original pixel centre
+        pos = model / self.size * n_in - 0.5  # continuous index into the map (cell i has its centre at i)
+        inside = (centres >= s0) & (centres < s1)
+        pos = np.clip(pos, 0.0, n_in - 1)
+        i0 = np.floor(pos).astype(np.int64)
+        i1 = np.minimum(i0 + 1, n_in - 1)
+        w1 = pos - i0
+        mat = np.zeros((n_out, n_in), dtype=np.float32)
+        rows = np.arange(n_out)
+        np.add.at(mat, (rows, i0), 1.0 - w1)
+        np.add.at(mat, (rows, i1), w1)
+        return mat, inside
+
+    def to_original(self, heat: torch.Tensor | np.ndarray, fill: float = 0.0) -> np.ndarray:
+        """float32 [H, W] map from a model-space map [h, w] that spans the whole S x S input (grid or pixels).
+
+        One bilinear interpolation straight from the map to the original pixel centres (separable: two small
+        matmuls, no S x S intermediate); letterbox padding is never sampled except by the blur at the border cells.
+        Original pixels the model did not see (`center_crop`) get `fill`.
+        """
+        arr = heat.detach().float().cpu().numpy() if isinstance(heat, torch.Tensor) else np.asarray(heat, np.float32)
+        if arr.ndim != 2:
+            raise ValueError(f"expected a 2-D map, got shape {arr.shape}")
+        my, inside_y = self._axis_matrix(arr.shape[0], self.height, 1)
+        mx, inside_x = self._axis_matrix(arr.shape[1], self.width, 0)
+        out = (my @ arr.astype(np.float32)) @ mx.T
+        if not (inside_y.all() and inside_x.all()):
+            out[~inside_y, :] = fill
+            out[:, ~inside_x] = fill
+        return out.astype(np.float32, copy=False)
+
+
+def _resize_rgb(im: Image.Image, size: tuple[int, int], box: tuple[float, float, float, float] | None = None) -> np.ndarray:
+    return np.asarray(im.resize(size, Image.Resampling.BICUBIC, box=box), dtype=np.uint8)
+
+
+def to_pixels(
+    images: Sequence[Image.Image],
+    image_size: int,
+    mean: Sequence[float] = CLIP_MEAN,
+    std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    policy: ResizePolicy = "letterbox",
+) -> tuple[torch.Tensor, list[Geometry]]:
+    """Normalised float32 pixels [B, 3, S, S] and one Geometry per image, under the resize `policy` (see module doc)."""
+    s = int(image_size)
+    mean_t = torch.tensor(mean, dtype=torch.float32).view(3, 1, 1)
+    std_t = torch.tensor(std, dtype=torch.float32).view(3, 1, 1)
+    out = torch.zeros(len(images), 3, s, s, dtype=torch.float32)  # 0 after normalisation == the mean colour
+    geoms: list[Geometry] = []
+    for i, im in enumerate(images):
+        if im.mode != "RGB":
+            im = to_rgb(im)
+        w, h = im.size
+        if policy == "letterbox":
+            scale = s / max(w, h)
+            nw, nh = max(1, min(s, round(w * scale))), max(1, min(s, round(h * scale)))
+            ox, oy = (s - nw) // 2, (s - nh) // 2
+            arr = _resize_rgb(im, (nw, nh))
+            content = (float(ox), float(oy), float(ox + nw), float(oy + nh))
+            source = (0.0, 0.0, float(w), float(h))
+        elif policy == "stretch":
+            arr = _resize_rgb(im, (s, s))
+            ox = oy = 0
+            nw = nh = s
+            content, source = (0.0, 0.0, float(s), float(s)), (0.0, 0.0, float(w), float(h))
+        elif policy == "center_crop":
+            m = min(w, h)
+            box = ((w - m) / 2, (h - m) / 2, (w + m) / 2, (h + m) / 2)
+            arr = _resize_rgb(im, (s, s), box=box)
+            ox = oy = 0
+            nw = nh = s
+            content, source = (0.0, 0.0, float(s), float(s)), box
+        else:
+            raise ValueError(f"unknown resize policy {policy!r} (use letterbox, stretch or center_crop)")
+        region = torch.from_numpy(arr.copy()).permute(2, 0, 1).float().div_(255.0)
+        out[i, :, oy : oy + nh, ox : ox + nw] = (region - mean_t) / std_t
+        geoms.append(Geometry(height=h, width=w, size=s, policy=policy, content=content, source=source))
+    return out, geoms
