@@ -1,0 +1,92 @@
+"""Outputs derived from a full-resolution anomaly map in [0, 1]: overlay PNG, binary mask and connected regions.
+
+All functions take the map already at the original image's H x W (see `preprocess.Geometry.to_original`), so
+what they return lines up with the uploaded image pixel for pixel. "Above the threshold" is strict (`heat > t`).
+"""
+from __future__ import annotations
+
+import io
+from dataclasses import asdict, dataclass
+
+import numpy as np
+from PIL import Image
+from scipy import ndimage
+
+__all__ = ["Region", "jet", "overlay_png", "binary_mask", "regions"]
+
+
+def jet(values: np.ndarray) -> np.ndarray:
+    """JET colormap: [...] floats in [0, 1] -> [..., 3] uint8 (dark blue -> blue -> cyan -> yellow -> red -> dark red).
+
+    Piecewise-linear, each channel a clipped tent: c(v) = clip(1.5 - |4v - k|, 0, 1) with k = 3 (red), 2 (green),
+    1 (blue). Written here so the colours never depend on a plotting library's version.
+    """
+    v = np.clip(np.nan_to_num(np.asarray(values, dtype=np.float32), nan=0.0), 0.0, 1.0)[..., None]
+    centres = np.array([3.0, 2.0, 1.0], dtype=np.float32)
+    rgb = np.clip(1.5 - np.abs(4.0 * v - centres), 0.0, 1.0)
+    return np.rint(rgb * 255.0).astype(np.uint8)
+
+
+def _check(image_hw: tuple[int, int], heat: np.ndarray) -> np.ndarray:
+    heat = np.asarray(heat, dtype=np.float32)
+    if heat.shape != image_hw:
+        raise ValueError(f"heat map shape {heat.shape} does not match the image size {image_hw} (H, W)")
+    return heat
+
+
+def overlay_png(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> bytes:
+    """PNG bytes of the JET-coloured `heat` [H, W] alpha-blended over `image` (weight `alpha` on the colours)."""
+    if not 0.0 <= alpha <= 1.0:
+        raise ValueError(f"alpha must be in [0, 1], got {alpha}")
+    base = np.asarray(image.convert("RGB"), dtype=np.float32)
+    heat = _check(base.shape[:2], heat)
+    blended = (1.0 - alpha) * base + alpha * jet(heat).astype(np.float32)
+    buf = io.BytesIO()
+    Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB").save(buf, format="PNG")
+    return buf.getvalue()
+
+
+def binary_mask(heat: np.ndarray, threshold: float) -> np.ndarray:
+    """uint8 [H, W] mask: 255 where heat > threshold, else 0 (255 so it saves directly as a visible PNG)."""
+    return np.where(np.asarray(heat) > threshold, 255, 0).astype(np.uint8)
+
+
+@dataclass(frozen=True)
+class Region:
+    """One connected area above the threshold. bbox is (x0, y0, x1, y1) in pixels, end-exclusive."""
+
+    x0: int
+    y0: int
+    x1: int
+    y1: int
+    area_px: int
+    max_score: float
+    mean_score: float
+
+    @property
+    def bbox(self) -> tuple[int, int, int, int]:
+        return (self.x0, self.y0, self.x1, self.y1)
+
+    def to_dict(self) -> dict:
+        return {**asdict(self), "bbox": list(self.bbox)}
+
+
+def regions(heat: np.ndarray, threshold: float, min_area: int = 1) -> list[Region]:
+    """Connected components (8-connectivity) of heat > threshold with at least `min_area` pixels, hottest first."""
+    heat = np.asarray(heat, dtype=np.float32)
+    labels, n = ndimage.label(heat > threshold, structure=np.ones((3, 3), dtype=bool))
+    if n == 0:
+        return []
+    ids = np.arange(1, n + 1)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)[1:]
+    maxima = ndimage.maximum(heat, labels, ids)
+    means = ndimage.mean(heat, labels, ids)
+    out: list[Region] = []
+    for i, sl in enumerate(ndimage.find_objects(labels)):
+        if sl is None or areas[i] < min_area:
+            continue
+        ys, xs = sl
+        out.append(Region(int(xs.start), int(ys.start), int(xs.stop), int(ys.stop), int(areas[i]),
+                          float(maxima[i]), float(means[i])))
+    out.sort(key=lambda r: (-r.max_score, -r.area_px))
+    return out
