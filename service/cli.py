@@ -232,11 +232,17 @@ def build_parser() -> argparse.ArgumentParser:
             continue
         register(sub)
     # `--store` is global, but accept it after the command too (`zsad train --store DIR`).
-    for command in sub.choices.values():
-        try:
-            command.add_argument("--store", default=argparse.SUPPRESS, help="model store folder")
-        except argparse.ArgumentError:
-            pass
+    def accept_store(parser: argparse.ArgumentParser) -> None:
+        for action in parser._actions:
+            if isinstance(action, argparse._SubParsersAction):
+                for child in action.choices.values():
+                    try:
+                        child.add_argument("--store", default=argparse.SUPPRESS, help="model store folder")
+                    except argparse.ArgumentError:
+                        pass
+                    accept_store(child)
+
+    accept_store(p)
     return p
 
 

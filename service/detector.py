@@ -86,42 +86,46 @@ class Detector:
         timings: dict[str, float] | None = None,
     ) -> list[Detection]:
         """Score a batch of RGB images; with `heatmap`, also WinCLIP-style maps at each image's resolution."""
-        from .aggregate import aggregate_maps, upsample_to
+        from .aggregate import winclip_map
         from .preprocess import to_pixels
         from .windows import embed_image_and_windows
 
         s = self.settings
         timings = timings if timings is not None else {}
-        t = time.perf_counter()
-        pixels, geoms = to_pixels(images, self.backend.image_size, self.backend.mean, self.backend.std, s.resize_policy)
-        timings["preprocess"] = timings.get("preprocess", 0.0) + time.perf_counter() - t
+
+        def lap(stage: str, t0: float) -> float:
+            now = time.perf_counter()
+            timings[stage] = timings.get(stage, 0.0) + now - t0
+            return now
 
         t = time.perf_counter()
+        pixels, geoms = to_pixels(images, self.backend.image_size, self.backend.mean, self.backend.std, s.resize_policy)
+        t = lap("preprocess", t)
         if not heatmap:
             glob = self.backend.encode_image(pixels)
-            timings["embed"] = timings.get("embed", 0.0) + time.perf_counter() - t
+            t = lap("embed", t)
             scores = self.score_embeddings(glob, object_name)
-            return [
-                Detection({k: float(v[i]) for k, v in scores.items()}, im.size) for i, im in enumerate(images)
-            ]
+            lap("aggregate", t)
+            return [Detection({k: float(v[i]) for k, v in scores.items()}, im.size) for i, im in enumerate(images)]
+
         emb = embed_image_and_windows(
-            self.backend, pixels, s.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings
+            self.backend, pixels, s.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode
         )
-        t = time.perf_counter()
+        t = lap("windows", t)
         scores = self.score_embeddings(emb.global_emb, object_name)
         window_scores = {scale: self.score_embeddings(w, object_name) for scale, w in emb.windows.items()}
-        results = []
         grids = {
-            name: aggregate_maps(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, emb.grid, s.window_stride)
+            name: winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, emb.indices, emb.grid)
             for name in SCORE_NAMES
         }
+        results = []
         for i, image in enumerate(images):
             det = Detection({k: float(v[i]) for k, v in scores.items()}, image.size)
             for name in SCORE_NAMES:
-                det.grid[name] = grids[name][i].float().cpu().numpy()
-                det.heat[name] = upsample_to(grids[name][i], geoms[i])
+                det.grid[name] = grids[name][i].cpu().numpy()
+                det.heat[name] = geoms[i].to_original(grids[name][i])
             results.append(det)
-        timings["aggregate"] = timings.get("aggregate", 0.0) + time.perf_counter() - t
+        lap("aggregate", t)
         return results
 
 

@@ -1,0 +1,71 @@
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.cli import main
+
+
+def test_train_store_score_end_to_end(tiny_store, tmp_path, capsys):
+    root, specs = tiny_store
+    store = tmp_path / "store"
+    import shutil
+
+    shutil.copytree(root, store)
+    rc = main(["--store", str(store), "train", "--clip", "tiny-clip", "--n-pairs", "150", "--epochs", "2",
+               "--name", "cli-model", "--quiet"])
+    assert rc == 0
+    out = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert out["version"] == "v1" and 0.0 <= out["val_auroc_clean"] <= 1.0
+
+    assert main(["store", "list", "--store", str(store)]) == 0
+    listing = capsys.readouterr().out
+    assert "* cli-model@v1" in listing and "tiny-clip@v1" in listing
+
+    good = tmp_path / "part.png"
+    Image.fromarray(np.random.default_rng(0).integers(0, 255, (40, 60, 3), dtype=np.uint8)).save(good)
+    bad = tmp_path / "broken.png"
+    bad.write_bytes(b"not an image")
+    heat = tmp_path / "heat"
+    rc = main(["--store", str(store), "score", str(good), str(bad), "--model-ref", "cli-model@v1",
+               "--heatmap", str(heat)])
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert rc == 1  # one unreadable file -> non-zero exit, but the other file was still scored
+    assert lines[0]["path"] == str(good) and 0 <= lines[0]["s_fnn"] <= 1 and "regions" in lines[0]
+    assert lines[1]["path"] == str(bad) and "error" in lines[1]
+    assert Image.open(heat / "part_overlay.png").size == (60, 40)
+    assert Image.open(heat / "part_mask.png").size == (60, 40)
+
+
+def test_wrong_arguments_exit_2(capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(["train", "--n-pairs", "many"])
+    assert exc.value.code == 2
+    with pytest.raises(SystemExit) as exc:
+        main(["nonsense"])
+    assert exc.value.code == 2
+
+
+def test_model_flag_needs_a_weights_source(tmp_path, capsys):
+    assert main(["--store", str(tmp_path), "train", "--model", "ViT-B-16-plus-240"]) == 1
+    assert "exactly one of --pretrained" in capsys.readouterr().err
+
+
+def test_missing_pretrained_weights_fail_cleanly(tmp_path, capsys):
+    rc = main(["--store", str(tmp_path), "train", "--model", "ViT-B-16-plus-240", "--pretrained", "laion400m_e31"])
+    assert rc == 1
+    assert "zsad fetch-weights --model ViT-B-16-plus-240 --pretrained laion400m_e31" in capsys.readouterr().err
+
+
+def test_fetch_weights_offline_fails_with_nonzero_exit(tmp_path, capsys, monkeypatch):
+    import socket
+
+    def no_network(*args, **kwargs):
+        raise OSError("network unreachable (test)")
+
+    monkeypatch.setattr(socket, "create_connection", no_network)
+    rc = main(["--store", str(tmp_path), "fetch-weights", "--model", "ViT-B-16-plus-240", "--pretrained", "laion400m_e31"])
+    assert rc == 1
+    err = capsys.readouterr().err
+    assert "offline" in err and "zsad fetch-weights" in err
