@@ -12,7 +12,7 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field
-from typing import Any, Sequence
+from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
 import torch
@@ -25,6 +25,9 @@ from .scoring import SCORE_NAMES, PromptAnchors, all_scores, anchors_from_embedd
 from .settings import Settings
 from .store import ModelStore, StoreError
 from .train import load_fnn_from_store
+
+if TYPE_CHECKING:
+    from .preprocess import Geometry
 
 
 class ModelLoadError(Exception):
@@ -39,6 +42,16 @@ class Detection:
     size: tuple[int, int]  # (width, height) of the input image
     heat: dict[str, np.ndarray] = field(default_factory=dict)
     grid: dict[str, np.ndarray] = field(default_factory=dict)  # patch-level maps before upsampling
+
+
+@dataclass
+class ImageEmbedding:
+    """One image's CLIP embeddings: what the evaluation cache stores, so FNN versions can be rescored cheaply."""
+
+    global_emb: torch.Tensor  # [D]
+    windows: dict[int, torch.Tensor]  # scale -> [n_windows, D]; empty without heatmap
+    grid: tuple[int, int]
+    geometry: "Geometry"
 
 
 @dataclass
@@ -78,6 +91,62 @@ class Detector:
         return all_scores(emb, self.fnn, self.anchors(object_name), s.prompt_temperature, s.combine_weight)
 
     @torch.inference_mode()
+    def embed(
+        self, images: Sequence[Image.Image], heatmap: bool = True, timings: dict[str, float] | None = None
+    ) -> list[ImageEmbedding]:
+        """CLIP embeddings of a batch: global, plus windows when `heatmap` (one backbone pass either way)."""
+        from .preprocess import to_pixels
+        from .windows import embed_image_and_windows
+
+        s = self.settings
+        timings = timings if timings is not None else {}
+        t = time.perf_counter()
+        pixels, geoms = to_pixels(images, self.backend.image_size, self.backend.mean, self.backend.std, s.resize_policy)
+        t = _lap(timings, "preprocess", t)
+        if not heatmap:
+            glob = self.backend.encode_image(pixels)
+            _lap(timings, "embed", t)
+            return [ImageEmbedding(glob[i], {}, (0, 0), g) for i, g in enumerate(geoms)]
+        emb = embed_image_and_windows(
+            self.backend, pixels, s.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings
+        )
+        return [
+            ImageEmbedding(emb.global_emb[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g)
+            for i, g in enumerate(geoms)
+        ]
+
+    @torch.inference_mode()
+    def score(
+        self,
+        embs: Sequence[ImageEmbedding],
+        object_name: str | None = None,
+        timings: dict[str, float] | None = None,
+    ) -> list[Detection]:
+        """Scores (and maps, when the embeddings have windows) for a batch of embeddings from `embed`."""
+        from .aggregate import winclip_map
+        from .windows import window_indices
+
+        timings = timings if timings is not None else {}
+        t = time.perf_counter()
+        device = self.backend.device
+        scores = self.score_embeddings(torch.stack([e.global_emb for e in embs]).to(device), object_name)
+        results = [Detection({k: float(v[i]) for k, v in scores.items()}, (e.geometry.width, e.geometry.height))
+                   for i, e in enumerate(embs)]
+        if embs[0].windows:
+            grid, stride = embs[0].grid, self.settings.window_stride
+            indices = {sc: window_indices(grid[0], grid[1], sc, stride) for sc in embs[0].windows}
+            window_scores = {
+                sc: self.score_embeddings(torch.stack([e.windows[sc] for e in embs]).to(device), object_name)
+                for sc in indices
+            }
+            for name in SCORE_NAMES:
+                maps = winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, indices, grid)
+                for i, (e, det) in enumerate(zip(embs, results)):
+                    det.grid[name] = maps[i].cpu().numpy()
+                    det.heat[name] = e.geometry.to_original(maps[i])
+        _lap(timings, "aggregate", t)
+        return results
+
     def detect(
         self,
         images: Sequence[Image.Image],
@@ -86,47 +155,18 @@ class Detector:
         timings: dict[str, float] | None = None,
     ) -> list[Detection]:
         """Score a batch of RGB images; with `heatmap`, also WinCLIP-style maps at each image's resolution."""
-        from .aggregate import winclip_map
-        from .preprocess import to_pixels
-        from .windows import embed_image_and_windows
-
-        s = self.settings
         timings = timings if timings is not None else {}
+        return self.score(self.embed(images, heatmap, timings), object_name, timings)
 
-        def lap(stage: str, t0: float) -> float:
-            now = time.perf_counter()
-            timings[stage] = timings.get(stage, 0.0) + now - t0
-            return now
+    def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> "Detector":
+        """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""
+        return Detector(self.backend, fnn.to(self.backend.device), manifest, self.vocab, self.settings, self._anchors)
 
-        t = time.perf_counter()
-        pixels, geoms = to_pixels(images, self.backend.image_size, self.backend.mean, self.backend.std, s.resize_policy)
-        t = lap("preprocess", t)
-        if not heatmap:
-            glob = self.backend.encode_image(pixels)
-            t = lap("embed", t)
-            scores = self.score_embeddings(glob, object_name)
-            lap("aggregate", t)
-            return [Detection({k: float(v[i]) for k, v in scores.items()}, im.size) for i, im in enumerate(images)]
 
-        emb = embed_image_and_windows(
-            self.backend, pixels, s.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode
-        )
-        t = lap("windows", t)
-        scores = self.score_embeddings(emb.global_emb, object_name)
-        window_scores = {scale: self.score_embeddings(w, object_name) for scale, w in emb.windows.items()}
-        grids = {
-            name: winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, emb.indices, emb.grid)
-            for name in SCORE_NAMES
-        }
-        results = []
-        for i, image in enumerate(images):
-            det = Detection({k: float(v[i]) for k, v in scores.items()}, image.size)
-            for name in SCORE_NAMES:
-                det.grid[name] = grids[name][i].cpu().numpy()
-                det.heat[name] = geoms[i].to_original(grids[name][i])
-            results.append(det)
-        lap("aggregate", t)
-        return results
+def _lap(timings: dict[str, float], stage: str, t0: float) -> float:
+    now = time.perf_counter()
+    timings[stage] = timings.get(stage, 0.0) + now - t0
+    return now
 
 
 def load_detector(
