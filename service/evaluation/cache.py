@@ -1,0 +1,100 @@
+"""On-disk cache of image and window embeddings, keyed by (image file hash, CLIP model + window settings).
+
+Why: the CLIP pass is nearly all of an evaluation's time, and an N_p ablation or a variant comparison rescored the
+same images once per FNN version. With the cache, the second and later runs only run the FNN and the aggregation.
+The model key covers everything that changes an embedding (CLIP weights, precision, input size, resize policy,
+window scales/stride/mode), so a changed model can never be served stale embeddings.
+"""
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import uuid
+from dataclasses import asdict
+from pathlib import Path
+
+from safetensors.torch import load_file, save_file
+
+from ..detector import Detector, ImageEmbedding
+from ..preprocess import Geometry
+
+
+def model_key(detector: Detector, heatmap: bool) -> str:
+    s = detector.settings
+    backend = detector.backend
+    parts = {
+        "clip": backend.spec.to_manifest(),
+        "dtype": str(backend.dtype),
+        "image_size": backend.image_size,
+        "resize_policy": s.resize_policy,
+        "heatmap": heatmap,
+        "scales": list(s.window_scales) if heatmap else [],
+        "stride": s.window_stride if heatmap else 0,
+        "cnn_window_mode": s.cnn_window_mode if heatmap else "",
+        "centred": backend.image_center is not None,
+    }
+    return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
+
+
+def file_sha256(path: Path) -> str:
+    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
+
+
+class EmbeddingCache:
+    def __init__(self, root: str | Path, key: str):
+        self.folder = Path(root) / key
+        self.hits = 0
+        self.misses = 0
+
+    def _path(self, digest: str) -> Path:
+        return self.folder / digest[:2] / f"{digest}.safetensors"
+
+    def get(self, digest: str) -> ImageEmbedding | None:
+        path = self._path(digest)
+        if not path.is_file():
+            self.misses += 1
+            return None
+        try:
+            from safetensors import safe_open
+
+            with safe_open(str(path), "pt") as fh:
+                meta = fh.metadata()
+            tensors = load_file(str(path))
+            geometry = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["geometry"]).items()})
+            grid = tuple(json.loads(meta["grid"]))
+        except Exception:  # a torn or foreign file is a miss, never an error
+            self.misses += 1
+            return None
+        self.hits += 1
+        windows = {int(k[1:]): v for k, v in tensors.items() if k.startswith("w")}
+        return ImageEmbedding(tensors["global"], windows, grid, geometry)
+
+    def put(self, digest: str, emb: ImageEmbedding) -> None:
+        path = self._path(digest)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        tensors = {"global": emb.global_emb.float().cpu().contiguous()}
+        tensors.update({f"w{k}": v.float().cpu().contiguous() for k, v in emb.windows.items()})
+        meta = {"geometry": json.dumps(asdict(emb.geometry)), "grid": json.dumps(list(emb.grid))}
+        tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
+        save_file(tensors, str(tmp), metadata=meta)
+        os.replace(tmp, path)  # atomic: concurrent runs never see half a file
+
+
+def cached_embed(
+    detector: Detector, paths: list[Path], images_loader, cache: EmbeddingCache | None, heatmap: bool
+) -> list[ImageEmbedding]:
+    """Embeddings for `paths`, from the cache where present; the rest are computed in one batch and stored."""
+    digests = [file_sha256(p) for p in paths]
+    found: list[ImageEmbedding | None] = [cache.get(d) if cache else None for d in digests]
+    todo = [i for i, e in enumerate(found) if e is None]
+    if todo:
+        fresh = detector.embed([images_loader(paths[i]) for i in todo], heatmap=heatmap)
+        for i, emb in zip(todo, fresh):
+            emb = ImageEmbedding(emb.global_emb.cpu(), {k: v.cpu() for k, v in emb.windows.items()}, emb.grid, emb.geometry)
+            found[i] = emb
+            if cache:
+                cache.put(digests[i], emb)
+    return [e for e in found if e is not None]
+
+

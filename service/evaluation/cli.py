@@ -1,0 +1,145 @@
+"""`zsad evaluate`: score a dataset with the detector and write metrics, tables, plots and threshold advice.
+
+Variants: `s_pr` (prompt score), `s_fnn` and `combined` for one FNN version; with `--versions v1,v2,...` the FNN
+variants are suffixed `@vN` (an N_p ablation is a loop over store versions, and the CLIP pass runs once thanks to the
+embedding cache). `--known-object` gives s_pr the category name ("known-object" setting); the default uses no names.
+"""
+from __future__ import annotations
+
+import argparse
+import json
+import sys
+from pathlib import Path
+
+from ..settings import Settings
+
+PAPER_NAMES = {"prompt": "s_pr", "fnn": "s_fnn", "combined": "combined"}
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    e = sub.add_parser("evaluate", help="evaluate on an MVTec-AD / VisA / folder / CSV dataset",
+                       description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    e.add_argument("dataset", metavar="DATASET", help="dataset root (or CSV file for --layout csv)")
+    e.add_argument("--layout", choices=["mvtec", "visa", "folder", "csv"], help="default: detected from the folder")
+    e.add_argument("--out", default="runs/eval", help="output folder (default: %(default)s)")
+    e.add_argument("--model", help="FNN model name in the store (default: settings / 'default')")
+    e.add_argument("--versions", help="comma-separated FNN versions to compare (default: current)")
+    e.add_argument("--known-object", action="store_true", help="give s_pr the category name (known-object setting)")
+    e.add_argument("--categories", help="comma-separated categories to keep")
+    e.add_argument("--limit", type=int, help="evaluate only this many images, spread over the set (quick run)")
+    e.add_argument("--no-pixel", action="store_true", help="image metrics only (no windows: much faster)")
+    e.add_argument("--batch-size", type=int, default=8)
+    e.add_argument("--cache", default=".cache/embeddings", help="embedding cache folder ('' disables)")
+    e.add_argument("--worst", type=int, default=0, metavar="K", help="write overlays of the K worst misses")
+    e.add_argument("--normal-dir", default="normal", help="folder layout: name of the normal folder")
+    e.add_argument("--anomalous-dir", default="anomalous", help="folder layout: name of the anomalous folder")
+    e.add_argument("--label-columns", help="csv layout: comma-separated defect label columns")
+    e.add_argument("--device", help="cpu, cuda or auto")
+    e.add_argument("--quiet", action="store_true", help="no progress bar")
+    e.set_defaults(func=cmd_evaluate)
+
+
+def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
+    if layout == "folder":
+        return {"normal_dir": args.normal_dir, "anomalous_dir": args.anomalous_dir}
+    if layout == "csv" and args.label_columns:
+        return {"label_columns": args.label_columns.split(",")}
+    if layout in ("mvtec", "visa") and args.categories:
+        return {"categories": args.categories.split(",")}
+    return {}
+
+
+def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..detector import load_detector
+    from ..preprocess import load_image
+    from ..store import ModelStore
+    from ..train import load_fnn_from_store
+    from .cache import EmbeddingCache, cached_embed, model_key
+    from .readers import detect_layout, read_dataset
+    from .run import evaluate
+
+    overrides = {}
+    if getattr(args, "store", None):
+        overrides["model_store"] = Path(args.store)
+    if args.device:
+        overrides["device"] = args.device
+    settings = Settings(**overrides)
+    layout = args.layout or (detect_layout(args.dataset) if Path(args.dataset).is_dir() else "csv")
+    dataset = read_dataset(args.dataset, layout, **_reader_options(args, layout))
+    samples = dataset.samples
+    if args.categories and layout not in ("mvtec", "visa"):
+        keep = set(args.categories.split(","))
+        samples = [s for s in samples if s.category in keep]
+    print(dataset.describe(), file=sys.stderr)
+
+    base = load_detector(settings, args.model)
+    store = ModelStore(settings.model_store)
+    versions = args.versions.split(",") if args.versions else [base.version]
+    detectors = {}
+    for version in versions:
+        fnn, manifest = load_fnn_from_store(store, base.name, version, base.backend.embed_dim)
+        detectors[version] = base.with_fnn(fnn, manifest)
+    suffix = len(versions) > 1
+    variants = ["s_pr"] + [f"{PAPER_NAMES[n]}{'@' + v if suffix else ''}" for v in versions for n in ("fnn", "combined")]
+
+    heatmap = not args.no_pixel
+    cache = EmbeddingCache(args.cache, model_key(base, heatmap)) if args.cache else None
+    category_of = {str(s.path): s.category for s in samples}
+
+    def load(path: Path):
+        return load_image(path, settings.max_pixels)
+
+    def score_fn(paths: list[Path]) -> list[dict]:
+        embs = cached_embed(base, paths, load, cache, heatmap)
+        outputs: list[dict] = [{"scores": {}, "maps": {}} for _ in paths]
+        for version, det in detectors.items():
+            tag = f"@{version}" if suffix else ""
+            # Known-object: group by category so each batch uses one object word.
+            objects = [category_of[str(p)].replace("_", " ") if args.known_object else None for p in paths]
+            for obj in dict.fromkeys(objects):
+                idx = [i for i, o in enumerate(objects) if o == obj]
+                for i, d in zip(idx, det.score([embs[i] for i in idx], obj)):
+                    out = outputs[i]
+                    out["scores"][f"s_fnn{tag}"] = d.scores["fnn"]
+                    out["scores"][f"combined{tag}"] = d.scores["combined"]
+                    out["scores"]["s_pr"] = d.scores["prompt"]
+                    if heatmap:
+                        out["maps"][f"s_fnn{tag}"] = d.heat["fnn"]
+                        out["maps"][f"combined{tag}"] = d.heat["combined"]
+                        out["maps"]["s_pr"] = d.heat["prompt"]
+        return outputs
+
+    metrics = evaluate(samples, score_fn, args.out, variants, limit=args.limit, progress=not args.quiet,
+                       pixel=heatmap, batch_size=args.batch_size)
+    out = Path(args.out)
+    setting = "known-object" if args.known_object else "unknown-object"
+    (out / "run.json").write_text(json.dumps({
+        "dataset": str(args.dataset), "layout": layout, "setting": setting, "model": base.name,
+        "versions": versions, "clip": base.backend.spec.to_manifest(), "n_images": len(samples) if not args.limit
+        else min(args.limit, len(samples)),
+        "cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
+    }, indent=2) + "\n")
+    if args.worst:
+        _write_worst(samples, out, variants[-1], args.worst, base, detectors[versions[-1]], load, cache)
+    mean = {v: metrics[v]["mean"] for v in variants}
+    print(json.dumps({"out": str(out), "setting": setting, "mean": mean}, default=float))
+    return 0
+
+
+def _write_worst(samples, out: Path, variant: str, k: int, base, det, load, cache) -> None:
+    """Overlays of the k worst misses of `variant`: highest-scoring normals and lowest-scoring anomalies."""
+    from ..heatmap import overlay_png
+    from .cache import cached_embed
+    from .report import read_scores_csv
+
+    records = read_scores_csv(out / "scores.csv")
+    by_path = {str(s.path): s for s in samples}
+    ranked = sorted(records, key=lambda r: -r.scores[variant] if r.label == 0 else r.scores[variant] - 1.0)
+    folder = out / "worst"
+    folder.mkdir(exist_ok=True)
+    for rank, rec in enumerate(ranked[:k]):
+        path = Path(rec.path)
+        image = load(path)
+        det_out = det.score(cached_embed(base, [path], load, cache, True))[0]
+        name = f"{rank:02d}_{'normal' if rec.label == 0 else 'anomalous'}_{by_path[rec.path].category}_{path.stem}.png"
+        (folder / name).write_bytes(overlay_png(image, det_out.heat["combined"]))

@@ -1,0 +1,120 @@
+"""`zsad evaluate` end to end on a small MVTec-layout set written here, with a tiny model in a temporary store."""
+import csv
+import json
+import shutil
+
+import numpy as np
+import pytest
+from PIL import Image
+from sklearn.metrics import roc_auc_score
+
+from service.cli import main
+from service.clip_backend import load_clip
+from service.detector import Detector, load_detector
+from service.fnn import FNNConfig
+from service.preprocess import load_image
+from service.prompts import RandomWordConfig
+from service.settings import Settings
+from service.store import ModelStore
+from service.train import TrainConfig, train_fnn_model
+from tests.conftest import publish_tiny_clip
+
+
+@pytest.fixture(scope="module")
+def env(tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("evalcli")
+    store = tmp / "store"
+    backend = load_clip(publish_tiny_clip(store, "tiny-clip"), store, device="cpu")
+    for seed in (0, 1):
+        cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=100, seed=seed), fnn=FNNConfig(max_epochs=2, seed=seed))
+        train_fnn_model(backend, cfg, ModelStore(store), "default")
+    data = tmp / "data" / "widget"
+    rng = np.random.default_rng(0)
+    for folder in ("train/good", "test/good", "test/scratch", "ground_truth/scratch"):
+        (data / folder).mkdir(parents=True)
+    for i in range(4):
+        Image.fromarray(rng.integers(90, 110, (48, 64, 3), dtype=np.uint8)).save(data / f"test/good/{i:03d}.png")
+        img = rng.integers(90, 110, (48, 64, 3), dtype=np.uint8)
+        mask = np.zeros((48, 64), np.uint8)
+        mask[10:20, 30:44] = 255
+        img[mask > 0] = 250
+        Image.fromarray(img).save(data / f"test/scratch/{i:03d}.png")
+        Image.fromarray(mask).save(data / f"ground_truth/scratch/{i:03d}_mask.png")
+    return store, tmp / "data"
+
+
+def run(env, out, *extra):
+    store, data = env
+    return main(["--store", str(store), "evaluate", str(data), "--out", str(out), "--quiet",
+                 "--cache", str(out.parent / "cache"), *extra])
+
+
+def test_outputs_equal_a_direct_computation(env, tmp_path, capsys):
+    assert run(env, tmp_path / "out", "--worst", "2") == 0
+    out = tmp_path / "out"
+    metrics = json.loads((out / "metrics.json").read_text())
+    assert set(metrics) == {"s_pr", "s_fnn", "combined"}
+    keys = {"image_auroc", "image_aupr", "image_f1max", "pixel_auroc", "pixel_aupr", "pixel_f1max", "pro"}
+    assert keys <= set(metrics["combined"]["widget"]) and keys <= set(metrics["combined"]["mean"])
+    assert (out / "report.md").read_text().count("widget") >= 1
+    assert list((out / "curves").rglob("*.png")) and len(list((out / "worst").glob("*.png"))) == 2
+
+    rows = list(csv.DictReader((out / "scores.csv").open()))
+    assert len(rows) == 8
+    # scores.csv equals the detector run directly, and metrics.json equals sklearn on scores.csv.
+    store, _ = env
+    det = load_detector(Settings(model_store=store, device="cpu"))
+    for row in rows[:3]:
+        direct = det.detect([load_image(row["path"])], heatmap=False)[0].scores
+        assert float(row["s_fnn"]) == pytest.approx(direct["fnn"], abs=1e-5)
+        assert float(row["s_pr"]) == pytest.approx(direct["prompt"], abs=1e-5)
+    labels = [int(r["label"]) for r in rows]
+    for v in ("s_pr", "s_fnn", "combined"):
+        expected = roc_auc_score(labels, [float(r[v]) for r in rows])
+        assert metrics[v]["widget"]["image_auroc"] == pytest.approx(expected, abs=1e-9)
+
+
+def test_cache_is_hit_on_second_run_and_invalidated_by_a_model_change(env, tmp_path, monkeypatch, capsys):
+    calls = []
+    original = Detector.embed
+
+    def counting(self, images, heatmap=True, timings=None):
+        calls.append(len(images))
+        return original(self, images, heatmap, timings)
+
+    monkeypatch.setattr(Detector, "embed", counting)
+    assert run(env, tmp_path / "a") == 0
+    assert sum(calls) == 8
+    calls.clear()
+    assert run(env, tmp_path / "b", "--versions", "v1,v2") == 0  # rescoring two FNN versions: no CLIP pass
+    assert sum(calls) == 0
+    run_info = json.loads((tmp_path / "b" / "run.json").read_text())
+    assert run_info["cache"] == {"hits": 8, "misses": 0}
+    assert {"s_fnn@v1", "s_fnn@v2", "combined@v1", "combined@v2", "s_pr"} == set(
+        json.loads((tmp_path / "b" / "metrics.json").read_text()))
+
+    # Another CLIP (new weights, new sha256) must not reuse the embeddings.
+    store, data = env
+    store2 = tmp_path / "store2"
+    shutil.copytree(store, store2)
+    spec = publish_tiny_clip(store2, "tiny-clip", seed=7)
+    backend = load_clip(spec, store2, device="cpu")
+    train_fnn_model(backend, TrainConfig(prompts=RandomWordConfig(n_pairs=100), fnn=FNNConfig(max_epochs=1)),
+                    ModelStore(store2), "default")
+    calls.clear()
+    assert main(["--store", str(store2), "evaluate", str(data), "--out", str(tmp_path / "c"), "--quiet",
+                 "--cache", str(tmp_path / "cache")]) == 0
+    assert sum(calls) == 8
+
+
+def test_malformed_dataset_is_a_clear_cli_error(env, tmp_path, capsys):
+    store, _ = env
+    bad = tmp_path / "bad" / "widget" / "test" / "scratch"
+    bad.mkdir(parents=True)
+    Image.new("RGB", (8, 8)).save(bad / "000.png")
+    (tmp_path / "bad" / "widget" / "test" / "good").mkdir()
+    Image.new("RGB", (8, 8)).save(tmp_path / "bad" / "widget" / "test" / "good" / "001.png")
+    # The anomalous image has no ground_truth mask: refused, naming the image.
+    rc = main(["--store", str(store), "evaluate", str(tmp_path / "bad"), "--layout", "mvtec", "--quiet"])
+    assert rc == 1
+    assert "000.png" in capsys.readouterr().err
