@@ -68,6 +68,14 @@ class Settings(BaseSettings):
     default_threshold: float | None = Field(
         None, description="Threshold when no product threshold is set; None uses the model manifest's advice."
     )
+    batch_max_images: int = Field(16, ge=1, description="Most images in one POST /v1/detect/batch request.")
+    calibration_max_images: int = Field(1000, ge=1, description="Most images in one POST /v1/calibrate request.")
+    calibration_max_bytes: int = Field(
+        256 * 1024 * 1024, description="Largest request body for POST /v1/calibrate (many images in one upload)."
+    )
+    metrics_max_lines: int = Field(
+        20, ge=0, description="Distinct `line` values used as metric labels; later lines are counted as 'other'."
+    )
 
 
 @lru_cache(maxsize=1)

@@ -1,0 +1,197 @@
+"""The detect use case behind the HTTP routes: decode -> queue for inference -> threshold -> heatmap -> persist.
+
+Kept apart from the routes so the batch endpoint, the single endpoint and calibration share one path. Everything
+CPU-heavy runs off the event loop: decoding and heatmap encoding in the thread pool, the model in the inference
+worker thread, database writes in the thread pool (committed before the response is built).
+"""
+from __future__ import annotations
+
+import asyncio
+import base64
+import time
+from dataclasses import dataclass
+from typing import TYPE_CHECKING, Any
+
+from anyio import to_thread
+from PIL import Image
+
+from .errors import ApiError
+from .limits import ALLOWED_FORMATS, describe_format, sniff_format
+from .results import NewResult, iso
+from .worker import JobResult, QueueFull, WorkerStopped
+
+if TYPE_CHECKING:  # pragma: no cover
+    from .app import AppState
+
+MODEL_STAGES = ("preprocess", "embed", "windows", "aggregate")
+MAX_REGIONS = 32  # hottest regions reported per image
+
+
+@dataclass
+class Upload:
+    data: bytes
+    filename: str | None = None
+    content_type: str | None = None
+
+
+@dataclass
+class DetectOptions:
+    line: str | None = None
+    product: str | None = None
+    heatmap: str = "none"  # none | png | json
+    object_name: str | None = None
+    score: str | None = None  # None: the product threshold's score, else settings.default_score
+
+
+@dataclass
+class Decoded:
+    image: Image.Image
+    format: str
+    seconds: float
+    filename: str | None
+
+
+def _label(upload: Upload, index: int, total: int) -> str:
+    if total == 1:
+        return "image"
+    return f"file {index + 1}" + (f" ({upload.filename!r})" if upload.filename else "")
+
+
+def decode_upload(upload: Upload, max_pixels: int, what: str = "image") -> Decoded:
+    """Allow-list check on the magic bytes, then `preprocess.load_image`. Raises ApiError (4xx)."""
+    from ..preprocess import ImageError, load_image
+
+    t = time.perf_counter()
+    if not upload.data:
+        raise ApiError(400, "empty_image", f"{what} is empty (0 bytes)")
+    fmt = sniff_format(upload.data[:32])
+    if fmt is None:
+        seen = describe_format(upload.data[:512])
+        allowed = ", ".join(f.replace("WEBP", "WebP") for f in ALLOWED_FORMATS)
+        raise ApiError(415, "unsupported_media_type",
+                       f"{what}: unsupported image type ({seen}); accepted: {allowed}")
+    try:
+        image = load_image(upload.data, max_pixels)
+    except ImageError as exc:
+        message = str(exc)
+        if "decompression bomb" in message or "too large to decode" in message:
+            raise ApiError(413, "image_too_large", f"{what}: {message}") from None
+        raise ApiError(400, "invalid_image", f"{what}: {message}") from None
+    except Exception as exc:  # noqa: BLE001 - anything else a decoder throws is still the caller's bad file
+        raise ApiError(400, "invalid_image", f"{what} cannot be decoded: {type(exc).__name__}") from None
+    return Decoded(image, fmt, time.perf_counter() - t, upload.filename)
+
+
+def decode_all(uploads: list[Upload], max_pixels: int) -> list[Decoded]:
+    return [decode_upload(u, max_pixels, _label(u, i, len(uploads))) for i, u in enumerate(uploads)]
+
+
+async def infer(state: "AppState", images: list[Image.Image], object_name: str | None, heatmap: bool,
+                deadline: float) -> list[JobResult]:
+    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time)."""
+    state.require_ready()
+    try:
+        futures = state.worker.submit_many(images, object_name, heatmap)
+    except QueueFull as exc:
+        raise ApiError(503, "queue_full", "inference queue is full, retry later",
+                       {"Retry-After": str(exc.retry_after)}) from None
+    except WorkerStopped as exc:
+        raise ApiError(503, "unavailable", str(exc), {"Retry-After": "5"}) from None
+    waiting = [asyncio.wrap_future(f) for f in futures]
+    timeout = max(0.0, deadline - time.perf_counter())
+    try:
+        return list(await asyncio.wait_for(asyncio.gather(*waiting), timeout))
+    except asyncio.TimeoutError:
+        for f in futures:
+            f.cancel()
+        raise ApiError(504, "timeout", f"inference did not finish within {state.settings.request_timeout_s:g} s") from None
+    except WorkerStopped as exc:
+        raise ApiError(503, "unavailable", str(exc), {"Retry-After": "5"}) from None
+    except BaseException:
+        for f in futures:
+            f.cancel()
+        raise
+
+
+def _encode_one(state: "AppState", dec: Decoded, res: JobResult, opts: DetectOptions, score_name: str,
+                want_png_for_store: bool) -> tuple[dict[str, Any] | None, list[dict] | None, bytes | None, float]:
+    """Heatmap payload, regions and the PNG to keep; runs in a worker thread."""
+    from ..heatmap import overlay_png, regions
+
+    t = time.perf_counter()
+    det = res.detection
+    if opts.heatmap == "none" or score_name not in det.heat:
+        return None, None, None, time.perf_counter() - t
+    heat = det.heat[score_name]
+    found = [r.to_dict() for r in regions(heat, state.settings.mask_threshold)[:MAX_REGIONS]]
+    png = overlay_png(dec.image, heat) if (opts.heatmap == "png" or want_png_for_store) else None
+    if opts.heatmap == "png":
+        payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii")}
+    else:
+        grid = det.grid[score_name]
+        payload = {"format": "json", "score": score_name, "rows": int(grid.shape[0]), "cols": int(grid.shape[1]),
+                   "grid": [[round(float(v), 4) for v in row] for row in grid]}
+    return payload, found, png, time.perf_counter() - t
+
+
+def _ms(seconds: float | None) -> float | None:
+    return None if seconds is None else round(seconds * 1000.0, 3)
+
+
+async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectOptions) -> list[dict[str, Any]]:
+    settings = state.settings
+    start = time.perf_counter()
+    deadline = start + settings.request_timeout_s
+    decoded = await to_thread.run_sync(decode_all, uploads, settings.max_pixels)
+    results = await infer(state, [d.image for d in decoded], opts.object_name, opts.heatmap != "none", deadline)
+
+    manifest = state.detector.manifest if state.detector is not None else None
+    resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
+                                        settings.default_threshold, manifest)
+    keep_png = state.results.keep_heatmaps
+
+    def _encode_all() -> list[tuple]:
+        return [_encode_one(state, d, r, opts, resolved.score, keep_png) for d, r in zip(decoded, results)]
+
+    encoded = await to_thread.run_sync(_encode_all)
+    records: list[NewResult] = []
+    bodies: list[dict[str, Any]] = []
+    for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):
+        score = float(res.detection.scores[resolved.score])
+        label = "anomalous" if score > resolved.threshold else "normal"
+        stage_s = {k: res.timings.get(k) for k in MODEL_STAGES}
+        latency = time.perf_counter() - start
+        records.append(NewResult(
+            line=opts.line, product=opts.product, model_name=res.model_name, model_version=res.model_version,
+            score_name=resolved.score, score=score, label=label, threshold=resolved.threshold,
+            threshold_source=resolved.source, scores={k: float(v) for k, v in res.detection.scores.items()},
+            latency_ms=latency * 1000.0, object_name=opts.object_name, filename=(dec.filename or None) and dec.filename[:255],
+            width=dec.image.size[0], height=dec.image.size[1], heatmap_png=png,
+        ))
+        bodies.append({
+            "line": opts.line, "product": opts.product, "filename": dec.filename, "score": score,
+            "score_name": resolved.score, "label": label, "threshold": resolved.threshold,
+            "threshold_source": resolved.source,
+            "scores": {k: float(v) for k, v in res.detection.scores.items()},
+            "model": {"name": res.model_name, "version": res.model_version, "clip": res.clip},
+            "timings_ms": {"decode": _ms(dec.seconds), "queue": _ms(res.queue_wait),
+                           **{k: _ms(v) for k, v in stage_s.items()}, "encode": _ms(enc_s)},
+            "batch_size": res.batch_size,
+            "image": {"width": dec.image.size[0], "height": dec.image.size[1], "format": dec.format},
+            "heatmap": payload, "regions": found,
+        })
+        state.metrics.observe_stages({"decode": dec.seconds, "encode": enc_s})
+
+    t = time.perf_counter()
+    ids = await to_thread.run_sync(state.results.add_many, records)  # committed before we answer
+    persist_s = time.perf_counter() - t
+    state.metrics.observe_stages({"persist": persist_s})
+    total = time.perf_counter() - start
+    for rid, rec, body in zip(ids, records, bodies):
+        body["id"] = rid
+        body["created_at"] = iso(rec.created_at)
+        body["timings_ms"]["persist"] = _ms(persist_s)
+        body["timings_ms"]["total"] = _ms(total)
+        body["heatmap_url"] = f"/v1/results/{rid}/heatmap.png" if rec.heatmap_png and state.results.keep_heatmaps else None
+        state.metrics.observe_prediction(rec.line, rec.label, rec.score)
+    return bodies

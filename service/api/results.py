@@ -1,0 +1,254 @@
+"""Result history: every detection appended to a SQL table (SQLite in WAL mode by default, PostgreSQL by URL).
+
+Durability: each request's results are inserted and committed before the HTTP response is sent. SQLite runs with
+`journal_mode=WAL` and `synchronous=FULL`, so a committed row survives a killed process (and a power cut).
+
+Paging is keyset pagination on the autoincrement id, newest first: a page is `id < cursor ORDER BY id DESC`, and
+the next cursor is the last id of the page. New rows get larger ids, so rows arriving while a client pages never
+shift later pages (no duplicates, no skips). SQLite's AUTOINCREMENT keeps ids from being reused after deletions.
+
+Heatmap PNGs live in their own table and are pruned to the newest `heatmap_retention` on every insert.
+"""
+from __future__ import annotations
+
+import datetime as _dt
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+from sqlalchemy import (JSON, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
+                        create_engine, delete, event, func, insert, select)
+from sqlalchemy.engine import Engine
+
+metadata = MetaData()
+
+results_table = Table(
+    "results",
+    metadata,
+    Column("id", Integer, primary_key=True, autoincrement=True),
+    Column("created_at", Float, nullable=False),
+    Column("line", String(64)),
+    Column("product", String(64)),
+    Column("model_name", String(64), nullable=False),
+    Column("model_version", String(64), nullable=False),
+    Column("score_name", String(16), nullable=False),
+    Column("score", Float, nullable=False),
+    Column("label", String(16), nullable=False),
+    Column("threshold", Float, nullable=False),
+    Column("threshold_source", String(16), nullable=False),
+    Column("scores", JSON, nullable=False),
+    Column("latency_ms", Float, nullable=False),
+    Column("object_name", String(64)),
+    Column("filename", String(255)),
+    Column("width", Integer),
+    Column("height", Integer),
+    Index("ix_results_created_at", "created_at"),
+    Index("ix_results_product_id", "product", "id"),
+    Index("ix_results_line_id", "line", "id"),
+    sqlite_autoincrement=True,
+)
+
+heatmaps_table = Table(
+    "heatmaps",
+    metadata,
+    Column("result_id", Integer, ForeignKey("results.id", ondelete="CASCADE"), primary_key=True),
+    Column("png", LargeBinary, nullable=False),
+)
+
+STATS_SAMPLE = 100_000  # percentiles over at most this many newest rows of the window
+
+
+@dataclass
+class NewResult:
+    line: str | None
+    product: str | None
+    model_name: str
+    model_version: str
+    score_name: str
+    score: float
+    label: str
+    threshold: float
+    threshold_source: str
+    scores: dict[str, float]
+    latency_ms: float
+    object_name: str | None = None
+    filename: str | None = None
+    width: int | None = None
+    height: int | None = None
+    heatmap_png: bytes | None = field(default=None, repr=False)
+    created_at: float = field(default_factory=time.time)
+
+
+def iso(ts: float) -> str:
+    return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
+
+
+def parse_since(value: str) -> float:
+    """ISO-8601 time (naive = UTC) or Unix seconds -> Unix seconds. Raises ValueError."""
+    try:
+        return float(value)
+    except ValueError:
+        pass
+    text = value.strip().replace("Z", "+00:00").replace("z", "+00:00")
+    t = _dt.datetime.fromisoformat(text)
+    if t.tzinfo is None:
+        t = t.replace(tzinfo=_dt.timezone.utc)
+    return t.timestamp()
+
+
+_UNITS = {"s": 1, "m": 60, "h": 3600, "d": 86400, "w": 604800}
+
+
+def parse_window(value: str) -> float:
+    """'90s', '15m', '24h', '7d', '2w' or plain seconds -> seconds. Raises ValueError."""
+    v = value.strip().lower()
+    if v and v[-1] in _UNITS:
+        seconds = float(v[:-1]) * _UNITS[v[-1]]
+    else:
+        seconds = float(v)
+    if not (seconds > 0) or seconds == float("inf"):
+        raise ValueError(f"window must be positive, got {value!r}")
+    return seconds
+
+
+class ResultsStore:
+    def __init__(self, url: str | None, path: Path, keep_heatmaps: bool = True, heatmap_retention: int = 1000):
+        self.is_sqlite = url is None or url.startswith("sqlite")
+        if url is None:
+            Path(path).parent.mkdir(parents=True, exist_ok=True)
+            url = f"sqlite:///{Path(path).resolve()}"
+        self.url = url
+        self.keep_heatmaps = keep_heatmaps and heatmap_retention > 0
+        self.heatmap_retention = heatmap_retention
+        self._write_lock = threading.Lock()
+        self.engine = self._make_engine(url)
+
+    def _make_engine(self, url: str) -> Engine:
+        if self.is_sqlite:
+            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
+
+            @event.listens_for(engine, "connect")
+            def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+                cur = dbapi_conn.cursor()
+                cur.execute("PRAGMA journal_mode=WAL")
+                cur.execute("PRAGMA synchronous=FULL")
+                cur.execute("PRAGMA foreign_keys=ON")
+                cur.execute("PRAGMA busy_timeout=30000")
+                cur.close()
+
+            return engine
+        return create_engine(url, pool_pre_ping=True)
+
+    def open(self) -> None:
+        metadata.create_all(self.engine)
+
+    def close(self) -> None:
+        self.engine.dispose()
+
+    def describe(self) -> str:
+        return self.engine.url.render_as_string(hide_password=True)
+
+    # --- writing ----------------------------------------------------------------------------------------------------
+    def add_many(self, items: list[NewResult]) -> list[int]:
+        """Insert and commit; returns the new ids in order. Nothing is acknowledged before the commit."""
+        ids: list[int] = []
+        with self._write_lock, self.engine.begin() as conn:
+            stored_heatmap = False
+            for item in items:
+                row = {k: v for k, v in item.__dict__.items() if k != "heatmap_png"}
+                new_id = conn.execute(insert(results_table).values(**row)).inserted_primary_key[0]
+                ids.append(int(new_id))
+                if self.keep_heatmaps and item.heatmap_png:
+                    conn.execute(insert(heatmaps_table).values(result_id=new_id, png=item.heatmap_png))
+                    stored_heatmap = True
+            if stored_heatmap:
+                cutoff = conn.execute(
+                    select(heatmaps_table.c.result_id).order_by(heatmaps_table.c.result_id.desc())
+                    .offset(self.heatmap_retention).limit(1)
+                ).scalar()
+                if cutoff is not None:
+                    conn.execute(delete(heatmaps_table).where(heatmaps_table.c.result_id <= cutoff))
+        return ids
+
+    # --- reading ----------------------------------------------------------------------------------------------------
+    def _filters(self, line: str | None, product: str | None, label: str | None, since: float | None) -> list:
+        c = results_table.c
+        where = []
+        if line is not None:
+            where.append(c.line == line)
+        if product is not None:
+            where.append(c.product == product)
+        if label is not None:
+            where.append(c.label == label)
+        if since is not None:
+            where.append(c.created_at >= since)
+        return where
+
+    def page(
+        self,
+        line: str | None = None,
+        product: str | None = None,
+        label: str | None = None,
+        since: float | None = None,
+        cursor: int | None = None,
+        limit: int = 50,
+    ) -> tuple[list[dict[str, Any]], int | None]:
+        """Newest first; (rows, next_cursor), next_cursor None on the last page."""
+        c = results_table.c
+        where = self._filters(line, product, label, since)
+        if cursor is not None:
+            where.append(c.id < cursor)
+        hm = select(heatmaps_table.c.result_id).where(heatmaps_table.c.result_id == c.id).exists()
+        query = select(results_table, hm.label("has_heatmap")).where(*where).order_by(c.id.desc()).limit(limit + 1)
+        with self.engine.connect() as conn:
+            rows = [dict(r._mapping) for r in conn.execute(query)]
+        more = len(rows) > limit
+        rows = rows[:limit]
+        return rows, (rows[-1]["id"] if more and rows else None)
+
+    def get(self, result_id: int) -> dict[str, Any] | None:
+        c = results_table.c
+        hm = select(heatmaps_table.c.result_id).where(heatmaps_table.c.result_id == c.id).exists()
+        with self.engine.connect() as conn:
+            row = conn.execute(select(results_table, hm.label("has_heatmap")).where(c.id == result_id)).first()
+        return dict(row._mapping) if row is not None else None
+
+    def heatmap(self, result_id: int) -> bytes | None:
+        with self.engine.connect() as conn:
+            return conn.execute(
+                select(heatmaps_table.c.png).where(heatmaps_table.c.result_id == result_id)
+            ).scalar()
+
+    def count(self) -> int:
+        with self.engine.connect() as conn:
+            return int(conn.execute(select(func.count()).select_from(results_table)).scalar() or 0)
+
+    def stats(self, line: str | None, product: str | None, since: float | None) -> dict[str, Any]:
+        c = results_table.c
+        where = self._filters(line, product, None, since)
+        with self.engine.connect() as conn:
+            total, anomalous = conn.execute(
+                select(func.count(), func.coalesce(func.sum((c.label == "anomalous").cast(Integer)), 0)).where(*where)
+            ).one()
+            sample = conn.execute(
+                select(c.score, c.latency_ms).where(*where).order_by(c.id.desc()).limit(STATS_SAMPLE)
+            ).all()
+        out: dict[str, Any] = {
+            "count": int(total),
+            "anomalous": int(anomalous),
+            "anomaly_rate": (int(anomalous) / int(total)) if total else None,
+            "score": None,
+            "latency_ms": None,
+            "sampled": len(sample),
+        }
+        if sample:
+            arr = np.asarray(sample, dtype=np.float64)
+            s, lat = arr[:, 0], arr[:, 1]
+            out["score"] = {"min": float(s.min()), "mean": float(s.mean()), "max": float(s.max()),
+                            **{f"p{q}": float(np.percentile(s, q)) for q in (50, 90, 95, 99)}}
+            out["latency_ms"] = {"mean": float(lat.mean()),
+                                 **{f"p{q}": float(np.percentile(lat, q)) for q in (50, 95, 99)}}
+        return out

@@ -1,0 +1,250 @@
+"""Pydantic models of request and response bodies, with the examples shown in the OpenAPI document."""
+from __future__ import annotations
+
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+ScoreName = Literal["fnn", "prompt", "combined"]
+Label = Literal["anomalous", "normal"]
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
+
+
+def _examples(*examples: dict[str, Any]) -> ConfigDict:
+    return ConfigDict(json_schema_extra={"examples": list(examples)})
+
+
+class Health(BaseModel):
+    model_config = _examples({"status": "ok"})
+    status: str = "ok"
+
+
+class Readiness(BaseModel):
+    model_config = _examples(
+        {"ready": True, "status": "ready", "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
+         "error": None},
+        {"ready": False, "status": "failed", "model": None,
+         "error": "cannot load model 'default': model 'default' has no current version in store /srv/model_store"},
+    )
+    ready: bool
+    status: Literal["loading", "ready", "failed", "stopping"]
+    model: "ModelRef | None" = None
+    error: str | None = None
+
+
+class ModelRef(BaseModel):
+    name: str
+    version: str
+    clip: str
+
+
+class Scores(BaseModel):
+    fnn: float = Field(description="s_fnn: FNN probability that the image is anomalous.")
+    prompt: float = Field(description="s_pr: prompt-ensemble score for the object word.")
+    combined: float = Field(description="Weighted combination of s_fnn and s_pr.")
+
+
+class StageTimings(BaseModel):
+    """Milliseconds per stage. Model stages (preprocess, embed, windows, aggregate) are those of the micro-batch the
+    image ran in; `null` where a stage did not run (e.g. windows without a heatmap)."""
+
+    decode: float | None = None
+    queue: float | None = None
+    preprocess: float | None = None
+    embed: float | None = None
+    windows: float | None = None
+    aggregate: float | None = None
+    encode: float | None = None
+    persist: float | None = None
+    total: float | None = None
+
+
+class ImageInfo(BaseModel):
+    width: int
+    height: int
+    format: str
+
+
+class Heatmap(BaseModel):
+    format: Literal["png", "json"]
+    score: ScoreName
+    png_base64: str | None = Field(None, description="PNG overlay of the heatmap on the image (format=png).")
+    grid: list[list[float]] | None = Field(None, description="Patch-level map, rows x cols, values in [0, 1] (json).")
+    rows: int | None = None
+    cols: int | None = None
+
+
+class DetectResult(BaseModel):
+    model_config = _examples({
+        "id": 1042, "created_at": "2025-11-26T17:03:12.481Z", "line": "line-3", "product": "widget",
+        "filename": "cam1_000123.png", "score": 0.734, "score_name": "combined", "label": "anomalous",
+        "threshold": 0.61, "threshold_source": "product",
+        "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734},
+        "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
+        "timings_ms": {"decode": 3.1, "queue": 0.4, "preprocess": 1.2, "embed": 18.5, "windows": 9.8,
+                       "aggregate": 1.7, "encode": 6.3, "persist": 2.2, "total": 44.9},
+        "batch_size": 2, "image": {"width": 640, "height": 480, "format": "PNG"},
+        "heatmap": {"format": "png", "score": "combined", "png_base64": "iVBORw0KGgoAAAANSUhEUgAA...", "grid": None,
+                    "rows": None, "cols": None},
+        "regions": [{"x": 312, "y": 140, "width": 58, "height": 41, "area": 1730, "max": 0.91, "mean": 0.72}],
+        "heatmap_url": "/v1/results/1042/heatmap.png",
+    })
+    id: int = Field(description="Result id in the results store (GET /v1/results/{id}).")
+    created_at: str
+    line: str | None
+    product: str | None
+    filename: str | None = None
+    score: float = Field(description="The score the label is decided on (`score_name`).")
+    score_name: ScoreName
+    label: Label
+    threshold: float
+    threshold_source: Literal["line", "product", "settings", "manifest", "fallback"]
+    scores: Scores
+    model: ModelRef
+    timings_ms: StageTimings
+    batch_size: int = Field(description="Images in the micro-batch this image was scored in.")
+    image: ImageInfo
+    heatmap: Heatmap | None = None
+    regions: list[dict[str, Any]] | None = Field(None, description="Connected regions above the mask threshold.")
+    heatmap_url: str | None = Field(None, description="Stored heatmap PNG, while within the retention limit.")
+
+
+class BatchResult(BaseModel):
+    model_config = _examples({"count": 2, "anomalous": 1, "results": ["<DetectResult>", "<DetectResult>"]})
+    count: int
+    anomalous: int
+    results: list[DetectResult]
+
+
+class ResultRecord(BaseModel):
+    model_config = _examples({
+        "id": 1042, "created_at": "2025-11-26T17:03:12.481Z", "line": "line-3", "product": "widget",
+        "model": {"name": "default", "version": "v3"}, "score_name": "combined", "score": 0.734, "label": "anomalous",
+        "threshold": 0.61, "threshold_source": "product", "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734},
+        "latency_ms": 44.9, "object": "screw", "filename": "cam1_000123.png", "width": 640, "height": 480,
+        "heatmap_url": "/v1/results/1042/heatmap.png",
+    })
+    id: int
+    created_at: str
+    line: str | None
+    product: str | None
+    model: dict[str, str]
+    score_name: str
+    score: float
+    label: str
+    threshold: float
+    threshold_source: str
+    scores: dict[str, float]
+    latency_ms: float
+    object: str | None = None
+    filename: str | None = None
+    width: int | None = None
+    height: int | None = None
+    heatmap_url: str | None = None
+
+
+class ResultsPage(BaseModel):
+    model_config = _examples({"items": ["<ResultRecord>"], "next_cursor": "1017", "limit": 25})
+    items: list[ResultRecord]
+    next_cursor: str | None = Field(description="Pass as `cursor` for the next (older) page; null on the last page.")
+    limit: int
+
+
+class Stats(BaseModel):
+    model_config = _examples({
+        "line": "line-3", "product": "widget", "window": "24h", "since": "2025-11-25T17:03:12.000Z", "count": 1200,
+        "anomalous": 18, "anomaly_rate": 0.015, "sampled": 1200,
+        "score": {"min": 0.08, "mean": 0.31, "max": 0.93, "p50": 0.29, "p90": 0.47, "p95": 0.55, "p99": 0.74},
+        "latency_ms": {"mean": 41.0, "p50": 38.2, "p95": 61.0, "p99": 95.4},
+    })
+    line: str | None
+    product: str | None
+    window: str | None
+    since: str | None
+    count: int
+    anomalous: int
+    anomaly_rate: float | None
+    sampled: int = Field(description="Rows the percentiles were computed on (newest first, at most 100000).")
+    score: dict[str, float] | None
+    latency_ms: dict[str, float] | None
+
+
+class ThresholdIn(BaseModel):
+    model_config = _examples({"threshold": 0.61, "score": "combined"})
+    threshold: float = Field(ge=0.0, le=1.0, description="An image is anomalous when its score is above this.")
+    score: ScoreName | None = Field(None, description="The score this threshold applies to (default: settings).")
+
+
+class ThresholdEntry(BaseModel):
+    model_config = _examples({
+        "product": "widget",
+        "entry": {"threshold": 0.61, "score": "combined", "source": "manual", "updated_at": "2025-11-26T17:00:00+00:00",
+                  "lines": {"line-3": {"threshold": 0.7, "score": "combined", "source": "calibration",
+                                       "updated_at": "2025-11-26T16:00:00+00:00"}}},
+    })
+    product: str
+    entry: dict[str, Any]
+
+
+class ThresholdConfig(BaseModel):
+    model_config = _examples({
+        "products": {"widget": {"threshold": 0.61, "score": "combined", "source": "manual", "lines": {}}},
+        "default": {"threshold": 0.5, "source": "fallback", "score": "combined"},
+    })
+    products: dict[str, Any]
+    default: dict[str, Any]
+
+
+class CalibrationResult(BaseModel):
+    model_config = _examples({
+        "product": "widget", "line": None, "score_name": "combined", "threshold": 0.583, "target_frr": 0.01,
+        "stored": True, "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
+        "distribution": {"n": 200, "target_frr": 0.01, "achieved_frr": 0.01, "min": 0.11, "max": 0.61,
+                         "mean": 0.29, "std": 0.08,
+                         "percentiles": {"p1": 0.13, "p5": 0.17, "p25": 0.24, "p50": 0.28, "p75": 0.34, "p95": 0.45,
+                                         "p99": 0.58},
+                         "histogram": {"edges": [0.0, 0.05, "...", 1.0], "counts": [0, 0, 3, "..."]},
+                         "scores": [0.28, 0.31, "..."]},
+    })
+    product: str
+    line: str | None
+    score_name: ScoreName
+    threshold: float
+    target_frr: float
+    stored: bool
+    model: ModelRef
+    distribution: dict[str, Any]
+
+
+class ModelsInfo(BaseModel):
+    model_config = _examples({
+        "ready": True, "status": "ready",
+        "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1", "device": "cuda:0",
+                  "dtype": "torch.float16", "manifest": {"kind": "fnn", "version": "v3", "...": "..."}},
+        "available": [{"name": "default", "versions": ["v1", "v2", "v3"], "current": "v3"}],
+        "error": None,
+    })
+    ready: bool
+    status: str
+    model: dict[str, Any] | None
+    available: list[dict[str, Any]]
+    error: str | None = None
+
+
+class ReloadIn(BaseModel):
+    model_config = _examples({"name": "default", "version": "v4"}, {})
+    name: str | None = Field(None, pattern=NAME_PATTERN, description="Store model name (default: settings).")
+    version: str | None = Field(None, pattern=NAME_PATTERN, description="Version (default: the `current` pointer).")
+
+
+class ReloadOut(BaseModel):
+    model_config = _examples({
+        "previous": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
+        "current": {"name": "default", "version": "v4", "clip": "tiny-factory-clip@v1"}, "load_seconds": 2.41,
+    })
+    previous: ModelRef | None
+    current: ModelRef
+    load_seconds: float
+
+
+Readiness.model_rebuild()

@@ -1,0 +1,198 @@
+"""One inference thread with dynamic micro-batching.
+
+Torch never runs on the event loop: request handlers `submit` decoded images and await a future; this thread takes
+them from a bounded queue. With batching on it takes the first waiting image, then keeps collecting until
+`max_batch_size` images or `max_batch_wait_ms` have passed (a backlog fills a batch at once; a lone request waits at
+most the wait time). Images that need different work (another object word for s_pr, heatmap or not) are run as
+separate `Detector.detect` calls from the same batch. A full queue raises `QueueFull` at once (the API turns it into
+503 + Retry-After) instead of letting latency grow without bound.
+
+The detector is read through `get_detector` at every batch, so a reload swaps models between batches without a
+pause. `stop()` refuses new work, lets the thread finish what is queued, then fails anything left.
+"""
+from __future__ import annotations
+
+import logging
+import math
+import queue
+import threading
+import time
+from concurrent.futures import Future
+from dataclasses import dataclass, field
+from typing import Any, Callable
+
+from PIL import Image
+
+log = logging.getLogger("zsad.api")
+
+
+class QueueFull(Exception):
+    def __init__(self, retry_after: int):
+        super().__init__("inference queue is full")
+        self.retry_after = retry_after
+
+
+class WorkerStopped(Exception):
+    """The worker is shutting down (or has no model) and takes no new work."""
+
+
+@dataclass
+class Job:
+    image: Image.Image
+    object_name: str | None
+    heatmap: bool
+    future: Future = field(default_factory=Future)
+    enqueued: float = field(default_factory=time.perf_counter)
+
+
+@dataclass
+class JobResult:
+    detection: Any  # service.detector.Detection
+    timings: dict[str, float]  # stage seconds of the batch this image ran in
+    batch_size: int
+    queue_wait: float
+    model_name: str
+    model_version: str
+    clip: str
+
+
+class InferenceWorker:
+    def __init__(
+        self,
+        get_detector: Callable[[], Any],
+        max_batch_size: int = 8,
+        max_wait_ms: float = 5.0,
+        batching: bool = True,
+        queue_size: int = 64,
+        metrics: Any = None,
+    ):
+        self.get_detector = get_detector
+        self.max_batch_size = max_batch_size if batching else 1
+        self.max_wait = max_wait_ms / 1000.0 if batching else 0.0
+        self.batching = batching
+        self.queue: queue.Queue[Job] = queue.Queue(maxsize=queue_size)
+        self.queue_size = queue_size
+        self.metrics = metrics
+        self._stopping = threading.Event()
+        self._thread: threading.Thread | None = None
+        self._per_image_s = 0.05  # running estimate of service time per image, for Retry-After
+        self.batches = 0
+
+    # --- lifecycle ----------------------------------------------------------------------------------------------------
+    def start(self) -> None:
+        if self._thread is None:
+            self._thread = threading.Thread(target=self._run, name="zsad-inference", daemon=True)
+            self._thread.start()
+
+    def stop(self, timeout: float = 30.0) -> None:
+        """Refuse new work, finish the queued work (up to `timeout`), fail whatever is left."""
+        self._stopping.set()
+        if self._thread is not None:
+            self._thread.join(timeout)
+        self._fail_pending(WorkerStopped("the service is shutting down"))
+
+    @property
+    def alive(self) -> bool:
+        return self._thread is not None and self._thread.is_alive()
+
+    # --- submitting -----------------------------------------------------------------------------------------------------
+    def retry_after(self) -> int:
+        backlog = self.queue.qsize() + self.max_batch_size
+        return int(min(60, max(1, math.ceil(backlog * self._per_image_s))))
+
+    def submit(self, image: Image.Image, object_name: str | None, heatmap: bool) -> Future:
+        if self._stopping.is_set():
+            raise WorkerStopped("the service is shutting down")
+        job = Job(image, object_name, heatmap)
+        try:
+            self.queue.put_nowait(job)
+        except queue.Full:
+            if self.metrics is not None:
+                self.metrics.queue_rejections.inc()
+            raise QueueFull(self.retry_after()) from None
+        if self.metrics is not None:
+            self.metrics.queue_depth.set(self.queue.qsize())
+        return job.future
+
+    def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool) -> list[Future]:
+        """All or nothing: when the queue cannot take every image, the ones already queued are cancelled."""
+        futures: list[Future] = []
+        try:
+            for image in images:
+                futures.append(self.submit(image, object_name, heatmap))
+        except BaseException:
+            for f in futures:
+                f.cancel()
+            raise
+        return futures
+
+    # --- the thread -------------------------------------------------------------------------------------------------------
+    def _collect(self, first: Job) -> list[Job]:
+        batch = [first]
+        deadline = time.perf_counter() + self.max_wait
+        while len(batch) < self.max_batch_size:
+            remaining = deadline - time.perf_counter()
+            try:
+                job = self.queue.get_nowait() if remaining <= 0 else self.queue.get(timeout=remaining)
+            except queue.Empty:
+                break
+            batch.append(job)
+        return batch
+
+    def _run(self) -> None:
+        while True:
+            try:
+                first = self.queue.get(timeout=0.05)
+            except queue.Empty:
+                if self._stopping.is_set():
+                    return
+                continue
+            batch = self._collect(first)
+            if self.metrics is not None:
+                self.metrics.queue_depth.set(self.queue.qsize())
+            # Drop jobs whose requests gave up (timeout, disconnect): their futures were cancelled.
+            live = [job for job in batch if job.future.set_running_or_notify_cancel()]
+            groups: dict[tuple[str | None, bool], list[Job]] = {}
+            for job in live:
+                groups.setdefault((job.object_name, job.heatmap), []).append(job)
+            for (object_name, heatmap), jobs in groups.items():
+                self._run_group(jobs, object_name, heatmap)
+
+    def _run_group(self, jobs: list[Job], object_name: str | None, heatmap: bool) -> None:
+        start = time.perf_counter()
+        try:
+            detector = self.get_detector()
+            if detector is None:
+                raise WorkerStopped("no model is loaded")
+            timings: dict[str, float] = {}
+            detections = detector.detect([j.image for j in jobs], object_name, heatmap=heatmap, timings=timings)
+            if len(detections) != len(jobs):
+                raise RuntimeError(f"detector returned {len(detections)} results for {len(jobs)} images")
+            clip = detector.backend.spec.label()
+        except BaseException as exc:  # every waiting request gets the error; the thread lives on
+            if not isinstance(exc, WorkerStopped):
+                log.exception("inference failed for a batch of %d", len(jobs))
+            for job in jobs:
+                job.future.set_exception(exc)
+            return
+        elapsed = time.perf_counter() - start
+        self._per_image_s = 0.8 * self._per_image_s + 0.2 * (elapsed / len(jobs))
+        self.batches += 1
+        m = self.metrics
+        if m is not None:
+            m.batch_size.observe(len(jobs))
+            m.observe_stages(timings)
+        for job, detection in zip(jobs, detections):
+            wait = start - job.enqueued
+            if m is not None:
+                m.queue_wait.observe(wait)
+            job.future.set_result(JobResult(detection, timings, len(jobs), wait, detector.name, detector.version, clip))
+
+    def _fail_pending(self, exc: Exception) -> None:
+        while True:
+            try:
+                job = self.queue.get_nowait()
+            except queue.Empty:
+                return
+            if job.future.set_running_or_notify_cancel():
+                job.future.set_exception(exc)
