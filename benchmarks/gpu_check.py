@@ -1,0 +1,152 @@
+"""GPU checks in one short run: CUDA placement, fp16 vs fp32 agreement, batching throughput, text fast path.
+
+Run on a machine with a CUDA GPU (CI has none; this is run by hand or on a lent GPU machine):
+
+    python benchmarks/gpu_check.py [--store model_store] [--seconds 10]
+
+1. ViT-B-16-plus-240 with random weights, saved to a weights file and loaded through the real `load_clip` path
+   with device=auto / precision=auto: the model must land on CUDA in fp16.
+2. fp16 vs fp32 on the GPU: max abs difference of global scores and of heatmaps (same FNN, same images).
+3. Full heatmap (global + 365 windows) throughput at batch 1, 8 and 32; global-only throughput.
+4. Fast text path vs open_clip encode_text on the GPU (max abs diff in fp32).
+5. The embedded default model from the store on CUDA vs CPU: score agreement.
+Ends with one `RESULT name=gpu_check ...` line.
+"""
+from __future__ import annotations
+
+import argparse
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import open_clip
+import torch
+from PIL import Image
+from safetensors.torch import save_file
+
+from service.clip_backend import ClipSpec, load_clip
+from service.detector import Detector, load_detector
+from service.fnn import FNN
+from service.prompts import RandomWordConfig, Vocabulary, random_word_pairs
+from service.settings import Settings
+from service.text_encoding import encode_prompts
+
+
+DEV = "cuda"
+
+
+def sync() -> None:
+    if DEV == "cuda":
+        sync()
+
+
+def images(n: int, size: int = 240, seed: int = 0) -> list[Image.Image]:
+    rng = np.random.default_rng(seed)
+    return [Image.fromarray(rng.integers(0, 255, (size, size + 40, 3), dtype=np.uint8)) for _ in range(n)]
+
+
+def throughput(det: Detector, batch: int, heatmap: bool, seconds: float) -> float:
+    ims = images(batch)
+    det.detect(ims, heatmap=heatmap)  # warm-up
+    sync()
+    n, t0 = 0, time.perf_counter()
+    while time.perf_counter() - t0 < seconds:
+        det.detect(ims, heatmap=heatmap)
+        n += batch
+    sync()
+    return n / (time.perf_counter() - t0)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default="model_store")
+    ap.add_argument("--seconds", type=float, default=8.0)
+    ap.add_argument("--smoke", action="store_true", help="run the script's logic on the CPU (no assertions on CUDA)")
+    args = ap.parse_args()
+    global DEV
+    if args.smoke:
+        DEV = "cpu"
+    else:
+        assert torch.cuda.is_available(), "no CUDA device"
+        print("device:", torch.cuda.get_device_name(0), "torch", torch.__version__)
+    out: dict[str, str] = {}
+
+    with tempfile.TemporaryDirectory() as tmp:
+        torch.manual_seed(0)
+        model = open_clip.create_model("ViT-B-16-plus-240", pretrained=None)
+        weights = Path(tmp) / "vitb16p.safetensors"
+        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
+        del model
+        spec = ClipSpec("file", "ViT-B-16-plus-240", path=str(weights))
+        b16 = load_clip(spec, tmp, device="auto" if DEV == "cuda" else "cpu", precision="auto" if DEV == "cuda" else "bf16")
+        param = next(b16.model.parameters())
+        print(f"1. placement: device={b16.device} dtype={b16.dtype} param on {param.device} {param.dtype}")
+        assert DEV == "cpu" or (b16.device.type == "cuda" and param.is_cuda and b16.dtype == torch.float16)
+        out["placement"] = "cuda_fp16"
+
+        b32 = load_clip(spec, tmp, device=DEV, precision="fp32")
+        torch.manual_seed(1)
+        fnn = FNN(b16.embed_dim)
+        vocab = Vocabulary.load()
+        settings = Settings(model_store=Path(tmp), device=DEV)
+        det16 = Detector(b16, fnn.to(DEV), {"name": "random", "version": "v0"}, vocab, settings)
+        det32 = Detector(b32, FNN(b32.embed_dim).to(DEV), {"name": "random", "version": "v0"}, vocab, settings)
+        det32.fnn.load_state_dict(fnn.state_dict())
+        ims = images(4)
+        r16, r32 = det16.detect(ims), det32.detect(ims)
+        score_diff = max(abs(a.scores[k] - b.scores[k]) for a, b in zip(r16, r32) for k in a.scores)
+        heat_diff = max(float(np.abs(a.heat[k] - b.heat[k]).max()) for a, b in zip(r16, r32) for k in a.heat)
+        print(f"2. fp16 vs fp32: max score diff {score_diff:.2e}, max heat diff {heat_diff:.2e}")
+        out["fp16_score_diff"] = f"{score_diff:.2e}"
+        out["fp16_heat_diff"] = f"{heat_diff:.2e}"
+
+        for batch in ((1, 8, 32) if DEV == "cuda" else (1,)):
+            ips = throughput(det16, batch, True, args.seconds)
+            print(f"3. fp16 heatmap batch {batch}: {ips:.1f} images/s")
+            out[f"heatmap_b{batch}_ips"] = f"{ips:.1f}"
+        ips = throughput(det16, 32, False, args.seconds / 2)
+        print(f"3. fp16 global-only batch 32: {ips:.1f} images/s")
+        out["global_b32_ips"] = f"{ips:.1f}"
+        if DEV == "cuda":
+            print(f"   peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
+            out["peak_gpu_gib"] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
+
+        pairs = random_word_pairs(vocab, RandomWordConfig(n_pairs=1000 if DEV == "cuda" else 20, seed=0))
+        prompts = [p.normal for p in pairs] + [p.anomalous for p in pairs]
+        tok = b32.tokenizer
+        with torch.inference_mode():
+            sync()
+            t0 = time.perf_counter()
+            ref = torch.cat([b32.model.encode_text(tok(prompts[i:i + 500]).to(DEV)).float().cpu()
+                             for i in range(0, len(prompts), 500)])
+            sync()
+            t_ref = time.perf_counter() - t0
+        t0 = time.perf_counter()
+        fast = encode_prompts(b32.model, tok, prompts, DEV, batch_size=500)
+        t_fast = time.perf_counter() - t0
+        diff = float((fast - ref).abs().max())
+        print(f"4. text fast path on GPU fp32: x{t_ref / t_fast:.2f}, max abs diff {diff:.2e}")
+        out["text_speedup"] = f"{t_ref / t_fast:.2f}"
+        out["text_diff"] = f"{diff:.2e}"
+        del b16, b32, det16, det32
+        if DEV == "cuda":
+            torch.cuda.empty_cache()
+
+    try:
+        gpu = load_detector(Settings(model_store=Path(args.store), device=DEV))
+        cpu = load_detector(Settings(model_store=Path(args.store), device="cpu"))
+        ims = images(4, 128)
+        a, b = gpu.detect(ims), cpu.detect(ims)
+        diff = max(abs(x.scores[k] - y.scores[k]) for x, y in zip(a, b) for k in x.scores)
+        hd = max(float(np.abs(x.heat[k] - y.heat[k]).max()) for x, y in zip(a, b) for k in x.heat)
+        print(f"5. embedded model {gpu.name}@{gpu.version}: cuda fp16 vs cpu fp32 score diff {diff:.2e}, heat diff {hd:.2e}")
+        out["embedded_score_diff"] = f"{diff:.2e}"
+        out["embedded_ips_b32"] = f"{throughput(gpu, 32, True, args.seconds / 2):.1f}"
+    except Exception as exc:  # the check must still report the rest
+        print(f"5. embedded model: skipped ({exc})")
+    print("RESULT name=gpu_check " + " ".join(f"{k}={v}" for k, v in out.items()))
+
+
+if __name__ == "__main__":
+    main()
