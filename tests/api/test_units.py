@@ -1,0 +1,177 @@
+"""Unit tests of the API building blocks: thresholds, calibration, results store, worker, limits, auth."""
+from __future__ import annotations
+
+import json
+import threading
+import time
+
+import pytest
+from PIL import Image
+
+from service.api.auth import KeyChecker
+from service.api.limits import sniff_format
+from service.api.results import NewResult, ResultsStore, parse_since, parse_window
+from service.api.thresholds import ThresholdStore, calibrate
+from service.api.worker import InferenceWorker, QueueFull
+
+from .helpers import FakeDetector, image_bytes
+
+
+# --- thresholds ------------------------------------------------------------------------------------------------------
+def test_threshold_resolution_order(tmp_path):
+    ts = ThresholdStore(tmp_path / "t.json")
+    ts.load()
+    r = ts.resolve("widget", "L1", None, "combined", None, None)
+    assert (r.threshold, r.source, r.score) == (0.5, "fallback", "combined")
+    assert ts.resolve("widget", None, None, "combined", None, {"threshold_advice": 0.42}).source == "manifest"
+    assert ts.resolve("widget", None, "fnn", "combined", None, {"threshold_advice": {"fnn": 0.3}}).threshold == 0.3
+    assert ts.resolve("widget", None, None, "combined", 0.7, {"threshold_advice": 0.42}).source == "settings"
+
+    ts.put("widget", 0.61, "combined")
+    ts.put("widget", 0.7, "combined", line="L1")
+    assert ts.resolve("widget", "L1", None, "combined", 0.9, None).source == "line"
+    r = ts.resolve("widget", "L2", None, "combined", 0.9, None)
+    assert (r.threshold, r.source) == (0.61, "product")
+    # A threshold set for one score never applies to another score.
+    r = ts.resolve("widget", "L1", "fnn", "combined", 0.9, None)
+    assert (r.threshold, r.source, r.score) == (0.9, "settings", "fnn")
+    # With no score requested, the entry's own score is used.
+    ts.put("gadget", 0.2, "fnn")
+    r = ts.resolve("gadget", None, None, "combined", None, None)
+    assert (r.threshold, r.source, r.score) == (0.2, "product", "fnn")
+
+
+def test_threshold_file_is_replaced_atomically_and_reread(tmp_path):
+    path = tmp_path / "sub" / "t.json"
+    ts = ThresholdStore(path)
+    ts.load()
+    ts.put("widget", 0.6, "combined")
+    assert json.loads(path.read_text())["products"]["widget"]["threshold"] == 0.6
+    assert not list(path.parent.glob("*.tmp"))
+    other = ThresholdStore(path)  # a second process / replica
+    other.load()
+    assert other.resolve("widget", None, None, "combined", None, None).threshold == 0.6
+    # A hand edit is picked up on the next read.
+    data = json.loads(path.read_text())
+    data["products"]["widget"]["threshold"] = 0.65
+    time.sleep(0.01)
+    path.write_text(json.dumps(data))
+    import os
+
+    os.utime(path, (time.time() + 5, time.time() + 5))
+    assert other.resolve("widget", None, None, "combined", None, None).threshold == 0.65
+    assert other.delete("widget") and not other.delete("widget")
+
+
+def test_calibration_threshold_meets_target_rate():
+    scores = [i / 1000 for i in range(1000)]
+    thr, info = calibrate(scores, 0.01)
+    assert sum(s > thr for s in scores) <= 10
+    assert info["achieved_frr"] <= 0.01 and info["n"] == 1000 and "note" not in info
+    assert sum(info["histogram"]["counts"]) == 1000
+    thr, info = calibrate([0.1, 0.2, 0.3], 0.01)
+    assert thr == 0.3 and info["achieved_frr"] == 0.0 and "note" in info
+
+
+# --- results store ------------------------------------------------------------------------------------------------------
+def _rec(i: int, **kw) -> NewResult:
+    base = dict(line="L1", product="p", model_name="default", model_version="v1", score_name="combined",
+                score=i / 100, label="anomalous" if i % 4 == 0 else "normal", threshold=0.5,
+                threshold_source="fallback", scores={"fnn": 0.1, "prompt": 0.2, "combined": i / 100}, latency_ms=5.0)
+    base.update(kw)
+    return NewResult(**base)
+
+
+def test_results_paging_is_stable_while_rows_arrive(tmp_path):
+    store = ResultsStore(None, tmp_path / "r.sqlite")
+    store.open()
+    original = store.add_many([_rec(i) for i in range(37)])
+    seen: list[int] = []
+    cursor = None
+    while True:
+        rows, cursor = store.page(cursor=cursor, limit=5)
+        seen += [r["id"] for r in rows]
+        store.add_many([_rec(99)])  # new results arrive between pages
+        if cursor is None:
+            break
+    assert seen == sorted(original, reverse=True)
+    rows, _ = store.page(label="anomalous", limit=100)
+    assert rows and all(r["label"] == "anomalous" for r in rows)
+    assert store.page(line="nope")[0] == []
+    st = store.stats("L1", None, None)
+    assert st["count"] == 37 + 8 and 0 < st["anomaly_rate"] < 1 and st["score"]["p50"] > 0
+    store.close()
+
+
+def test_heatmap_retention(tmp_path):
+    store = ResultsStore(None, tmp_path / "r.sqlite", keep_heatmaps=True, heatmap_retention=3)
+    store.open()
+    ids = store.add_many([_rec(i, heatmap_png=b"png%d" % i) for i in range(5)])
+    ids += store.add_many([_rec(9, heatmap_png=b"last")])
+    kept = [i for i in ids if store.heatmap(i) is not None]
+    assert kept == ids[-3:] and store.heatmap(ids[-1]) == b"last"
+    assert store.get(ids[0])["has_heatmap"] is False and store.get(ids[-1])["has_heatmap"] is True
+
+
+def test_time_parsing():
+    assert parse_window("15m") == 900 and parse_window("2d") == 172800 and parse_window("30") == 30
+    with pytest.raises(ValueError):
+        parse_window("-1h")
+    assert parse_since("1700000000") == 1700000000
+    assert parse_since("2023-11-14T22:13:20Z") == 1700000000
+
+
+# --- worker ---------------------------------------------------------------------------------------------------------------
+def test_worker_micro_batches_and_bounds_its_queue():
+    gate = threading.Event()
+    det = FakeDetector(gate=gate)
+    w = InferenceWorker(lambda: det, max_batch_size=4, max_wait_ms=50, batching=True, queue_size=6)
+    w.start()
+    img = Image.new("RGB", (8, 8))
+    first = w.submit(img, None, False)
+    assert det.entered.wait(5)  # the worker is now blocked inside detect with a batch of 1
+    futures = [w.submit(img, None, False) for _ in range(6)]
+    with pytest.raises(QueueFull) as exc:
+        w.submit(img, None, False)
+    assert exc.value.retry_after >= 1
+    gate.set()
+    for f in [first, *futures]:
+        assert f.result(5).detection.scores["combined"] == 0.5
+    assert det.calls[0] == 1 and max(det.calls[1:]) == 4  # the backlog went in batches of up to 4
+    w.stop()
+    assert not w.alive
+
+
+def test_worker_without_batching_runs_one_at_a_time_and_separates_work():
+    det = FakeDetector()
+    w = InferenceWorker(lambda: det, max_batch_size=8, max_wait_ms=50, batching=False, queue_size=16)
+    w.start()
+    img = Image.new("RGB", (8, 8))
+    futures = [w.submit(img, None, i % 2 == 0) for i in range(6)]
+    results = [f.result(5) for f in futures]
+    assert all(r.batch_size == 1 for r in results)
+    assert bool(results[0].detection.heat) and not results[1].detection.heat
+    w.stop()
+
+
+def test_worker_stop_drains_queue():
+    det = FakeDetector()
+    w = InferenceWorker(lambda: det, batching=True, queue_size=64)
+    futures = [w.submit(Image.new("RGB", (8, 8)), None, False) for _ in range(10)]
+    w.start()
+    w.stop(10)
+    assert all(f.result(0).batch_size >= 1 for f in futures)
+
+
+# --- limits and auth ---------------------------------------------------------------------------------------------------------
+@pytest.mark.parametrize("fmt,expected", [("PNG", "PNG"), ("JPEG", "JPEG"), ("BMP", "BMP"), ("TIFF", "TIFF"),
+                                          ("WEBP", "WEBP"), ("GIF", None)])
+def test_sniff_allow_list(fmt, expected):
+    assert sniff_format(image_bytes(fmt)[:32]) == expected
+    assert sniff_format(b"hello world") is None
+
+
+def test_key_checker_scopes():
+    k = KeyChecker(["r1", "r2"], ["a1"])
+    assert k.enabled and k.scope_of("r2") == "read" and k.scope_of("a1") == "admin" and k.scope_of("x") is None
+    assert not KeyChecker([], [""]).enabled
