@@ -23,6 +23,7 @@ from PIL import Image
 
 from .. import __version__
 from ..settings import Settings
+from . import dashboard
 from .auth import KeyChecker
 from .errors import ApiError, error_response, install_error_handlers
 from .limits import BodyLimitMiddleware, BodyTooLarge
@@ -226,6 +227,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
         return error_response(413, "payload_too_large", str(exc), {"Connection": "close"})
 
     app.include_router(router)
+    app.include_router(dashboard.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        overrides={"/v1/calibrate/": settings.calibration_max_bytes})
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
