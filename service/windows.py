@@ -29,9 +29,8 @@ Every embedding returned by `embed_image_and_windows` has gone through `backend.
 """
 from __future__ import annotations
 
-import time
-
 import math
+import time
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
@@ -452,13 +451,20 @@ def embed_image_and_windows(
     chunk: int = 1024,
     cnn_mode: CnnWindowMode = "attnpool",
     timings: dict[str, float] | None = None,
+    global_pixels: torch.Tensor | None = None,
 ) -> Embeddings:
     """Global + window embeddings of preprocessed `pixels` [B, 3, H, W] (H, W multiples of the patch / CNN stride).
 
     ViT: token selection (one patch-embedding pass, one batched transformer call per scale, `chunk` sequences per
     call at most). CNN: `cnn_mode="attnpool"` pools feature-map windows through the attention pool (one backbone
     pass); `"crop"` crops each window's pixels, resizes them to the model input and encodes them as images.
+
+    The global embedding is the whole grid pooled like a window (equal to `encode_image` at the native size). When
+    `pixels` is an upsampled copy (for a finer CNN grid), pass the native-size image as `global_pixels` to take the
+    global embedding from `encode_image` on it instead. `timings`, when given, accumulates seconds per stage.
     """
+    if cnn_mode not in ("attnpool", "crop"):
+        raise ValueError(f"unknown cnn window mode {cnn_mode!r} (use 'attnpool' or 'crop')")
     model = backend.model
     visual = model.visual
     x = pixels.to(backend.device, backend.dtype)
@@ -469,29 +475,35 @@ def embed_image_and_windows(
     raw: dict[int, torch.Tensor] = {}
     timings = timings if timings is not None else {}
     t0 = time.perf_counter()
+    own_global = global_pixels is None
+    glob = torch.empty(0)
     if kind == "vit":
         tokens = vit_tokens(visual, x)
-        glob = torch.cat([vit_encode_tokens(visual, tokens[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
+        if own_global:
+            glob = torch.cat([vit_encode_tokens(visual, tokens[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
         t0 = _mark(timings, "embed", t0)
         for s in fitting:
             raw[s] = vit_window_embeddings(visual, tokens, indices[s], chunk)
     elif cnn_mode == "attnpool":
         fmap = cnn_feature_map(visual, x)
-        full = torch.arange(grid[0] * grid[1]).view(1, -1)
-        glob = cnn_window_embeddings(visual, fmap, full, chunk)[:, 0]
+        if own_global:
+            full = torch.arange(grid[0] * grid[1]).view(1, -1)
+            glob = cnn_window_embeddings(visual, fmap, full, chunk)[:, 0]
         t0 = _mark(timings, "embed", t0)
         for s in fitting:
             raw[s] = cnn_window_embeddings(visual, fmap, indices[s], chunk)
-    elif cnn_mode == "crop":
+    else:  # crop
         size = backend.image_size
         whole = x if x.shape[-2:] == (size, size) else F.interpolate(
             x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).to(x.dtype)
-        glob = model.encode_image(whole)
+        if own_global:
+            glob = model.encode_image(whole)
         t0 = _mark(timings, "embed", t0)
         for s in fitting:
             raw[s] = crop_window_embeddings(model, x, window_boxes(grid[0], grid[1], s, stride), grid, size, chunk)
-    else:
-        raise ValueError(f"unknown cnn window mode {cnn_mode!r} (use 'attnpool' or 'crop')")
+    if not own_global:
+        gp = global_pixels.to(backend.device, backend.dtype)
+        glob = torch.cat([model.encode_image(gp[i : i + chunk]) for i in range(0, gp.shape[0], chunk)])
     windows = {s: backend.finish_image(r.reshape(-1, r.shape[-1])).reshape(r.shape[0], r.shape[1], -1) for s, r in raw.items()}
     _mark(timings, "windows", t0)
     return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices, stride=stride)

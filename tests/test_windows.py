@@ -191,10 +191,20 @@ def test_vit_non_native_input_size(vit):
 
 
 def test_cnn_upsampled_input_gives_finer_grid(cnn):
-    px = _pixels(cnn, n=1, hw=(256, 256))
+    px = _pixels(cnn, n=2, hw=(256, 256))
     emb = embed_image_and_windows(cnn, px, scales=(2, 3, 4), chunk=64)
     assert emb.grid == (8, 8)
-    assert emb.windows[4].shape[:2] == (1, 25)
+    assert emb.windows[4].shape[:2] == (2, 25)
+    native = F.interpolate(px, size=(128, 128), mode="bilinear", align_corners=False)
+    with_native = embed_image_and_windows(cnn, px, scales=(2, 3, 4), chunk=64, global_pixels=native)
+    torch.testing.assert_close(with_native.global_emb, cnn.encode_image(native), atol=TOL, rtol=0)
+    torch.testing.assert_close(with_native.windows[3], emb.windows[3], atol=TOL, rtol=0)
+
+
+def test_timings_recorded(vit):
+    timings: dict[str, float] = {}
+    embed_image_and_windows(vit, _pixels(vit, n=1), scales=(2,), chunk=64, timings=timings)
+    assert set(timings) == {"embed", "windows"} and all(v >= 0 for v in timings.values())
 
 
 @torch.inference_mode()
