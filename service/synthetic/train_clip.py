@@ -1,0 +1,400 @@
+"""Train the in-house tiny CLIP on the synthetic world and publish it to the model store.
+
+Recipe (see shared/synthetic-world.md): open_clip `CLIP` with a ModifiedResNet image tower (layers 1-1-1-1, width 32,
+attention pool) and a 3-layer character-level text tower, contrastive loss on twin batches, AdamW (lr 1e-3, wd 0.1),
+linear warm-up then cosine decay by step. Images are rendered at `render_size` and upsampled (bicubic) to
+`image_size`: at 192 px the ResNet's final map is 6x6, which the window heatmaps need.
+
+Robustness: data are a pure function of (seed, step); checkpoints hold weights, optimiser state and the step, saved
+with torch.save and read back with `torch.load(weights_only=True)`, so `--resume` continues the same run. A wall
+budget (`max_minutes`) stops training cleanly and still publishes; with `fit_to_budget` the cosine schedule is
+shortened once, early on, to the number of steps the measured speed allows, so the learning rate still anneals.
+"""
+from __future__ import annotations
+
+import json
+import math
+import os
+import sys
+import time
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any, Callable
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import nn
+from tqdm.auto import tqdm
+
+from ..tokenizer import CHAR_ALPHABET, CharTokenizer
+from .captions import CaptionConfig
+from .data import TwinBatches, check_training_kinds, clean_reference_images, reference_captions, worker_init
+from .world import DEFECTS, HELD_OUT_KINDS, TRAIN_KINDS
+
+OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
+OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
+
+
+@dataclass
+class TrainClipConfig:
+    # schedule and optimiser
+    steps: int = 1000
+    batch: int = 128  # images per step: batch // 2 twins
+    lr: float = 1e-3
+    weight_decay: float = 0.1
+    warmup: int = 40
+    seed: int = 0
+    # world and images
+    render_size: int = 64
+    image_size: int = 192
+    crop_prob: float = 0.3
+    random_word_prob: float = 0.5
+    kinds: tuple[str, ...] = TRAIN_KINDS
+    # model
+    embed_dim: int = 128
+    vision_width: int = 32
+    vision_layers: tuple[int, int, int, int] = (1, 1, 1, 1)
+    text_width: int = 128
+    text_layers: int = 3
+    text_heads: int = 4
+    context_length: int = 96
+    # running
+    device: str = "auto"
+    workers: int = 2
+    amp: bool = True  # bf16 autocast on CUDA
+    max_minutes: float | None = None
+    fit_to_budget: bool = False
+    log_every: int = 20
+    ckpt_every: int = 500
+    # publishing
+    out_name: str = "tiny-factory-clip"
+    version: str | None = None
+    centre_images: int = 2048
+    centre_captions: int = 2048
+    centre_seed: int = 777
+
+    def __post_init__(self) -> None:
+        self.kinds = check_training_kinds(self.kinds)
+        self.vision_layers = tuple(self.vision_layers)  # type: ignore[assignment]
+        if self.batch < 2 or self.batch % 2:
+            raise ValueError("--batch must be an even number >= 2 (clean images and their twins)")
+        if self.steps < 1:
+            raise ValueError("--steps must be >= 1")
+        if self.image_size % 32:
+            raise ValueError("--image-size must be a multiple of 32 (the ResNet downsamples 32x)")
+        if self.render_size < 16:
+            raise ValueError("--render-size must be >= 16")
+        if self.lr <= 0:
+            raise ValueError("--lr must be > 0")
+
+
+def model_config(cfg: TrainClipConfig) -> dict[str, Any]:
+    """open_clip `CLIP(**model_cfg)` arguments; also what the store's open_clip_config.json holds."""
+    return {
+        "embed_dim": cfg.embed_dim,
+        "vision_cfg": {"image_size": cfg.image_size, "layers": list(cfg.vision_layers), "width": cfg.vision_width},
+        "text_cfg": {
+            "context_length": cfg.context_length,
+            "vocab_size": CharTokenizer(cfg.context_length).vocab_size,
+            "width": cfg.text_width,
+            "heads": cfg.text_heads,
+            "layers": cfg.text_layers,
+        },
+    }
+
+
+def tokenizer_spec(cfg: TrainClipConfig) -> dict[str, Any]:
+    return {"type": "char", "context_length": cfg.context_length, "alphabet": CHAR_ALPHABET}
+
+
+def build_model(cfg: TrainClipConfig) -> nn.Module:
+    from open_clip.model import CLIP
+
+    return CLIP(**model_config(cfg))
+
+
+def lr_at(step: int, base: float, warmup: int, total: int) -> float:
+    """Linear warm-up over `warmup` steps, then cosine decay to zero at `total`."""
+    if step < warmup:
+        return base * (step + 1) / warmup
+    progress = (step - warmup) / max(1, total - warmup)
+    return 0.5 * base * (1 + math.cos(math.pi * min(1.0, progress)))
+
+
+def _param_groups(model: nn.Module, weight_decay: float) -> list[dict[str, Any]]:
+    """No decay on gains, biases, norms and the logit scale (as open_clip's trainer)."""
+    decay, no_decay = [], []
+    for name, p in model.named_parameters():
+        if not p.requires_grad:
+            continue
+        skip = p.ndim < 2 or "bn" in name or "ln" in name or "bias" in name or "logit_scale" in name
+        (no_decay if skip else decay).append(p)
+    return [{"params": decay, "weight_decay": weight_decay}, {"params": no_decay, "weight_decay": 0.0}]
+
+
+def preprocess(images: torch.Tensor, image_size: int) -> torch.Tensor:
+    """uint8 [B, 3, S, S] -> normalised float [B, 3, image_size, image_size] (bicubic upsampling, as the service)."""
+    x = images.float() / 255.0
+    if x.shape[-1] != image_size:
+        x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp_(0, 1)
+    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+    return (x - mean) / std
+
+
+def clip_loss(img: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor) -> torch.Tensor:
+    """Symmetric InfoNCE over the batch (features already L2-normalised)."""
+    logits = scale * img @ txt.t()
+    labels = torch.arange(len(img), device=img.device)
+    return 0.5 * (F.cross_entropy(logits, labels) + F.cross_entropy(logits.t(), labels))
+
+
+@torch.no_grad()
+def twin_accuracy(img: torch.Tensor, txt: torch.Tensor, visible: torch.Tensor) -> torch.Tensor:
+    """Share of visible twins where each image prefers its own caption over its twin's: is the state learned?
+
+    A 0-d tensor on the features' device (NaN when no twin is visible), so the loop need not synchronise.
+    """
+    p = len(img) // 2
+    sim = img.float() @ txt.float().t()
+    idx = torch.arange(p, device=img.device)
+    ok = (sim[idx, idx] > sim[idx, idx + p]) & (sim[idx + p, idx + p] > sim[idx + p, idx])
+    vis = visible.to(img.device).float()
+    return (ok.float() * vis).sum() / vis.sum()
+
+
+def _atomic_save(obj: dict[str, Any], path: Path) -> None:
+    path.parent.mkdir(parents=True, exist_ok=True)
+    tmp = path.with_name(path.name + ".tmp")
+    torch.save(obj, tmp)
+    os.replace(tmp, path)
+
+
+def _jsonable(cfg: TrainClipConfig) -> dict[str, Any]:
+    return json.loads(json.dumps(asdict(cfg)))
+
+
+@dataclass
+class TrainResult:
+    steps_done: int
+    total_steps: int
+    losses: list[float]
+    twin_acc: list[float]
+    wall_time_s: float
+    device: str
+    stopped_by_budget: bool
+    version: str | None = None
+    model: nn.Module | None = field(default=None, repr=False)
+
+
+def _resolve_device(name: str) -> torch.device:
+    if name == "auto":
+        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+    device = torch.device(name)
+    if device.type == "cuda" and not torch.cuda.is_available():
+        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
+    return device
+
+
+def train(
+    cfg: TrainClipConfig,
+    ckpt_path: str | Path | None = None,
+    resume: str | Path | None = None,
+    log: Callable[[str], None] | None = None,
+    progress: bool = True,
+    stop_after: int | None = None,
+) -> TrainResult:
+    """Train; returns the model (on the CPU, fp32) and the curve. Publishing is `publish`.
+
+    `stop_after` ends the run after that step with a checkpoint, as an interruption would (for `resume`).
+    """
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    device = _resolve_device(cfg.device)
+    torch.manual_seed(cfg.seed)
+    np.random.seed(cfg.seed)
+    if device.type == "cuda":
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    model = build_model(cfg).to(device)
+    optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
+                                  fused=device.type == "cuda")
+    start, total = 0, cfg.steps
+    if resume:
+        ckpt = torch.load(resume, map_location="cpu", weights_only=True)
+        if ckpt.get("model_cfg") != model_config(cfg):
+            raise ValueError(f"checkpoint {resume} was made for another model config: {ckpt.get('model_cfg')}")
+        model.load_state_dict(ckpt["model"])
+        optimizer.load_state_dict(ckpt["optimizer"])
+        start, total = int(ckpt["step"]), int(ckpt["total_steps"])
+        log(f"resumed from {resume} at step {start} of {total}")
+    n_params = sum(p.numel() for p in model.parameters())
+    log(f"model: {n_params / 1e6:.2f} M parameters; device {device}; {cfg.batch} images/step; steps {start}->{total}")
+
+    data = TwinBatches(cfg.seed, cfg.batch // 2, cfg.render_size, cfg.steps, cfg.kinds, cfg.crop_prob,
+                       CaptionConfig(random_word_prob=cfg.random_word_prob), cfg.context_length)
+    loader = torch.utils.data.DataLoader(
+        data,
+        batch_size=None,
+        sampler=range(start, cfg.steps),
+        num_workers=cfg.workers,
+        worker_init_fn=worker_init if cfg.workers else None,
+        prefetch_factor=4 if cfg.workers else None,
+        pin_memory=device.type == "cuda",
+        persistent_workers=False,
+    )
+    use_amp = cfg.amp and device.type == "cuda"
+    losses: list[float] = []
+    accs: list[float] = []
+    pending: list[torch.Tensor] = []  # (loss, twin acc) still on the device: read back only at log time
+    t0 = time.time()
+    budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
+    stopped = False
+    fitted = False
+    probe: tuple[int, float] | None = None
+    step = start
+    model.train()
+    bar = tqdm(total=total - start, desc="train clip", unit="step", disable=not progress, dynamic_ncols=True)
+    for batch in loader:
+        step = int(batch["step"])
+        if step >= total:
+            break
+        lr = lr_at(step, cfg.lr, cfg.warmup, total)
+        for group in optimizer.param_groups:
+            group["lr"] = lr
+        images = preprocess(batch["images"].to(device, non_blocking=True), cfg.image_size)
+        tokens = batch["tokens"].to(device, non_blocking=True)
+        with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
+            img_f, txt_f, scale = model(images, tokens)
+            loss = clip_loss(img_f.float(), txt_f.float(), scale.float())
+        optimizer.zero_grad(set_to_none=True)
+        loss.backward()
+        optimizer.step()
+        with torch.no_grad():
+            model.logit_scale.clamp_(0, math.log(100))
+        pending.append(torch.stack([loss.detach().float(), twin_accuracy(img_f.detach(), txt_f.detach(), batch["visible"])]))
+        bar.update(1)
+        done = step + 1
+        elapsed = time.time() - t0
+        if done % cfg.log_every == 0 or done >= total or (budget_s and elapsed > budget_s):
+            for loss_v, acc_v in torch.stack(pending).cpu().tolist():
+                losses.append(loss_v)
+                accs.append(acc_v)
+            pending.clear()
+            k = cfg.log_every
+            log(json.dumps({"step": done, "loss": round(float(np.mean(losses[-k:])), 4),
+                            "twin_acc": round(float(np.nanmean(accs[-k:])), 4), "lr": round(lr, 6),
+                            "logit_scale": round(float(model.logit_scale.detach().exp()), 2), "elapsed_s": round(elapsed, 1),
+                            "steps_per_s": round((done - start) / max(elapsed, 1e-6), 2)}))
+        if budget_s and cfg.fit_to_budget and not fitted:
+            # Measure speed once the loader is warm, then shorten the cosine to what the budget allows.
+            if done - start == 20:
+                probe = (done, elapsed)
+            elif probe and done - start == 80:
+                sec_per_step = (elapsed - probe[1]) / (done - probe[0])
+                affordable = done + int(max(0.0, budget_s * 0.92 - elapsed) / sec_per_step)
+                if affordable < total:
+                    log(f"fit to budget: {sec_per_step * 1000:.1f} ms/step -> schedule shortened to {affordable} steps")
+                    total = max(affordable, done + 1)
+                    bar.total = total - start
+                fitted = True
+        if ckpt_path and (done % cfg.ckpt_every == 0):
+            _save_ckpt(ckpt_path, model, optimizer, done, total, cfg)
+        if budget_s and elapsed > budget_s and done < total:
+            log(f"wall budget of {cfg.max_minutes} min reached at step {done}: stopping")
+            stopped = True
+            break
+        if done >= total or (stop_after is not None and done >= stop_after):
+            break
+    bar.close()
+    for loss_v, acc_v in (torch.stack(pending).cpu().tolist() if pending else []):
+        losses.append(loss_v)
+        accs.append(acc_v)
+    steps_done = step + 1 if losses else start
+    if ckpt_path:
+        _save_ckpt(ckpt_path, model, optimizer, steps_done, total, cfg)
+    wall = time.time() - t0
+    name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
+    model = model.float().cpu().eval()
+    return TrainResult(steps_done, total, losses, accs, wall, name, stopped, model=model)
+
+
+def _save_ckpt(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, total: int,
+               cfg: TrainClipConfig) -> None:
+    _atomic_save({"model": model.state_dict(), "optimizer": optimizer.state_dict(), "step": step,
+                  "total_steps": total, "model_cfg": model_config(cfg), "config": _jsonable(cfg)}, Path(path))
+
+
+@torch.no_grad()
+def modality_centres(model: nn.Module, cfg: TrainClipConfig, device: str | torch.device = "cpu",
+                     batch: int = 256) -> tuple[dict[str, torch.Tensor], str]:
+    """Mean normalised embeddings of unlabeled clean training-kind images and of training-style captions.
+
+    Never computed from test data: both sets come from their own seed streams of the world.
+    """
+    from ..text_encoding import encode_prompts
+
+    device = torch.device(device)
+    model = model.to(device).eval()
+    images = clean_reference_images(cfg.centre_seed, cfg.centre_images, cfg.render_size, cfg.kinds)
+    feats = []
+    for i in range(0, len(images), batch):
+        x = preprocess(torch.from_numpy(images[i : i + batch]).permute(0, 3, 1, 2).to(device), cfg.image_size)
+        feats.append(F.normalize(model.encode_image(x).float(), dim=-1).cpu())
+    texts = reference_captions(cfg.centre_seed, cfg.centre_captions, cfg.kinds,
+                               CaptionConfig(random_word_prob=cfg.random_word_prob))
+    txt = F.normalize(encode_prompts(model, CharTokenizer(cfg.context_length), texts, device), dim=-1)
+    centres = {"image": torch.cat(feats).mean(0), "text": txt.mean(0)}
+    reference = (
+        f"image: mean of {cfg.centre_images} unlabeled clean renders of training kinds {list(cfg.kinds)} "
+        f"(service.synthetic world, seed {cfg.centre_seed}, stream image-centre, {cfg.render_size} px); "
+        f"text: mean of {cfg.centre_captions} training-style captions (seed {cfg.centre_seed}, stream text-centre). "
+        "No test data."
+    )
+    model.cpu()
+    return centres, reference
+
+
+def publish(result: TrainResult, cfg: TrainClipConfig, store_root: str | Path, device: str = "cpu",
+            log: Callable[[str], None] | None = None) -> str:
+    """Compute the modality centres and publish the model (fp16 safetensors) as `cfg.out_name`."""
+    from ..clip_backend import CLIP_WEIGHTS_FILE, save_store_clip
+    from ..store import ModelStore
+
+    import open_clip
+
+    log = log or (lambda msg: print(msg, file=sys.stderr))
+    assert result.model is not None
+    centres, reference = modality_centres(result.model, cfg, device)
+    gap = float(F.cosine_similarity(centres["image"], centres["text"], dim=0))
+    k = min(50, len(result.losses)) or 1
+    extra = {
+        "description": "in-house tiny CLIP trained from scratch on the synthetic factory world (service.synthetic)",
+        "training": {
+            "config": _jsonable(cfg),
+            "steps_done": result.steps_done,
+            "total_steps": result.total_steps,
+            "stopped_by_budget": result.stopped_by_budget,
+            "wall_time_s": round(result.wall_time_s, 1),
+            "device": result.device,
+            "final_loss": round(float(np.mean(result.losses[-k:])), 4) if result.losses else None,
+            "final_twin_acc": round(float(np.nanmean(result.twin_acc[-k:])), 4) if result.twin_acc else None,
+            "torch": torch.__version__,
+            "open_clip": open_clip.__version__,
+        },
+        "synthetic_world": {
+            "render_size": cfg.render_size,
+            "train_kinds": list(cfg.kinds),
+            "held_out_kinds": list(HELD_OUT_KINDS),
+            "defects": list(DEFECTS),
+        },
+        "preprocess": {"resize": "bicubic", "image_size": cfg.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD},
+        "modality_gap_cosine": round(gap, 4),
+    }
+    store = ModelStore(store_root)
+    version = save_store_clip(store, cfg.out_name, result.model, model_config(cfg), tokenizer_spec(cfg), extra,
+                              centres, reference, version=cfg.version)
+    size_mb = (store.path(cfg.out_name, version) / CLIP_WEIGHTS_FILE).stat().st_size / 2**20
+    log(f"published {cfg.out_name}@{version} to {store.root} ({size_mb:.1f} MB weights, image/text centre cosine {gap:.3f})")
+    return version

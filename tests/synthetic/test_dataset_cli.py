@@ -1,0 +1,80 @@
+"""`zsad synth dataset` writes a valid MVTec-AD layout; `zsad synth ...` argument errors exit 2."""
+from __future__ import annotations
+
+import json
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from service.synthetic.cli import main
+from service.synthetic.world import DEFECTS
+
+
+def test_dataset_command_writes_mvtec_layout(tmp_path, capsys):
+    out = tmp_path / "ds"
+    rc = main(["synth", "dataset", "--out", str(out), "--kinds", "pill,gear", "--seed", "4", "--n-train", "2",
+               "--n-good", "3", "--n-defect", "2", "--size", "40"])
+    assert rc == 0
+    summary = json.loads(capsys.readouterr().out)
+    assert summary["images"] == 2 * (2 + 3 + 2 * len(DEFECTS))
+    for kind in ("pill", "gear"):
+        root = out / kind
+        assert sorted(p.name for p in (root / "train" / "good").iterdir()) == ["000.png", "001.png"]
+        assert len(list((root / "test" / "good").glob("*.png"))) == 3
+        assert sorted(p.name for p in (root / "test").iterdir()) == sorted(["good", *DEFECTS])
+        assert sorted(p.name for p in (root / "ground_truth").iterdir()) == sorted(DEFECTS)  # no masks for good
+        for defect in DEFECTS:
+            for img_path in sorted((root / "test" / defect).glob("*.png")):
+                img = np.asarray(Image.open(img_path))
+                mask = np.asarray(Image.open(root / "ground_truth" / defect / f"{img_path.stem}_mask.png"))
+                assert img.shape == (40, 40, 3) and img.dtype == np.uint8
+                assert mask.shape == (40, 40)
+                assert set(np.unique(mask)) == {0, 255}
+    manifest = json.loads((out / "synth_manifest.json").read_text())
+    assert manifest["held_out_kinds"] == ["pill"] and manifest["spec"]["seed"] == 4
+
+
+def test_dataset_is_reproducible_and_seed_dependent(tmp_path):
+    args = ["--kinds", "wood", "--n-train", "1", "--n-good", "1", "--n-defect", "1", "--size", "32", "--defects", "hole"]
+    for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
+        assert main(["synth", "dataset", "--out", str(tmp_path / name), "--seed", seed, *args]) == 0
+    read = lambda n: np.asarray(Image.open(tmp_path / n / "wood" / "test" / "hole" / "000.png"))  # noqa: E731
+    assert np.array_equal(read("a"), read("b"))
+    assert not np.array_equal(read("a"), read("c"))
+
+
+@pytest.mark.parametrize("argv", [
+    ["synth", "dataset", "--out", "{tmp}", "--kinds", "teapot"],
+    ["synth", "dataset", "--out", "{tmp}", "--size", "4"],
+    ["synth", "dataset", "--kinds", "gear"],  # --out missing
+    ["synth", "dataset", "--out", "{tmp}", "--defects", "rust"],
+    ["synth", "train-clip", "--batch", "7"],
+    ["synth", "train-clip", "--image-size", "100"],
+    ["synth", "train-clip", "--resume", "/nonexistent/ckpt.pt"],
+    ["synth"],
+])
+def test_argument_errors_exit_2_with_a_message(argv, tmp_path, capsys):
+    argv = [a.replace("{tmp}", str(tmp_path / "x")) for a in argv]
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 2
+    assert "error:" in capsys.readouterr().err
+
+
+def test_existing_kind_folder_is_not_overwritten_silently(tmp_path, capsys):
+    args = ["synth", "dataset", "--out", str(tmp_path), "--kinds", "screw", "--n-train", "1", "--n-good", "0",
+            "--n-defect", "0", "--size", "24"]
+    assert main(args) == 0
+    with pytest.raises(SystemExit) as exc:
+        main(args)
+    assert exc.value.code == 2 and "--overwrite" in capsys.readouterr().err
+    assert main([*args, "--overwrite"]) == 0
+
+
+@pytest.mark.parametrize("argv", [["synth", "--help"], ["synth", "dataset", "--help"], ["synth", "train-clip", "--help"]])
+def test_each_command_has_help(argv, capsys):
+    with pytest.raises(SystemExit) as exc:
+        main(argv)
+    assert exc.value.code == 0
+    assert "usage:" in capsys.readouterr().out
