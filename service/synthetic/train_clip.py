@@ -87,6 +87,9 @@ class TrainClipConfig:
             raise ValueError("--render-size must be >= 16")
         if self.lr <= 0:
             raise ValueError("--lr must be > 0")
+        for name in ("crop_prob", "random_word_prob"):
+            if not 0.0 <= getattr(self, name) <= 1.0:
+                raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
 
 
 def model_config(cfg: TrainClipConfig) -> dict[str, Any]:

@@ -51,6 +51,7 @@ def test_dataset_is_reproducible_and_seed_dependent(tmp_path):
     ["synth", "dataset", "--out", "{tmp}", "--defects", "rust"],
     ["synth", "train-clip", "--batch", "7"],
     ["synth", "train-clip", "--image-size", "100"],
+    ["synth", "train-clip", "--crop-prob", "7"],
     ["synth", "train-clip", "--resume", "/nonexistent/ckpt.pt"],
     ["synth"],
 ])
