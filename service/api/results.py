@@ -8,6 +8,7 @@ the next cursor is the last id of the page. New rows get larger ids, so rows arr
 shift later pages (no duplicates, no skips). SQLite's AUTOINCREMENT keeps ids from being reused after deletions.
 
 Heatmap PNGs live in their own table and are pruned to the newest `heatmap_retention` on every insert.
+Concurrent requests share commits (group commit, see `add_many`), so the fsync per commit does not cap throughput.
 """
 from __future__ import annotations
 
@@ -82,6 +83,18 @@ class NewResult:
     created_at: float = field(default_factory=time.time)
 
 
+class _Ticket:
+    """One caller's rows waiting for a group commit."""
+
+    __slots__ = ("items", "ids", "error", "done")
+
+    def __init__(self, items: list["NewResult"]):
+        self.items = items
+        self.ids: list[int] = []
+        self.error: BaseException | None = None
+        self.done = threading.Event()
+
+
 def iso(ts: float) -> str:
     return _dt.datetime.fromtimestamp(ts, _dt.timezone.utc).isoformat(timespec="milliseconds").replace("+00:00", "Z")
 
@@ -124,6 +137,8 @@ class ResultsStore:
         self.keep_heatmaps = keep_heatmaps and heatmap_retention > 0
         self.heatmap_retention = heatmap_retention
         self._write_lock = threading.Lock()
+        self._pending_lock = threading.Lock()
+        self._pending: list[_Ticket] = []
         self.engine = self._make_engine(url)
 
     def _make_engine(self, url: str) -> Engine:
@@ -153,25 +168,50 @@ class ResultsStore:
 
     # --- writing ----------------------------------------------------------------------------------------------------
     def add_many(self, items: list[NewResult]) -> list[int]:
-        """Insert and commit; returns the new ids in order. Nothing is acknowledged before the commit."""
-        ids: list[int] = []
-        with self._write_lock, self.engine.begin() as conn:
-            stored_heatmap = False
-            for item in items:
-                row = {k: v for k, v in item.__dict__.items() if k != "heatmap_png"}
-                new_id = conn.execute(insert(results_table).values(**row)).inserted_primary_key[0]
-                ids.append(int(new_id))
-                if self.keep_heatmaps and item.heatmap_png:
-                    conn.execute(insert(heatmaps_table).values(result_id=new_id, png=item.heatmap_png))
-                    stored_heatmap = True
-            if stored_heatmap:
-                cutoff = conn.execute(
-                    select(heatmaps_table.c.result_id).order_by(heatmaps_table.c.result_id.desc())
-                    .offset(self.heatmap_retention).limit(1)
-                ).scalar()
-                if cutoff is not None:
-                    conn.execute(delete(heatmaps_table).where(heatmaps_table.c.result_id <= cutoff))
-        return ids
+        """Insert and commit; returns the new ids in order. Nothing is acknowledged before the commit.
+
+        Group commit: while one thread commits (an fsync), the rows of other requests queue up, and the next thread
+        to get the write lock commits all of them in one transaction. Each caller still returns only after the
+        transaction holding its rows has committed, and one failed transaction fails exactly the callers in it.
+        """
+        ticket = _Ticket(items)
+        with self._pending_lock:
+            self._pending.append(ticket)
+        with self._write_lock:
+            if not ticket.done.is_set():
+                with self._pending_lock:
+                    group, self._pending = self._pending, []
+                self._commit_group(group)
+        if ticket.error is not None:
+            raise ticket.error
+        return ticket.ids
+
+    def _commit_group(self, group: list["_Ticket"]) -> None:
+        try:
+            with self.engine.begin() as conn:
+                stored_heatmap = False
+                for ticket in group:
+                    ticket.ids = []
+                    for item in ticket.items:
+                        row = {k: v for k, v in item.__dict__.items() if k != "heatmap_png"}
+                        new_id = int(conn.execute(insert(results_table).values(**row)).inserted_primary_key[0])
+                        ticket.ids.append(new_id)
+                        if self.keep_heatmaps and item.heatmap_png:
+                            conn.execute(insert(heatmaps_table).values(result_id=new_id, png=item.heatmap_png))
+                            stored_heatmap = True
+                if stored_heatmap:
+                    cutoff = conn.execute(
+                        select(heatmaps_table.c.result_id).order_by(heatmaps_table.c.result_id.desc())
+                        .offset(self.heatmap_retention).limit(1)
+                    ).scalar()
+                    if cutoff is not None:
+                        conn.execute(delete(heatmaps_table).where(heatmaps_table.c.result_id <= cutoff))
+        except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
+            for ticket in group:
+                ticket.ids, ticket.error = [], exc
+        finally:
+            for ticket in group:
+                ticket.done.set()
 
     # --- reading ----------------------------------------------------------------------------------------------------
     def _filters(self, line: str | None, product: str | None, label: str | None, since: float | None) -> list:

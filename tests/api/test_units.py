@@ -175,3 +175,28 @@ def test_key_checker_scopes():
     k = KeyChecker(["r1", "r2"], ["a1"])
     assert k.enabled and k.scope_of("r2") == "read" and k.scope_of("a1") == "admin" and k.scope_of("x") is None
     assert not KeyChecker([], [""]).enabled
+
+
+def test_group_commit_under_concurrency_returns_every_callers_ids(tmp_path):
+    store = ResultsStore(None, tmp_path / "r.sqlite")
+    store.open()
+    out: list[list[int]] = []
+    lock = threading.Lock()
+
+    def writer(k: int) -> None:
+        for _ in range(10):
+            ids = store.add_many([_rec(k), _rec(k)])
+            with lock:
+                out.append(ids)
+
+    threads = [threading.Thread(target=writer, args=(k,)) for k in range(6)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    flat = [i for ids in out for i in ids]
+    assert len(out) == 60 and len(flat) == 120 and len(set(flat)) == 120
+    assert all(len(ids) == 2 and ids[1] == ids[0] + 1 for ids in out)  # a caller's rows stay together
+    assert store.count() == 120
+    for ids in out[:5]:
+        assert store.get(ids[0]) is not None
