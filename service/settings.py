@@ -76,6 +76,10 @@ class Settings(BaseSettings):
     metrics_max_lines: int = Field(
         20, ge=0, description="Distinct `line` values used as metric labels; later lines are counted as 'other'."
     )
+    torch_threads: int = Field(
+        0, ge=0, description="Service: torch intra-op CPU threads (0: torch's default, one per core). Set 1-2 when "
+        "the CPU is shared with other processes: spinning thread pools slow down badly when oversubscribed."
+    )
 
 
 @lru_cache(maxsize=1)

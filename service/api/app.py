@@ -116,6 +116,10 @@ class AppState:
         from ..detector import ModelLoadError
 
         name = self.settings.model_name
+        if self.settings.torch_threads:
+            import torch
+
+            torch.set_num_threads(self.settings.torch_threads)
         try:
             detector, seconds = self._load(None, None)
         except ModelLoadError as exc:
