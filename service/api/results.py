@@ -130,8 +130,8 @@ def parse_window(value: str) -> float:
 class ResultsStore:
     def __init__(self, url: str | None, path: Path, keep_heatmaps: bool = True, heatmap_retention: int = 1000):
         self.is_sqlite = url is None or url.startswith("sqlite")
+        self.path = Path(path) if url is None else None
         if url is None:
-            Path(path).parent.mkdir(parents=True, exist_ok=True)
             url = f"sqlite:///{Path(path).resolve()}"
         self.url = url
         self.keep_heatmaps = keep_heatmaps and heatmap_retention > 0
@@ -158,6 +158,8 @@ class ResultsStore:
         return create_engine(url, pool_pre_ping=True)
 
     def open(self) -> None:
+        if self.path is not None:
+            self.path.parent.mkdir(parents=True, exist_ok=True)
         metadata.create_all(self.engine)
 
     def close(self) -> None:
