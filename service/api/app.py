@@ -13,11 +13,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
 import threading
 import time
 from contextlib import asynccontextmanager
 from typing import Any, Callable
 
+import anyio
 from fastapi import FastAPI
 from PIL import Image
 
@@ -70,6 +72,7 @@ class AppState:
         self.worker = InferenceWorker(lambda: self.detector, settings.max_batch_size, settings.max_batch_wait_ms,
                                       settings.batching, settings.queue_size, self.metrics)
         self._reload_lock = threading.Lock()
+        self.decode_limiter: Any = None  # anyio.CapacityLimiter, made in the lifespan (needs the event loop)
         self.loaded = threading.Event()  # set once the first load attempt finished (either way)
 
     def _device(self) -> Any:
@@ -187,6 +190,7 @@ async def lifespan(app: FastAPI):
     if not state.auth.enabled:
         log.warning("no API keys configured (ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN): the API is OPEN to anyone "
                     "who can reach this server")
+    state.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
     await asyncio.to_thread(state.results.open)
     log.info("results store: %s", state.results.describe())
     try:

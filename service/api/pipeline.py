@@ -86,6 +86,12 @@ def decode_all(uploads: list[Upload], max_pixels: int) -> list[Decoded]:
     return [decode_upload(u, max_pixels, _label(u, i, len(uploads))) for i, u in enumerate(uploads)]
 
 
+async def decode_in_pool(state: "AppState", uploads: list[Upload]) -> list[Decoded]:
+    """Decode in the thread pool, at most `state.decode_limiter` requests at once: a decoded 50 MP image takes
+    150 MB, so decoding concurrency is bounded by the cores rather than by the thread pool size."""
+    return await to_thread.run_sync(decode_all, uploads, state.settings.max_pixels, limiter=state.decode_limiter)
+
+
 async def infer(state: "AppState", images: list[Image.Image], object_name: str | None, heatmap: bool,
                 deadline: float) -> list[JobResult]:
     """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time)."""
@@ -142,18 +148,19 @@ async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectO
     settings = state.settings
     start = time.perf_counter()
     deadline = start + settings.request_timeout_s
-    decoded = await to_thread.run_sync(decode_all, uploads, settings.max_pixels)
+    state.require_ready()  # before spending time on decoding
+    decoded = await decode_in_pool(state, uploads)
     results = await infer(state, [d.image for d in decoded], opts.object_name, opts.heatmap != "none", deadline)
 
     manifest = state.detector.manifest if state.detector is not None else None
-    resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                        settings.default_threshold, manifest)
     keep_png = state.results.keep_heatmaps
 
-    def _encode_all() -> list[tuple]:
-        return [_encode_one(state, d, r, opts, resolved.score, keep_png) for d, r in zip(decoded, results)]
+    def _post() -> tuple[Any, list[tuple]]:  # file reads (thresholds) and encoding stay off the event loop
+        resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
+                                            settings.default_threshold, manifest)
+        return resolved, [_encode_one(state, d, r, opts, resolved.score, keep_png) for d, r in zip(decoded, results)]
 
-    encoded = await to_thread.run_sync(_encode_all)
+    resolved, encoded = await to_thread.run_sync(_post)
     records: list[NewResult] = []
     bodies: list[dict[str, Any]] = []
     for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):

@@ -13,7 +13,7 @@ from starlette.datastructures import UploadFile
 
 from .auth import ADMIN, READ
 from .errors import ApiError, error_body, error_responses
-from .pipeline import DetectOptions, Upload, decode_all, detect_uploads, infer
+from .pipeline import DetectOptions, Upload, decode_in_pool, detect_uploads, infer
 from .results import iso, parse_since, parse_window
 from .schemas import (NAME_PATTERN, BatchResult, CalibrationResult, DetectResult, Health, ModelsInfo, Readiness,
                       ReloadIn, ReloadOut, ResultRecord, ResultsPage, ScoreName, Stats, ThresholdConfig,
@@ -241,7 +241,7 @@ async def calibrate_product(
     chunk = max(1, s.max_batch_size)
     for i in range(0, len(uploads), chunk):  # decode and score a chunk at a time: memory stays bounded
         part = uploads[i: i + chunk]
-        decoded = await to_thread.run_sync(decode_all, part, s.max_pixels)
+        decoded = await decode_in_pool(state, part)
         results = await infer(state, [d.image for d in decoded], obj, False, deadline)
         scores.extend(float(r.detection.scores[score_name]) for r in results)
         model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
