@@ -176,6 +176,42 @@ def test_chunking_and_batching_do_not_change_results(vit, cnn, kind):
         torch.testing.assert_close(alone.windows[s][0], b.windows[s][1], atol=TOL, rtol=0)
 
 
+def test_packed_weights_follow_in_place_changes(tmp_path):
+    """The oneDNN weight cache must never serve stale weights: change a weight in place, results must follow."""
+    from service import windows
+
+    backend = tiny_backend(tmp_path, "vit", seed=3)
+    px = _pixels(backend, n=1, seed=11)
+    before = embed_image_and_windows(backend, px, scales=(2,), chunk=64)
+    with torch.no_grad():
+        backend.model.visual.transformer.resblocks[0].mlp.c_fc.weight.mul_(1.5)
+    after = embed_image_and_windows(backend, px, scales=(2,), chunk=64)
+    ref = _vit_reference(backend, px, 2, 1)
+    torch.testing.assert_close(after.windows[2], ref, atol=TOL, rtol=0)
+    assert (after.windows[2] - before.windows[2]).abs().max() > 1e-4
+    old = windows.PREPACK_WEIGHTS
+    try:
+        windows.PREPACK_WEIGHTS = False
+        plain = embed_image_and_windows(backend, px, scales=(2,), chunk=64)
+    finally:
+        windows.PREPACK_WEIGHTS = old
+    torch.testing.assert_close(plain.windows[2], after.windows[2], atol=TOL, rtol=0)
+
+
+@torch.inference_mode()
+def test_bf16_windows_close_to_fp32(vit):
+    """bf16 on CPU (fused oneDNN linears) stays close to fp32."""
+    model16 = copy.deepcopy(vit.model).to(torch.bfloat16)
+    backend16 = copy.copy(vit)
+    backend16.model, backend16.dtype = model16, torch.bfloat16
+    px = _pixels(vit, n=2, seed=4)
+    a = embed_image_and_windows(vit, px, scales=(2, 3), chunk=64)
+    b = embed_image_and_windows(backend16, px, scales=(2, 3), chunk=64)
+    for s in (2, 3):
+        cos = (a.windows[s] * b.windows[s]).sum(-1)
+        assert float(cos.min()) > 0.99
+
+
 def test_scales_larger_than_grid_are_left_out(cnn):
     emb = embed_image_and_windows(cnn, _pixels(cnn, n=1), scales=(2, 3, 9), chunk=64)
     assert sorted(emb.windows) == [2, 3] and sorted(emb.indices) == [2, 3]
