@@ -275,33 +275,43 @@ def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, ro
     return out if residual is None else out + residual
 
 
-def _block_forward(blk: nn.Module, x: torch.Tensor, first_only: bool) -> torch.Tensor:
-    """One residual attention block on x [N, L, W] with fused linears and SDPA.
+def _block_forward(blk: nn.Module, x: torch.Tensor, shapes: list[tuple[int, int]], first_only: bool) -> torch.Tensor:
+    """One residual attention block on groups of sequences stored as one token matrix.
 
-    Why not `blk(x)`: nn.MultiheadAttention's generic path and separate bias/GELU/residual passes cost several extra
-    memory passes per call; for many short sequences a fused QKV matmul + SDPA is faster and computes the same
-    function. With `first_only` only token 0's output is produced (keys/values still come from every token):
-    enough for class-token pooling in the last block.
+    x is [T, W]: group g holds n_g sequences of L_g tokens, row-major, groups one after another (`shapes` lists
+    (n_g, L_g)). LayerNorms and linears are per token, so they run once over all T tokens (large matmuls even for
+    5-token windows); only attention is done per group, with SDPA. Why not `blk(x)`: nn.MultiheadAttention's generic
+    path and separate bias/GELU/residual passes cost several extra memory passes per call. The function computed is
+    the block's own. With `first_only` only each sequence's token 0 is produced (keys/values still come from every
+    token), as [sum n_g, W]: enough for class-token pooling after the last block.
     """
     attn: nn.MultiheadAttention = blk.attn
-    n, length, width = x.shape
+    width = x.shape[-1]
     heads = attn.num_heads
     hd = width // heads
     w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
     h = blk.ln_1(x)
+    outs: list[torch.Tensor] = []
+    t0 = 0
     if first_only:
+        firsts = torch.cat([t + torch.arange(n, device=x.device) * length for t, (n, length) in
+                            zip(_offsets(shapes), shapes)])
         kv = _linear(h, w_in, b_in, rows=(width, 3 * width))
-        k, v = kv.view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        q = _linear(h[:, :1], w_in, b_in, rows=(0, width))
-        q = q.view(n, 1, heads, hd).transpose(1, 2)
-        x = x[:, :1]
-        out_len = 1
+        q_all = _linear(h[firsts], w_in, b_in, rows=(0, width))
+        n0 = 0
+        for n, length in shapes:
+            k, v = kv[t0 : t0 + n * length].view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            q = q_all[n0 : n0 + n].view(n, 1, heads, hd).transpose(1, 2)
+            outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, width))
+            t0, n0 = t0 + n * length, n0 + n
+        x = x[firsts]
     else:
         qkv = _linear(h, w_in, b_in)
-        q, k, v = qkv.view(n, length, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-        out_len = length
-    o = F.scaled_dot_product_attention(q, k, v)  # [N, H, out_len, hd]
-    o = o.transpose(1, 2).reshape(n, out_len, width)
+        for n, length in shapes:
+            q, k, v = qkv[t0 : t0 + n * length].view(n, length, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
+            outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * length, width))
+            t0 += n * length
+    o = outs[0] if len(outs) == 1 else torch.cat(outs)
     out_proj, mlp = attn.out_proj, blk.mlp
     if isinstance(blk.ls_1, nn.Identity):
         x = _linear(o, out_proj.weight, out_proj.bias, residual=x)
@@ -311,6 +321,14 @@ def _block_forward(blk: nn.Module, x: torch.Tensor, first_only: bool) -> torch.T
     if isinstance(blk.ls_2, nn.Identity):
         return _linear(u, mlp.c_proj.weight, mlp.c_proj.bias, residual=x)
     return x + blk.ls_2(_linear(u, mlp.c_proj.weight, mlp.c_proj.bias))
+
+
+def _offsets(shapes: list[tuple[int, int]]) -> list[int]:
+    out, t = [], 0
+    for n, length in shapes:
+        out.append(t)
+        t += n * length
+    return out
 
 
 def _vit_pool_project(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
@@ -335,23 +353,87 @@ def _vit_pool_project(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     return pooled
 
 
-def vit_encode_tokens(visual: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
-    """Raw embeddings [N, D] of token sequences [N, L, W] (class token first, already through ln_pre)."""
+def vit_encode_groups(visual: nn.Module, groups: Sequence[torch.Tensor]) -> list[torch.Tensor]:
+    """Raw embeddings [n_g, D] for each group of token sequences [n_g, L_g, W] (class token first, after ln_pre).
+
+    All groups go through each block together (one token matrix, see `_block_forward`), so window scales of
+    different lengths and the global sequence share every matmul. Towers with non-standard blocks or pooling run
+    the module's own blocks group by group.
+    """
     blocks = visual.transformer.resblocks
     tok_pool = getattr(visual, "pool_type", "tok") == "tok" and getattr(visual, "attn_pool", None) is None
-    x = seqs
+    if not all(_fast_block_ok(blk) for blk in blocks) or not tok_pool:
+        outs = []
+        for g in groups:
+            x = g
+            for blk in blocks:
+                if _fast_block_ok(blk):
+                    x = _block_forward(blk, x.reshape(-1, x.shape[-1]), [(g.shape[0], g.shape[1])], False).view_as(g)
+                else:
+                    x = blk(x)
+            outs.append(_vit_pool_project(visual, x))
+        return outs
+    shapes = [(int(g.shape[0]), int(g.shape[1])) for g in groups]
+    x = torch.cat([g.reshape(-1, g.shape[-1]) for g in groups])
     for i, blk in enumerate(blocks):
-        last = i == len(blocks) - 1
-        if _fast_block_ok(blk):
-            x = _block_forward(blk, x, first_only=last and tok_pool)
-        else:
-            x = blk(x)
-    return _vit_pool_project(visual, x)
+        x = _block_forward(blk, x, shapes, first_only=i == len(blocks) - 1)
+    pooled = _vit_pool_project(visual, x[:, None])  # [sum n_g, D]: class tokens only
+    return list(pooled.split([n for n, _ in shapes]))
 
 
-def _gather_rows(n_windows: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.arange(start, stop)
-    return rows // n_windows, rows % n_windows  # image index, window index
+def vit_encode_tokens(visual: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
+    """Raw embeddings [N, D] of token sequences [N, L, W] (class token first, already through ln_pre)."""
+    return vit_encode_groups(visual, [seqs])[0]
+
+
+def _sequence_index(n_patches: int, indices: torch.Tensor | None, device: torch.device) -> torch.Tensor:
+    """[n, L] positions into the [1+N] token axis: class token (0) then the window's patches (or all patches)."""
+    if indices is None:
+        return torch.arange(n_patches + 1, device=device)[None]
+    idx = indices.to(device)
+    return torch.cat([torch.zeros(idx.shape[0], 1, dtype=torch.long, device=device), idx + 1], dim=1)
+
+
+def vit_embed(
+    visual: nn.Module, tokens: torch.Tensor, indices: dict[int, torch.Tensor], chunk: int, with_global: bool = True
+) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
+    """Raw global [B, D] and window embeddings {scale: [B, n_windows, D]} from ViT tokens [B, 1+N, W].
+
+    Every sequence (each image's global sequence, then each scale's windows, image-major) is cut into calls of at
+    most `chunk` sequences; each call sends all its groups through the transformer together.
+    """
+    b, n_tok, _ = tokens.shape
+    plan: list[tuple[int | None, torch.Tensor]] = ([(None, _sequence_index(n_tok - 1, None, tokens.device))]
+                                                   if with_global else [])
+    plan += [(s, _sequence_index(n_tok - 1, idx, tokens.device)) for s, idx in indices.items()]
+    results: dict[int | None, list[torch.Tensor]] = {key: [] for key, _ in plan}
+    pending: list[tuple[int | None, torch.Tensor]] = []
+    budget = max(1, chunk)
+
+    def flush() -> None:
+        if pending:
+            outs = vit_encode_groups(visual, [seqs for _, seqs in pending])
+            for (key, _), out in zip(pending, outs):
+                results[key].append(out)
+            pending.clear()
+
+    left = budget  # walk the concatenated sequence list in calls of `chunk` sequences that may span groups
+    for key, seq_idx in plan:
+        n = seq_idx.shape[0]
+        start = 0
+        while start < b * n:
+            stop = min(b * n, start + left)
+            rows = torch.arange(start, stop, device=tokens.device)
+            pending.append((key, tokens[(rows // n)[:, None], seq_idx[rows % n]]))
+            left -= stop - start
+            start = stop
+            if left == 0:
+                flush()
+                left = budget
+    flush()
+    glob = torch.cat(results[None]) if with_global else None
+    windows = {s: torch.cat(results[s]).reshape(b, indices[s].shape[0], -1) for s in indices}
+    return glob, windows
 
 
 def vit_window_embeddings(visual: nn.Module, tokens: torch.Tensor, indices: torch.Tensor, chunk: int) -> torch.Tensor:
@@ -360,20 +442,15 @@ def vit_window_embeddings(visual: nn.Module, tokens: torch.Tensor, indices: torc
     Each window sequence is the class token plus the window's patch tokens (each with its own positional
     embedding, already added in `vit_tokens`). Windows of all images are batched, at most `chunk` per call.
     """
-    b = tokens.shape[0]
-    n = indices.shape[0]
-    idx = indices.to(tokens.device)
-    seq_idx = torch.cat([torch.zeros(n, 1, dtype=torch.long, device=tokens.device), idx + 1], dim=1)  # [n, 1+k*k]
-    out: list[torch.Tensor] = []
-    for start in range(0, b * n, max(1, chunk)):
-        stop = min(b * n, start + max(1, chunk))
-        img, win = _gather_rows(n, start, stop)
-        seqs = tokens[img.to(tokens.device)[:, None], seq_idx[win.to(tokens.device)]]  # [c, 1+k*k, W]
-        out.append(vit_encode_tokens(visual, seqs))
-    return torch.cat(out, dim=0).reshape(b, n, -1)
+    return vit_embed(visual, tokens, {0: indices}, chunk, with_global=False)[1][0]
 
 
 # --- CNN -------------------------------------------------------------------------------------------------------------
+def _gather_rows(n_windows: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
+    rows = torch.arange(start, stop)
+    return rows // n_windows, rows % n_windows  # image index, window index
+
+
 def cnn_feature_map(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Final ModifiedResNet feature map [B, C, h, w] (stem + layer1..4), before the attention pool."""
     x = visual.stem(pixels)
@@ -514,11 +591,10 @@ def embed_image_and_windows(
     glob = torch.empty(0)
     if kind == "vit":
         tokens = vit_tokens(visual, x)
-        if own_global:
-            glob = torch.cat([vit_encode_tokens(visual, tokens[i : i + chunk]) for i in range(0, x.shape[0], chunk)])
         t0 = _mark(timings, "embed", t0)
-        for s in fitting:
-            raw[s] = vit_window_embeddings(visual, tokens, indices[s], chunk)
+        vit_glob, raw = vit_embed(visual, tokens, indices, chunk, with_global=own_global)
+        if vit_glob is not None:
+            glob = vit_glob
     elif cnn_mode == "attnpool":
         fmap = cnn_feature_map(visual, x)
         if own_global:

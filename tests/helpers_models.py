@@ -52,14 +52,24 @@ def _randomise(model: torch.nn.Module, seed: int) -> None:
                 buf.copy_(1.0 + 0.5 * torch.rand(buf.shape, generator=gen))
 
 
-def tiny_backend(store_root: Path, kind: str = "vit", seed: int = 0) -> ClipBackend:
-    """A ClipBackend (CPU, fp32) for a tiny seeded CLIP with a ViT (`kind="vit"`) or ModifiedResNet tower."""
+def tiny_backend(
+    store_root: Path, kind: str = "vit", seed: int = 0, vision: dict | None = None, quick_gelu: bool = False
+) -> ClipBackend:
+    """A ClipBackend (CPU, fp32) for a tiny seeded CLIP with a ViT (`kind="vit"`) or ModifiedResNet tower.
+
+    `vision` overrides vision_cfg entries (pooling, layer scale, custom blocks...) to cover tower variants.
+    """
+    import copy
+
     import open_clip
 
-    cfg = TINY_VIT_CFG if kind == "vit" else TINY_RN_CFG
+    cfg = copy.deepcopy(TINY_VIT_CFG if kind == "vit" else TINY_RN_CFG)
+    cfg["vision_cfg"].update(vision or {})
+    if quick_gelu:
+        cfg["quick_gelu"] = True
     model = open_clip.model.CLIP(**cfg).eval()
     _randomise(model, seed)
-    name = f"tiny-{kind}"
+    name = f"tiny-{kind}-{abs(hash((repr(sorted((vision or {}).items())), quick_gelu))) % 10**8}"
     store = ModelStore(store_root)
     version = save_store_clip(
         store, name, model, cfg, tokenizer_spec={"type": "char", "context_length": CONTEXT}, fp16=False

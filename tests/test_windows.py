@@ -142,6 +142,25 @@ def test_vit_windows_match_slow_reference(vit, scale, stride):
     assert (emb.windows[scale][0, 0] - emb.windows[scale][0, -1]).abs().max() > 1e-3
 
 
+@pytest.mark.parametrize(
+    "vision,quick_gelu",
+    [
+        ({"ls_init_value": 0.1}, False),  # layer scale on the fused path
+        ({"pool_type": "avg", "final_ln_after_pool": True}, False),  # mean pooling: module-order fallback
+        ({"qk_norm": True}, False),  # custom blocks: the module's own forward
+        ({}, True),  # QuickGELU: not fusable into the matmul
+    ],
+)
+def test_vit_variants_match_reference(tmp_path, vision, quick_gelu):
+    backend = tiny_backend(tmp_path, "vit", seed=5, vision=vision, quick_gelu=quick_gelu)
+    px = _pixels(backend, n=2, seed=9)
+    grid = feature_grid(backend.model.visual, px.shape[-2:])
+    emb = embed_image_and_windows(backend, px, scales=(2, grid[0]), stride=1, chunk=11)
+    torch.testing.assert_close(emb.windows[2], _vit_reference(backend, px, 2, 1), atol=TOL, rtol=0)
+    torch.testing.assert_close(emb.windows[grid[0]][:, 0], backend.encode_image(px), atol=TOL, rtol=0)
+    torch.testing.assert_close(emb.global_emb, backend.encode_image(px), atol=TOL, rtol=0)
+
+
 @pytest.mark.parametrize("scale,stride", [(2, 1), (3, 1), (2, 2)])
 def test_cnn_attnpool_windows_match_slow_reference(cnn, scale, stride):
     px = _pixels(cnn)
