@@ -8,11 +8,13 @@ whole map then costs about 12x the tokens of one image pass.
 Two tower types are supported, both read straight from the open_clip modules (no forward hooks, no monkey-patching):
 
 * ViT (`open_clip.transformer.VisionTransformer`): one pass of conv1 + class token + positional embedding + ln_pre
-  gives tokens [B, 1+N, W]. Each window is `[cls, patches...]`, run through the model's blocks (a fused block forward
-  with `F.scaled_dot_product_attention` that reuses the module weights; it equals the module forward up to float
-  rounding), then `ln_post` / pooling / `proj` exactly as the tower does. With class-token pooling only the class
-  token of the last block is needed, so the last block computes keys/values for all tokens and everything else for
-  the class token only: the same result for less work.
+  gives tokens [B, 1+N, W]. Each window is `[cls, patches...]`, run through the model's blocks, then `ln_post` /
+  pooling / `proj` exactly as the tower does. The block forward is our own but reuses the module weights and equals
+  the module forward up to float rounding: the global sequence and every window of every scale share one token
+  matrix per call (LayerNorm and linears are per token; attention per group with SDPA), and on CPU the linears are
+  oneDNN calls with bias, GELU and the residual add fused and the weights pre-packed once. With class-token pooling
+  the last block computes keys/values for all tokens and everything else for the class token only (about 6% fewer
+  FLOPs, same result). Other blocks or pooling types fall back to the module's own forward.
 * CNN (`open_clip.modified_resnet.ModifiedResNet`): the stem and layers run once to the final feature map
   [B, C, h, w]. Each window of cells is pooled through the model's own attention pool: a query token that is the
   mean of the window's cells plus the window's cells, with the matching slice of the pool's positional embedding
