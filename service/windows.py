@@ -57,6 +57,8 @@ __all__ = [
     "feature_grid",
     "vit_tokens",
     "vit_encode_tokens",
+    "vit_encode_groups",
+    "vit_embed",
     "vit_window_embeddings",
     "cnn_feature_map",
     "cnn_window_embeddings",
