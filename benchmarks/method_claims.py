@@ -46,6 +46,7 @@ def main() -> None:
     ap.add_argument("--size", type=int, default=0, help="image size (default: the CLIP's render size or 64)")
     ap.add_argument("--out", default="runs/method_claims")
     ap.add_argument("--cnn-window-mode", default=None, help="attnpool or crop (default: settings)")
+    ap.add_argument("--window-scales", default="1,2,3", help="recorded in each FNN manifest (as for the shipped model)")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -69,7 +70,8 @@ def main() -> None:
     train_info = {}
     settings = [(f"rw-{n}", int(n), True) for n in args.n_pairs.split(",")] + [("norw-10000", 10000, False)]
     for version, n, random_words in settings:
-        cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=n, seed=0), fnn=FNNConfig(seed=0), random_words=random_words)
+        cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=n, seed=0), fnn=FNNConfig(seed=0), random_words=random_words,
+                          window_scales=tuple(int(x) for x in args.window_scales.split(",")))
         res = train_fnn_model(backend, cfg, store, "claims", version=version, make_current=True)
         versions.append(version)
         train_info[version] = {"val_auroc_random_word": round(res.report.val_auroc, 4),

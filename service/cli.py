@@ -67,6 +67,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         random_words=not args.no_random_words,
         generic_object=settings.generic_object,
         vocabulary_path=args.vocabulary,
+        window_scales=tuple(int(x) for x in args.window_scales.split(",")) if args.window_scales else None,
     )
     print(f"training FNN on {spec.label()} with {args.n_pairs} prompt pairs "
           f"({'random words' if cfg.random_words else 'no random words'}), seed {args.seed}", file=sys.stderr)
@@ -187,6 +188,8 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--word-len-max", type=int, default=10)
     t.add_argument("--no-random-words", action="store_true", help="ablation: plain object word instead of random words")
     t.add_argument("--vocabulary", help="vocabulary JSON (default: service/data/vocabulary.json)")
+    t.add_argument("--window-scales", help="heatmap window sizes to recommend in the manifest, e.g. 1,2,3 "
+                   "(default: none recorded; the service then uses WinCLIP's 2,3)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--epochs", type=int, default=60)

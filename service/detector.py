@@ -65,6 +65,12 @@ class Detector:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
     @property
+    def window_scales(self) -> tuple[int, ...]:
+        """Settings first, then the model's own recommendation (its manifest), then WinCLIP's (2, 3)."""
+        from_model = self.manifest.get("windows", {}).get("scales")
+        return tuple(self.settings.window_scales or from_model or (2, 3))
+
+    @property
     def name(self) -> str:
         return self.manifest.get("name", "?")
 
@@ -108,7 +114,7 @@ class Detector:
             _lap(timings, "embed", t)
             return [ImageEmbedding(glob[i], {}, (0, 0), g) for i, g in enumerate(geoms)]
         emb = embed_image_and_windows(
-            self.backend, pixels, s.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings
+            self.backend, pixels, self.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings
         )
         return [
             ImageEmbedding(emb.global_emb[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g)

@@ -37,7 +37,9 @@ class Settings(BaseSettings):
     generic_object: str = Field("object", description="Object word for s_pr when no object name is given.")
 
     # --- windows / heatmaps -------------------------------------------------------------------------------------
-    window_scales: tuple[int, ...] = Field((2, 3), description="Window sizes in patches (ViT) or feature cells (CNN).")
+    window_scales: tuple[int, ...] | None = Field(
+        None, description="Window sizes in patches (ViT) or feature cells (CNN); None: the model manifest's, else (2, 3)."
+    )
     window_stride: int = Field(1, ge=1, description="Window stride in patches / cells.")
     window_chunk: int = Field(1024, ge=1, description="Max windows per forward call: bounds memory.")
     cnn_window_mode: Literal["attnpool", "crop"] = Field(

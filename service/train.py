@@ -29,6 +29,7 @@ class TrainConfig:
     random_words: bool = True  # False: the ablation "FNN without random words" (object slot = generic_object)
     generic_object: str = "object"
     vocabulary_path: str | None = None
+    window_scales: tuple[int, ...] | None = None  # serving recommendation recorded in the manifest
 
 
 @dataclass
@@ -101,6 +102,8 @@ def train_fnn_model(
             "best_epoch": report.best_epoch,
         },
     }
+    if cfg.window_scales:
+        manifest["windows"] = {"scales": list(cfg.window_scales)}
     result_version = None
     if store is not None:
         result_version = store.publish(name, {FNN_FILE: fnn_to_bytes(fnn)}, manifest, version, make_current)

@@ -29,7 +29,7 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "image_size": backend.image_size,
         "resize_policy": s.resize_policy,
         "heatmap": heatmap,
-        "scales": list(s.window_scales) if heatmap else [],
+        "scales": list(detector.window_scales) if heatmap else [],
         "stride": s.window_stride if heatmap else 0,
         "cnn_window_mode": s.cnn_window_mode if heatmap else "",
         "centred": backend.image_center is not None,
