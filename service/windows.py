@@ -33,13 +33,14 @@ from __future__ import annotations
 
 import math
 import time
-import weakref
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal, Sequence
 
 import torch
 import torch.nn.functional as F
 from torch import nn
+
+from .fast_transformer import block_forward, block_ok, offsets
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clip_backend import ClipBackend
@@ -182,159 +183,6 @@ def vit_tokens(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     return visual.ln_pre(x)
 
 
-def _fast_block_ok(blk: nn.Module) -> bool:
-    """True when the block is open_clip's plain ResidualAttentionBlock that `_block_forward` reproduces exactly."""
-    attn = getattr(blk, "attn", None)
-    mlp = getattr(blk, "mlp", None)
-    return (
-        isinstance(attn, nn.MultiheadAttention)
-        and attn._qkv_same_embed_dim
-        and attn.in_proj_weight is not None
-        and attn.bias_k is None
-        and attn.bias_v is None
-        and not attn.add_zero_attn
-        and attn.batch_first
-        and not hasattr(blk, "ln_1_kv")
-        and hasattr(blk, "ln_1")
-        and hasattr(blk, "ln_2")
-        and isinstance(mlp, nn.Sequential)
-        and [name for name, _ in mlp.named_children()] == ["c_fc", "gelu", "c_proj"]
-    )
-
-
-_LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
-_REORDER_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _LINEAR_POINTWISE is not None else None
-
-# Pre-packed (oneDNN blocked-layout) copies of linear weights, per parameter and row range. Why: otherwise oneDNN
-# re-lays out every weight matrix on every call, 48 times per scale; packing once is 5-10% faster on AVX-512 and
-# more with AMX. Costs one extra copy of the transformer weights; set PREPACK_WEIGHTS = False to trade back.
-PREPACK_WEIGHTS = True
-_PACKED: dict[int, tuple[weakref.ref, dict[tuple[int, int], tuple[tuple, torch.Tensor]]]] = {}  # id(param) ->
-
-def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
-    """oneDNN fused linear applies: CPU, fp32/bf16, no autograd needed (it has no backward)."""
-    return (
-        _LINEAR_POINTWISE is not None
-        and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
-        and weight.dtype == x.dtype
-        and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
-    )
-
-
-def _weight_rows(weight: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
-    return weight if rows is None else weight[rows[0] : rows[1]]
-
-
-def _packed(weight: torch.Tensor, rows: tuple[int, int] | None) -> torch.Tensor:
-    """The oneDNN-packed copy of weight[rows] (cached; rebuilt when the parameter changes in place or is moved)."""
-    if not PREPACK_WEIGHTS or _REORDER_WEIGHT is None:
-        return _weight_rows(weight, rows)
-    key = rows or (0, weight.shape[0])
-    try:
-        version = weight._version
-    except RuntimeError:  # inference tensors keep no version counter (and cannot change in place either)
-        version = -1
-    stamp = (version, weight.dtype, weight.data_ptr())
-    entry = _PACKED.get(id(weight))
-    if entry is None or entry[0]() is not weight:  # new parameter (or a recycled id)
-        entry = (weakref.ref(weight), {})
-        _PACKED[id(weight)] = entry
-        weakref.finalize(weight, _PACKED.pop, id(weight), None)
-    per_param = entry[1]
-    hit = per_param.get(key)
-    if hit is not None and hit[0] == stamp:
-        return hit[1]
-    packed = _REORDER_WEIGHT(_weight_rows(weight, rows).contiguous(), None)
-    per_param[key] = (stamp, packed)
-    return packed
-
-
-def _gelu_algorithm(act: nn.Module) -> str | None:
-    """oneDNN post-op name for the MLP activation, or None when it must run as its own op (e.g. QuickGELU)."""
-    if type(act) is nn.GELU:
-        return "tanh" if act.approximate == "tanh" else "none"
-    return None
-
-
-def _linear(x: torch.Tensor, weight: torch.Tensor, bias: torch.Tensor | None, rows: tuple[int, int] | None = None,
-            act: nn.Module | None = None, residual: torch.Tensor | None = None) -> torch.Tensor:
-    """act(x @ W[rows].T + b[rows]) (+ residual), with bias, GELU and the residual add fused into one oneDNN call.
-
-    Why: for many short sequences PyTorch's addmm first copies the broadcast bias into the output, then GELU and the
-    residual add each take another pass over memory; in bf16 those passes cost as much as a third of the matmuls.
-    Elsewhere (GPU, fp16, autograd) it is the plain F.linear path.
-    """
-    b = bias if bias is None or rows is None else bias[rows[0] : rows[1]]
-    algo = _gelu_algorithm(act) if act is not None else None
-    if _onednn_ok(x, weight) and (act is None or algo is not None):
-        w = _packed(weight, rows)
-        if residual is not None and act is None:
-            return _LINEAR_POINTWISE.binary(x, residual, w, b, "add")
-        out = _LINEAR_POINTWISE(x, w, b, "gelu" if act is not None else "none", [], algo or "")
-        return out if residual is None else out + residual
-    out = F.linear(x, _weight_rows(weight, rows), b)
-    if act is not None:
-        out = act(out)
-    return out if residual is None else out + residual
-
-
-def _block_forward(blk: nn.Module, x: torch.Tensor, shapes: list[tuple[int, int]], first_only: bool) -> torch.Tensor:
-    """One residual attention block on groups of sequences stored as one token matrix.
-
-    x is [T, W]: group g holds n_g sequences of L_g tokens, row-major, groups one after another (`shapes` lists
-    (n_g, L_g)). LayerNorms and linears are per token, so they run once over all T tokens (large matmuls even for
-    5-token windows); only attention is done per group, with SDPA. Why not `blk(x)`: nn.MultiheadAttention's generic
-    path and separate bias/GELU/residual passes cost several extra memory passes per call. The function computed is
-    the block's own. With `first_only` only each sequence's token 0 is produced (keys/values still come from every
-    token), as [sum n_g, W]: enough for class-token pooling after the last block.
-    """
-    attn: nn.MultiheadAttention = blk.attn
-    width = x.shape[-1]
-    heads = attn.num_heads
-    hd = width // heads
-    w_in, b_in = attn.in_proj_weight, attn.in_proj_bias
-    h = blk.ln_1(x)
-    outs: list[torch.Tensor] = []
-    t0 = 0
-    if first_only:
-        firsts = torch.cat([t + torch.arange(n, device=x.device) * length for t, (n, length) in
-                            zip(_offsets(shapes), shapes)])
-        kv = _linear(h, w_in, b_in, rows=(width, 3 * width))
-        q_all = _linear(h[firsts], w_in, b_in, rows=(0, width))
-        n0 = 0
-        for n, length in shapes:
-            k, v = kv[t0 : t0 + n * length].view(n, length, 2, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-            q = q_all[n0 : n0 + n].view(n, 1, heads, hd).transpose(1, 2)
-            outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n, width))
-            t0, n0 = t0 + n * length, n0 + n
-        x = x[firsts]
-    else:
-        qkv = _linear(h, w_in, b_in)
-        for n, length in shapes:
-            q, k, v = qkv[t0 : t0 + n * length].view(n, length, 3, heads, hd).permute(2, 0, 3, 1, 4).unbind(0)
-            outs.append(F.scaled_dot_product_attention(q, k, v).transpose(1, 2).reshape(n * length, width))
-            t0 += n * length
-    o = outs[0] if len(outs) == 1 else torch.cat(outs)
-    out_proj, mlp = attn.out_proj, blk.mlp
-    if isinstance(blk.ls_1, nn.Identity):
-        x = _linear(o, out_proj.weight, out_proj.bias, residual=x)
-    else:
-        x = x + blk.ls_1(_linear(o, out_proj.weight, out_proj.bias))
-    u = _linear(blk.ln_2(x), mlp.c_fc.weight, mlp.c_fc.bias, act=mlp.gelu)
-    if isinstance(blk.ls_2, nn.Identity):
-        return _linear(u, mlp.c_proj.weight, mlp.c_proj.bias, residual=x)
-    return x + blk.ls_2(_linear(u, mlp.c_proj.weight, mlp.c_proj.bias))
-
-
-def _offsets(shapes: list[tuple[int, int]]) -> list[int]:
-    out, t = [], 0
-    for n, length in shapes:
-        out.append(t)
-        t += n * length
-    return out
-
-
 def _vit_pool_project(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
     """Pooled, projected features [N, D] from transformer output x [N, L, W], as the tower's own `_pool` + proj."""
     if getattr(visual, "attn_pool", None) is not None:
@@ -366,13 +214,13 @@ def vit_encode_groups(visual: nn.Module, groups: Sequence[torch.Tensor]) -> list
     """
     blocks = visual.transformer.resblocks
     tok_pool = getattr(visual, "pool_type", "tok") == "tok" and getattr(visual, "attn_pool", None) is None
-    if not all(_fast_block_ok(blk) for blk in blocks) or not tok_pool:
+    if not all(block_ok(blk) for blk in blocks) or not tok_pool:
         outs = []
         for g in groups:
             x = g
             for blk in blocks:
-                if _fast_block_ok(blk):
-                    x = _block_forward(blk, x.reshape(-1, x.shape[-1]), [(g.shape[0], g.shape[1])], False).view_as(g)
+                if block_ok(blk):
+                    x = block_forward(blk, x.reshape(-1, x.shape[-1]), [(g.shape[0], g.shape[1])], False).view_as(g)
                 else:
                     x = blk(x)
             outs.append(_vit_pool_project(visual, x))
@@ -380,7 +228,7 @@ def vit_encode_groups(visual: nn.Module, groups: Sequence[torch.Tensor]) -> list
     shapes = [(int(g.shape[0]), int(g.shape[1])) for g in groups]
     x = torch.cat([g.reshape(-1, g.shape[-1]) for g in groups])
     for i, blk in enumerate(blocks):
-        x = _block_forward(blk, x, shapes, first_only=i == len(blocks) - 1)
+        x = block_forward(blk, x, shapes, first_only=i == len(blocks) - 1)
     pooled = _vit_pool_project(visual, x[:, None])  # [sum n_g, D]: class tokens only
     return list(pooled.split([n for n, _ in shapes]))
 

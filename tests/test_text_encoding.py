@@ -33,13 +33,15 @@ def test_fast_path_equals_encode_text_on_vit_b16_plus_random_weights():
 
 
 def test_sequence_is_cut_to_the_longest_prompt(tiny_backend, monkeypatch):
+    import service.text_encoding as te
+
     model, tok = tiny_backend.model, tiny_backend.tokenizer
     seen = []
-    original = model.transformer.forward
-    monkeypatch.setattr(model.transformer, "forward", lambda x, attn_mask=None: seen.append(x.shape[1]) or original(x, attn_mask=attn_mask))
+    original = te.block_forward
+    monkeypatch.setattr(te, "block_forward", lambda blk, x, shapes, **kw: seen.append(shapes) or original(blk, x, shapes, **kw))
     tokens = tok(["abc", "abcdef"])
     encode_tokens(model, tokens)
-    assert seen == [len("abcdef") + 2]  # start + 6 chars + end
+    assert seen and all(shapes == [(2, len("abcdef") + 2)] for shapes in seen)  # start + 6 chars + end
 
 
 def test_empty_prompt_list_is_an_error(tiny_backend):

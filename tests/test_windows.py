@@ -197,7 +197,7 @@ def test_chunking_and_batching_do_not_change_results(vit, cnn, kind):
 
 def test_packed_weights_follow_in_place_changes(tmp_path):
     """The oneDNN weight cache must never serve stale weights: change a weight in place, results must follow."""
-    from service import windows
+    from service import fast_transformer
 
     backend = tiny_backend(tmp_path, "vit", seed=3)
     px = _pixels(backend, n=1, seed=11)
@@ -208,12 +208,12 @@ def test_packed_weights_follow_in_place_changes(tmp_path):
     ref = _vit_reference(backend, px, 2, 1)
     torch.testing.assert_close(after.windows[2], ref, atol=TOL, rtol=0)
     assert (after.windows[2] - before.windows[2]).abs().max() > 1e-4
-    old = windows.PREPACK_WEIGHTS
+    old = fast_transformer.PREPACK_WEIGHTS
     try:
-        windows.PREPACK_WEIGHTS = False
+        fast_transformer.PREPACK_WEIGHTS = False
         plain = embed_image_and_windows(backend, px, scales=(2,), chunk=64)
     finally:
-        windows.PREPACK_WEIGHTS = old
+        fast_transformer.PREPACK_WEIGHTS = old
     torch.testing.assert_close(plain.windows[2], after.windows[2], atol=TOL, rtol=0)
 
 
