@@ -36,6 +36,25 @@ def publish_tiny_clip(root, name: str = "tiny-clip", tower: str = "rn", seed: in
     return ClipSpec("store", name=name, version=version, sha256=manifest["files"]["open_clip_model.safetensors"])
 
 
+def publish_tiny_model(root, name: str = "default", n_pairs: int = 200, epochs: int = 3, seed: int = 0,
+                       clip_seed: int = 0) -> str:
+    """A tiny CLIP (`tiny-clip`, published if absent) plus an FNN trained on it as `name`; returns the FNN version."""
+    from service.fnn import FNNConfig
+    from service.prompts import RandomWordConfig
+    from service.train import TrainConfig, train_fnn_model
+
+    store = ModelStore(root)
+    if store.current("tiny-clip") is None:
+        spec = publish_tiny_clip(root, "tiny-clip", "rn", seed=clip_seed)
+    else:
+        manifest = store.manifest("tiny-clip")
+        spec = ClipSpec("store", name="tiny-clip", version=manifest["version"],
+                        sha256=manifest["files"]["open_clip_model.safetensors"])
+    backend = load_clip(spec, root, device="cpu", precision="fp32")
+    cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=n_pairs, seed=seed), fnn=FNNConfig(max_epochs=epochs, seed=seed))
+    return train_fnn_model(backend, cfg, store, name=name).version
+
+
 @pytest.fixture(scope="session")
 def tiny_store(tmp_path_factory):
     """A store holding a tiny CNN CLIP `tiny-clip` and a tiny ViT CLIP `tiny-vit`."""

@@ -27,6 +27,7 @@ import torch.nn.functional as F
 from torch import nn
 from tqdm.auto import tqdm
 
+from ..clip_backend import resolve_device
 from ..tokenizer import CHAR_ALPHABET, CharTokenizer
 from .captions import CaptionConfig
 from .data import TwinBatches, check_training_kinds, clean_reference_images, reference_captions, worker_init
@@ -191,15 +192,6 @@ class TrainResult:
     model: nn.Module | None = field(default=None, repr=False)
 
 
-def _resolve_device(name: str) -> torch.device:
-    if name == "auto":
-        return torch.device("cuda" if torch.cuda.is_available() else "cpu")
-    device = torch.device(name)
-    if device.type == "cuda" and not torch.cuda.is_available():
-        raise ValueError(f"device {name!r} requested but CUDA is not available on this machine")
-    return device
-
-
 def train(
     cfg: TrainClipConfig,
     ckpt_path: str | Path | None = None,
@@ -213,7 +205,7 @@ def train(
     `stop_after` ends the run after that step with a checkpoint, as an interruption would (for `resume`).
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
-    device = _resolve_device(cfg.device)
+    device = resolve_device(cfg.device)
     torch.manual_seed(cfg.seed)
     np.random.seed(cfg.seed)
     if device.type == "cuda":

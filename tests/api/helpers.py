@@ -124,28 +124,32 @@ def free_port() -> int:
 
 
 class Server:
-    """`python -m service.cli serve` on 127.0.0.1 and a free port, environment from `env`."""
+    """`python -m service.cli serve` (or `command`) on 127.0.0.1 and a free port, environment from `env`."""
 
-    def __init__(self, env: dict[str, str], log_path: Path):
+    def __init__(self, env: dict[str, str], log_path: Path, command: list[str] | None = None):
         self.port = free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.env = {**os.environ, **env, "PYTHONUNBUFFERED": "1"}
         self.log_path = log_path
+        self.command = command or [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
+                                   "--port", str(self.port), "--log-level", "warning"]
         self.proc: subprocess.Popen | None = None
+
+    def log(self) -> str:
+        try:
+            return self.log_path.read_text(errors="replace")[-3000:]
+        except OSError:
+            return ""
 
     def start(self, timeout: float = 90.0) -> "Server":
         import httpx
 
         self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "warning"],
-            cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT,
-        )
+        self.proc = subprocess.Popen(self.command, cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
         deadline = time.time() + timeout
         while time.time() < deadline:
             if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log_path.read_text()[-3000:]}")
+                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
             try:
                 r = httpx.get(self.url + "/readyz", timeout=2)
                 if r.status_code == 200:
@@ -156,7 +160,7 @@ class Server:
                 pass
             time.sleep(0.1)
         self.stop()
-        raise TimeoutError(f"server not ready in {timeout} s: {self.log_path.read_text()[-3000:]}")
+        raise TimeoutError(f"server not ready in {timeout} s: {self.log()}")
 
     def kill(self) -> None:
         if self.proc and self.proc.poll() is None:

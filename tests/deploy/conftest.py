@@ -8,10 +8,7 @@ from __future__ import annotations
 import io
 import os
 import shutil
-import socket
-import subprocess
 import sys
-import time
 from pathlib import Path
 
 import numpy as np
@@ -19,7 +16,8 @@ import pytest
 from PIL import Image
 
 from service.settings import Settings
-from tests.conftest import publish_tiny_clip
+from tests.api.helpers import Server, free_port
+from tests.conftest import publish_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]
 VENV_BIN = Path(sys.executable).parent
@@ -54,75 +52,18 @@ def which(tool: str) -> str | None:
 
 @pytest.fixture(scope="session")
 def deploy_store(tmp_path_factory) -> Path:
-    from service.clip_backend import load_clip
-    from service.fnn import FNNConfig
-    from service.prompts import RandomWordConfig
-    from service.store import ModelStore
-    from service.train import TrainConfig, train_fnn_model
-
     root = tmp_path_factory.mktemp("deploy-store")
-    spec = publish_tiny_clip(root, "tiny-clip", "rn")
-    backend = load_clip(spec, root, device="cpu", precision="fp32")
-    cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=200), fnn=FNNConfig(max_epochs=3))
-    train_fnn_model(backend, cfg, ModelStore(root), name="default")
+    publish_tiny_model(root)
     return root
 
 
-def free_port() -> int:
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-class EntrypointServer:
+class EntrypointServer(Server):
     """The container's entrypoint (`docker/entrypoint.sh`, which runs `zsad serve`) on 127.0.0.1 and a free port."""
 
     def __init__(self, env: dict[str, str], log_path: Path):
-        self.port = free_port()
-        self.url = f"http://127.0.0.1:{self.port}"
+        super().__init__({}, log_path, ["sh", str(REPO / "docker" / "entrypoint.sh")])
         path = f"{VENV_BIN}{os.pathsep}{os.environ.get('PATH', '')}"
-        self.env = {**os.environ, "PATH": path, "ZSAD_ENTRYPOINT_PYTHON": sys.executable, "PYTHONUNBUFFERED": "1",
-                    "PYTHONPATH": str(REPO), "ZSAD_HOST": "127.0.0.1", "ZSAD_PORT": str(self.port),
-                    "ZSAD_LOG_LEVEL": "warning", **env}
-        self.log_path = log_path
-        self.proc: subprocess.Popen | None = None
+        self.env.update({"PATH": path, "ZSAD_ENTRYPOINT_PYTHON": sys.executable, "PYTHONPATH": str(REPO),
+                         "ZSAD_HOST": "127.0.0.1", "ZSAD_PORT": str(self.port), "ZSAD_LOG_LEVEL": "warning", **env})
 
-    def start(self, timeout: float = 120.0) -> "EntrypointServer":
-        import httpx
 
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen(["sh", str(REPO / "docker" / "entrypoint.sh")], cwd=REPO, env=self.env,
-                                     stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited with {self.proc.returncode}: {self.log()}")
-            try:
-                r = httpx.get(self.url + "/readyz", timeout=2)
-                if r.status_code == 200:
-                    return self
-                if r.json().get("status") == "failed":
-                    raise RuntimeError(f"server not ready: {r.text}")
-            except httpx.TransportError:
-                pass
-            time.sleep(0.1)
-        self.stop()
-        raise TimeoutError(f"server not ready in {timeout} s: {self.log()}")
-
-    def log(self) -> str:
-        try:
-            return self.log_path.read_text(errors="replace")[-3000:]
-        except OSError:
-            return ""
-
-    def stop(self, timeout: float = 30.0) -> int | None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(timeout)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
-                self.proc.wait(10)
-        if getattr(self, "_log", None):
-            self._log.close()
-        return self.proc.returncode if self.proc else None
