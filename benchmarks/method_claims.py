@@ -62,6 +62,10 @@ def main() -> None:
     for kinds in (HELD_OUT_KINDS, TRAIN_KINDS):
         write_mvtec(data, DatasetSpec(kinds=tuple(kinds), seed=args.seed, n_train=0, n_good=args.n_good,
                                       n_defect=args.n_defect, size=size))
+    # Score calibration images, as for the shipped model: clean renders of training kinds, their own seed.
+    cal_dir = tmp / "calibration"
+    write_mvtec(cal_dir, DatasetSpec(kinds=tuple(TRAIN_KINDS), seed=777, n_train=30, n_good=0, n_defect=0, size=size))
+    calibration = sorted(cal_dir.rglob("*.png"))
 
     spec = ClipSpec("store", name=args.clip, version=clip_manifest["version"],
                     sha256=clip_manifest["files"][clip_manifest.get("weights", "open_clip_model.safetensors")])
@@ -72,7 +76,8 @@ def main() -> None:
     for version, n, random_words in settings:
         cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=n, seed=0), fnn=FNNConfig(seed=0), random_words=random_words,
                           window_scales=tuple(int(x) for x in args.window_scales.split(",")))
-        res = train_fnn_model(backend, cfg, store, "claims", version=version, make_current=True)
+        res = train_fnn_model(backend, cfg, store, "claims", version=version, make_current=True,
+                              calibration_images=calibration, calibration_reference="seen kinds, seed 777")
         versions.append(version)
         train_info[version] = {"val_auroc_random_word": round(res.report.val_auroc, 4),
                                "val_auroc_clean": round(res.clean_auroc, 4), "seconds": round(res.seconds, 1)}

@@ -71,8 +71,16 @@ def cmd_train(args: argparse.Namespace) -> int:
     )
     print(f"training FNN on {spec.label()} with {args.n_pairs} prompt pairs "
           f"({'random words' if cfg.random_words else 'no random words'}), seed {args.seed}", file=sys.stderr)
+    calibration = _images_in(args.calibration_images) if args.calibration_images else None
+    if args.calibration_images and not calibration:
+        raise CliError(f"no images found in {', '.join(args.calibration_images)}")
+    reference = None
+    if calibration:
+        reference = f"{len(calibration)} normal images" + (f": {args.calibration_note}" if args.calibration_note
+                                                            else f" from {', '.join(args.calibration_images)}")
     result = train_fnn_model(backend, cfg, None if args.dry_run else store, args.name, args.version,
-                             not args.no_current, progress=not args.quiet)
+                             not args.no_current, progress=not args.quiet, calibration_images=calibration,
+                             calibration_reference=reference)
     out = {
         "name": args.name,
         "version": result.version,
@@ -83,6 +91,17 @@ def cmd_train(args: argparse.Namespace) -> int:
     }
     print(json.dumps(out))
     return 0
+
+
+def _images_in(folders: list[str]) -> list[Path]:
+    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
+    found: list[Path] = []
+    for folder in folders:
+        root = Path(folder)
+        if not root.exists():
+            raise CliError(f"{root} does not exist")
+        found += sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.suffix.lower() in exts)
+    return found
 
 
 # --- score ------------------------------------------------------------------------------------------------------
@@ -190,6 +209,10 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocabulary", help="vocabulary JSON (default: service/data/vocabulary.json)")
     t.add_argument("--window-scales", help="heatmap window sizes to recommend in the manifest, e.g. 1,2,3 "
                    "(default: none recorded; the service then uses WinCLIP's 2,3)")
+    t.add_argument("--calibration-images", nargs="+", metavar="DIR",
+                   help="unlabeled normal images (folders or files): record a score calibration so that 0.5 means "
+                        "'above 99%% of these normal images' and s_fnn / s_pr share one scale")
+    t.add_argument("--calibration-note", help="describe the calibration images in the manifest (default: their paths)")
     t.add_argument("--seed", type=int, default=0)
     t.add_argument("--lr", type=float, default=1e-3)
     t.add_argument("--epochs", type=int, default=60)

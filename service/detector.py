@@ -21,7 +21,7 @@ from PIL import Image
 from .clip_backend import ClipBackend, ClipLoadError, ClipSpec, load_clip
 from .fnn import FNN
 from .prompts import Vocabulary, ensemble
-from .scoring import SCORE_NAMES, PromptAnchors, all_scores, anchors_from_embeddings
+from .scoring import SCORE_NAMES, Calibration, PromptAnchors, all_scores, anchors_from_embeddings
 from .settings import Settings
 from .store import ModelStore, StoreError
 from .train import load_fnn_from_store
@@ -94,7 +94,12 @@ class Detector:
 
     def score_embeddings(self, emb: torch.Tensor, object_name: str | None = None) -> dict[str, torch.Tensor]:
         s = self.settings
-        return all_scores(emb, self.fnn, self.anchors(object_name), s.prompt_temperature, s.combine_weight)
+        return all_scores(emb, self.fnn, self.anchors(object_name), s.prompt_temperature, s.combine_weight,
+                          self.calibration)
+
+    @property
+    def calibration(self) -> Calibration:
+        return Calibration.from_manifest(self.manifest.get("calibration"))
 
     @torch.inference_mode()
     def embed(

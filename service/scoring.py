@@ -32,18 +32,53 @@ def anchors_from_embeddings(object_name: str, normal: torch.Tensor, anomalous: t
     return PromptAnchors(object_name, F.normalize(normal.mean(0), dim=-1), F.normalize(anomalous.mean(0), dim=-1))
 
 
-def s_fnn(emb: torch.Tensor, fnn: FNN) -> torch.Tensor:
+@dataclass(frozen=True)
+class Calibration:
+    """Per-score affine maps of the logit, fitted on *normal* reference images (never on test data).
+
+    Why: the FNN is trained on text, so its logit scale on images is arbitrary (it saturates at 1.0 on the tiny model,
+    which both ties scores and makes "combined" just s_pr). With z = (logit - offset) / scale, where `offset` is the
+    reference images' `quantile` logit and `scale` their spread, a score of 0.5 means "as anomalous as the top
+    (1 - quantile) of normal reference images", and both scores live on one scale before they are combined.
+    """
+
+    fnn: tuple[float, float] | None = None  # (offset, scale)
+    prompt: tuple[float, float] | None = None
+
+    @classmethod
+    def from_manifest(cls, data: dict | None) -> "Calibration":
+        data = data or {}
+        return cls(*(tuple(data[k]) if data.get(k) else None for k in ("fnn", "prompt")))
+
+
+def _apply(logit: torch.Tensor, affine: tuple[float, float] | None) -> torch.Tensor:
+    # float64: sigmoid of large logits rounds to exactly 1.0 in float32, which ties scores
+    logit = logit.double()
+    return torch.sigmoid(logit if affine is None else (logit - affine[0]) / affine[1])
+
+
+def fnn_logit(emb: torch.Tensor, fnn: FNN) -> torch.Tensor:
     shape = emb.shape[:-1]
     fnn = fnn.to(emb.device)
-    return fnn.score(emb.reshape(-1, emb.shape[-1])).reshape(shape)
+    with torch.inference_mode():
+        return fnn(emb.reshape(-1, emb.shape[-1])).reshape(shape)
 
 
-def s_pr(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = 0.07) -> torch.Tensor:
-    """softmax([cos(f, t_n), cos(f, t_a)] / T)[anomalous]."""
+def prompt_logit(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = 0.07) -> torch.Tensor:
+    """(cos(f, t_a) - cos(f, t_n)) / T: the logit of WinCLIP's two-class softmax."""
     anchors = anchors.to(emb.device)
     f = F.normalize(emb.float(), dim=-1)
-    logits = torch.stack([f @ anchors.normal, f @ anchors.anomalous], dim=-1) / temperature
-    return logits.softmax(dim=-1)[..., 1]
+    return (f @ anchors.anomalous - f @ anchors.normal) / temperature
+
+
+def s_fnn(emb: torch.Tensor, fnn: FNN, calibration: Calibration | None = None) -> torch.Tensor:
+    return _apply(fnn_logit(emb, fnn), calibration.fnn if calibration else None)
+
+
+def s_pr(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = 0.07,
+         calibration: Calibration | None = None) -> torch.Tensor:
+    """softmax([cos(f, t_n), cos(f, t_a)] / T)[anomalous] (= sigmoid of `prompt_logit`), optionally calibrated."""
+    return _apply(prompt_logit(emb, anchors, temperature), calibration.prompt if calibration else None)
 
 
 def combine(fnn_score: torch.Tensor, prompt_score: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
@@ -52,7 +87,18 @@ def combine(fnn_score: torch.Tensor, prompt_score: torch.Tensor, weight: float =
 
 
 def all_scores(
-    emb: torch.Tensor, fnn: FNN, anchors: PromptAnchors, temperature: float = 0.07, weight: float = 0.5
+    emb: torch.Tensor, fnn: FNN, anchors: PromptAnchors, temperature: float = 0.07, weight: float = 0.5,
+    calibration: Calibration | None = None,
 ) -> dict[str, torch.Tensor]:
-    f, p = s_fnn(emb, fnn), s_pr(emb, anchors, temperature)
+    f, p = s_fnn(emb, fnn, calibration), s_pr(emb, anchors, temperature, calibration)
     return {"fnn": f, "prompt": p, "combined": combine(f, p, weight)}
+
+
+def fit_calibration(fnn_logits: torch.Tensor, prompt_logits: torch.Tensor, quantile: float = 0.99) -> dict:
+    """Manifest entry: for each score, (logit at `quantile` of the normal reference images, their std)."""
+    def fit(x: torch.Tensor) -> list[float]:
+        x = x.double().flatten()
+        return [float(torch.quantile(x, quantile)), max(float(x.std()), 1e-6)]
+
+    return {"quantile": quantile, "n_images": int(fnn_logits.numel()), "fnn": fit(fnn_logits),
+            "prompt": fit(prompt_logits)}

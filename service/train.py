@@ -57,6 +57,30 @@ def build_pairs(vocab: Vocabulary, cfg: TrainConfig):
     ]
 
 
+def calibrate_on_images(
+    backend: ClipBackend, fnn, vocab: Vocabulary, paths: list[Path], generic_object: str = "object",
+    temperature: float = 0.07, quantile: float = 0.99, batch_size: int = 64,
+) -> dict[str, Any]:
+    """Score calibration (see scoring.Calibration) from unlabeled *normal* reference images."""
+    from .preprocess import load_image, to_pixels
+    from .prompts import ensemble
+    from .scoring import anchors_from_embeddings, fit_calibration, fnn_logit, prompt_logit
+
+    if not paths:
+        raise ValueError("no calibration images given")
+    normal, anomalous = ensemble(vocab, generic_object)
+    text = backend.encode_text(normal + anomalous)
+    anchors = anchors_from_embeddings(generic_object, text[: len(normal)], text[len(normal) :])
+    f_logits, p_logits = [], []
+    for start in range(0, len(paths), batch_size):
+        images = [load_image(p) for p in paths[start : start + batch_size]]
+        pixels, _ = to_pixels(images, backend.image_size, backend.mean, backend.std)
+        emb = backend.encode_image(pixels)
+        f_logits.append(fnn_logit(emb, fnn.to(emb.device)).cpu())
+        p_logits.append(prompt_logit(emb, anchors, temperature).cpu())
+    return fit_calibration(torch.cat(f_logits), torch.cat(p_logits), quantile)
+
+
 def train_fnn_model(
     backend: ClipBackend,
     cfg: TrainConfig,
@@ -65,8 +89,14 @@ def train_fnn_model(
     version: str | None = None,
     make_current: bool = True,
     progress: bool = False,
+    calibration_images: list[Path] | None = None,
+    calibration_reference: str | None = None,
 ) -> TrainResult:
-    """Train an FNN on `backend`'s text tower; publish it to `store` when given."""
+    """Train an FNN on `backend`'s text tower; publish it to `store` when given.
+
+    With `calibration_images` (unlabeled normal images, e.g. a line's good parts), the manifest also records a score
+    calibration so that 0.5 means "above 99% of normal reference images" and s_fnn / s_pr share one scale.
+    """
     t0 = time.perf_counter()
     vocab = Vocabulary.load(cfg.vocabulary_path)
     pairs = build_pairs(vocab, cfg)
@@ -104,6 +134,11 @@ def train_fnn_model(
     }
     if cfg.window_scales:
         manifest["windows"] = {"scales": list(cfg.window_scales)}
+    if calibration_images:
+        manifest["calibration"] = {
+            **calibrate_on_images(backend, fnn, vocab, list(calibration_images), cfg.generic_object),
+            "reference": calibration_reference or f"{len(calibration_images)} normal images",
+        }
     result_version = None
     if store is not None:
         result_version = store.publish(name, {FNN_FILE: fnn_to_bytes(fnn)}, manifest, version, make_current)

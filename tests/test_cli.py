@@ -69,3 +69,27 @@ def test_fetch_weights_offline_fails_with_nonzero_exit(tmp_path, capsys, monkeyp
     assert rc == 1
     err = capsys.readouterr().err
     assert "offline" in err and "zsad fetch-weights" in err
+
+
+def test_train_records_a_score_calibration_from_normal_images(tiny_store, tmp_path, capsys):
+    import shutil
+
+    root, _ = tiny_store
+    store = tmp_path / "store"
+    shutil.copytree(root, store)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(1)
+    for i in range(12):
+        Image.fromarray(rng.integers(80, 120, (32, 32, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    assert main(["--store", str(store), "train", "--clip", "tiny-clip", "--n-pairs", "100", "--epochs", "1",
+                 "--name", "cal", "--quiet", "--calibration-images", str(normal)]) == 0
+    manifest = json.loads((store / "cal" / "v1" / "manifest.json").read_text())
+    assert manifest["calibration"]["n_images"] == 12 and len(manifest["calibration"]["fnn"]) == 2
+    # The calibrated model puts most of its own normal reference images below 0.5.
+    capsys.readouterr()
+    assert main(["--store", str(store), "score", *map(str, sorted(normal.iterdir())), "--model-ref", "cal"]) == 0
+    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
+    assert sum(l["s_fnn"] <= 0.5 for l in lines) >= 10 and sum(l["s_pr"] <= 0.5 for l in lines) >= 10
+    assert main(["--store", str(store), "train", "--clip", "tiny-clip", "--name", "x", "--quiet",
+                 "--calibration-images", str(tmp_path / "nowhere")]) == 1
