@@ -51,7 +51,7 @@ class Calibration:
         return cls(*(tuple(data[k]) if data.get(k) else None for k in ("fnn", "prompt")))
 
 
-def _apply(logit: torch.Tensor, affine: tuple[float, float] | None) -> torch.Tensor:
+def calibrated_score(logit: torch.Tensor, affine: tuple[float, float] | None) -> torch.Tensor:
     # float64: sigmoid of large logits rounds to exactly 1.0 in float32, which ties scores
     logit = logit.double()
     return torch.sigmoid(logit if affine is None else (logit - affine[0]) / affine[1])
@@ -72,13 +72,13 @@ def prompt_logit(emb: torch.Tensor, anchors: PromptAnchors, temperature: float =
 
 
 def s_fnn(emb: torch.Tensor, fnn: FNN, calibration: Calibration | None = None) -> torch.Tensor:
-    return _apply(fnn_logit(emb, fnn), calibration.fnn if calibration else None)
+    return calibrated_score(fnn_logit(emb, fnn), calibration.fnn if calibration else None)
 
 
 def s_pr(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = 0.07,
          calibration: Calibration | None = None) -> torch.Tensor:
     """softmax([cos(f, t_n), cos(f, t_a)] / T)[anomalous] (= sigmoid of `prompt_logit`), optionally calibrated."""
-    return _apply(prompt_logit(emb, anchors, temperature), calibration.prompt if calibration else None)
+    return calibrated_score(prompt_logit(emb, anchors, temperature), calibration.prompt if calibration else None)
 
 
 def combine(fnn_score: torch.Tensor, prompt_score: torch.Tensor, weight: float = 0.5) -> torch.Tensor:

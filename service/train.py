@@ -59,12 +59,13 @@ def build_pairs(vocab: Vocabulary, cfg: TrainConfig):
 
 def calibrate_on_images(
     backend: ClipBackend, fnn, vocab: Vocabulary, paths: list[Path], generic_object: str = "object",
-    temperature: float = 0.07, quantile: float = 0.99, batch_size: int = 64,
+    temperature: float = 0.07, quantile: float = 0.99, batch_size: int = 64, combine_weight: float = 0.5,
 ) -> dict[str, Any]:
     """Score calibration (see scoring.Calibration) from unlabeled *normal* reference images."""
     from .preprocess import load_image, to_pixels
     from .prompts import ensemble
-    from .scoring import anchors_from_embeddings, fit_calibration, fnn_logit, prompt_logit
+    from .scoring import (Calibration, anchors_from_embeddings, calibrated_score, combine, fit_calibration, fnn_logit,
+                          prompt_logit)
 
     if not paths:
         raise ValueError("no calibration images given")
@@ -78,7 +79,14 @@ def calibrate_on_images(
         emb = backend.encode_image(pixels)
         f_logits.append(fnn_logit(emb, fnn.to(emb.device)).cpu())
         p_logits.append(prompt_logit(emb, anchors, temperature).cpu())
-    return fit_calibration(torch.cat(f_logits), torch.cat(p_logits), quantile)
+    f_all, p_all = torch.cat(f_logits), torch.cat(p_logits)
+    fitted = fit_calibration(f_all, p_all, quantile)
+    cal = Calibration.from_manifest(fitted)
+    f, p = calibrated_score(f_all, cal.fnn), calibrated_score(p_all, cal.prompt)
+    scores = {"fnn": f, "prompt": p, "combined": combine(f, p, combine_weight)}
+    # The service's default threshold: the same false-reject rate on the reference images, for every score.
+    fitted["threshold_advice"] = {k: float(torch.quantile(v, quantile)) for k, v in scores.items()}
+    return fitted
 
 
 def train_fnn_model(
@@ -135,10 +143,11 @@ def train_fnn_model(
     if cfg.window_scales:
         manifest["windows"] = {"scales": list(cfg.window_scales)}
     if calibration_images:
-        manifest["calibration"] = {
-            **calibrate_on_images(backend, fnn, vocab, list(calibration_images), cfg.generic_object),
-            "reference": calibration_reference or f"{len(calibration_images)} normal images",
-        }
+        calibration = calibrate_on_images(backend, fnn, vocab, list(calibration_images), cfg.generic_object)
+        manifest["threshold_advice"] = {**calibration.pop("threshold_advice"),
+                                        "basis": "1% false rejects on the calibration images"}
+        manifest["calibration"] = {**calibration,
+                                   "reference": calibration_reference or f"{len(calibration_images)} normal images"}
     result_version = None
     if store is not None:
         result_version = store.publish(name, {FNN_FILE: fnn_to_bytes(fnn)}, manifest, version, make_current)

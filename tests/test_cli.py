@@ -86,6 +86,7 @@ def test_train_records_a_score_calibration_from_normal_images(tiny_store, tmp_pa
                  "--name", "cal", "--quiet", "--calibration-images", str(normal)]) == 0
     manifest = json.loads((store / "cal" / "v1" / "manifest.json").read_text())
     assert manifest["calibration"]["n_images"] == 12 and len(manifest["calibration"]["fnn"]) == 2
+    assert set(manifest["threshold_advice"]) >= {"fnn", "prompt", "combined"}
     # The calibrated model puts most of its own normal reference images below 0.5.
     capsys.readouterr()
     assert main(["--store", str(store), "score", *map(str, sorted(normal.iterdir())), "--model-ref", "cal"]) == 0

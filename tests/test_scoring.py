@@ -51,6 +51,6 @@ def test_calibration_puts_the_reference_quantile_at_one_half_and_keeps_the_order
 
 def test_scores_do_not_saturate_to_ties():
     big = torch.tensor([20.0, 25.0, 30.0])  # float32 sigmoid rounds all of these to exactly 1.0
-    from service.scoring import _apply
+    from service.scoring import calibrated_score
 
-    assert len(set(_apply(big, None).tolist())) == 3
+    assert len(set(calibrated_score(big, None).tolist())) == 3
