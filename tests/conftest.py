@@ -12,6 +12,14 @@ from service.tokenizer import CharTokenizer
 CHAR_CTX = 64
 
 
+@pytest.fixture(autouse=True, scope="session")
+def _exact_cpu_precision():
+    """Tests compare against fp32 references to 1e-5: keep precision 'auto' at fp32 on bf16-capable CPUs too."""
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr("service.clip_backend.cpu_has_native_bf16", lambda: False)
+        yield
+
+
 def tiny_cfg(tower: str = "rn", image_size: int = 64) -> dict:
     """A small open_clip config: CNN (ModifiedResNet + attention pool) or ViT image tower, char text tower."""
     vocab = CharTokenizer(CHAR_CTX).vocab_size

@@ -101,7 +101,12 @@ def test_centres_are_applied_to_both_modalities(tmp_path):
     assert backend.info["centers_reference"] == "unit test"
 
 
-def test_precision_policy():
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32
+def test_precision_policy(monkeypatch):
+    import service.clip_backend as cb
+
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # tests run with native bf16 switched off
+    monkeypatch.setattr(cb, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
+    assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
