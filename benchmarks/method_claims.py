@@ -20,7 +20,6 @@ import tempfile
 import time
 from pathlib import Path
 
-import numpy as np
 from sklearn.metrics import roc_auc_score
 
 from service.cli import main as zsad

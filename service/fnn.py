@@ -7,7 +7,6 @@ deterministic for a seed.
 """
 from __future__ import annotations
 
-import io
 from dataclasses import asdict, dataclass
 
 import torch

@@ -40,7 +40,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .fast_transformer import block_forward, block_ok, offsets
+from .fast_transformer import block_forward, block_ok
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clip_backend import ClipBackend

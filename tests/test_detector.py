@@ -1,6 +1,5 @@
 import numpy as np
 import pytest
-import torch
 from PIL import Image
 
 from service.clip_backend import load_clip

@@ -16,7 +16,7 @@ import pytest
 from PIL import Image
 
 from service.settings import Settings
-from tests.api.helpers import Server, free_port
+from tests.api.helpers import Server
 from tests.conftest import publish_tiny_model
 
 REPO = Path(__file__).resolve().parents[2]

@@ -18,7 +18,9 @@ import pytest
 
 from service.cli import build_parser
 
-from .conftest import REPO, VENV_BIN, free_port, known_zsad_var, which
+from tests.api.helpers import free_port
+
+from .conftest import REPO, VENV_BIN, known_zsad_var, which
 
 DOCKERFILE = REPO / "Dockerfile"
 ENTRYPOINT = REPO / "docker" / "entrypoint.sh"
