@@ -55,6 +55,17 @@ class ImageEmbedding:
 
 
 @dataclass
+class Prepared:
+    """One image already resized and normalised for a model input (`Detector.prepare`): lets the service do this
+    CPU work in its decode threads instead of on the single inference thread."""
+
+    image: Image.Image
+    pixels: torch.Tensor  # [3, S, S]
+    geometry: "Geometry"
+    key: tuple  # the input spec it was made for; a reloaded model with another input re-prepares from `image`
+
+
+@dataclass
 class Detector:
     backend: ClipBackend
     fnn: FNN
@@ -101,18 +112,34 @@ class Detector:
     def calibration(self) -> Calibration:
         return Calibration.from_manifest(self.manifest.get("calibration"))
 
+    def input_key(self) -> tuple:
+        b = self.backend
+        return (b.image_size, tuple(b.mean), tuple(b.std), self.settings.resize_policy)
+
+    def prepare(self, image: Image.Image) -> Prepared:
+        from .preprocess import to_pixels
+
+        b = self.backend
+        pixels, geoms = to_pixels([image], b.image_size, b.mean, b.std, self.settings.resize_policy)
+        return Prepared(image, pixels[0], geoms[0], self.input_key())
+
+    def _pixels(self, images: Sequence[Image.Image | Prepared]) -> tuple[torch.Tensor, list["Geometry"]]:
+        key = self.input_key()
+        items = [im if isinstance(im, Prepared) and im.key == key
+                 else self.prepare(im.image if isinstance(im, Prepared) else im) for im in images]
+        return torch.stack([p.pixels for p in items]), [p.geometry for p in items]
+
     @torch.inference_mode()
     def embed(
-        self, images: Sequence[Image.Image], heatmap: bool = True, timings: dict[str, float] | None = None
+        self, images: Sequence[Image.Image | Prepared], heatmap: bool = True, timings: dict[str, float] | None = None
     ) -> list[ImageEmbedding]:
         """CLIP embeddings of a batch: global, plus windows when `heatmap` (one backbone pass either way)."""
-        from .preprocess import to_pixels
         from .windows import embed_image_and_windows
 
         s = self.settings
         timings = timings if timings is not None else {}
         t = time.perf_counter()
-        pixels, geoms = to_pixels(images, self.backend.image_size, self.backend.mean, self.backend.std, s.resize_policy)
+        pixels, geoms = self._pixels(images)
         t = _lap(timings, "preprocess", t)
         if not heatmap:
             glob = self.backend.encode_image(pixels)
@@ -160,7 +187,7 @@ class Detector:
 
     def detect(
         self,
-        images: Sequence[Image.Image],
+        images: Sequence[Image.Image | Prepared],
         object_name: str | None = None,
         heatmap: bool = True,
         timings: dict[str, float] | None = None,

@@ -49,6 +49,11 @@ class Decoded:
     format: str
     seconds: float
     filename: str | None
+    prepared: Any = None  # detector.Prepared: resized + normalised here, off the inference thread
+
+    @property
+    def model_input(self) -> Any:
+        return self.prepared if self.prepared is not None else self.image
 
 
 def _label(upload: Upload, index: int, total: int) -> str:
@@ -57,7 +62,7 @@ def _label(upload: Upload, index: int, total: int) -> str:
     return f"file {index + 1}" + (f" ({upload.filename!r})" if upload.filename else "")
 
 
-def decode_upload(upload: Upload, max_pixels: int, what: str = "image") -> Decoded:
+def decode_upload(upload: Upload, max_pixels: int, what: str = "image", prepare: Any = None) -> Decoded:
     """Allow-list check on the magic bytes, then `preprocess.load_image`. Raises ApiError (4xx)."""
     from ..preprocess import ImageError, load_image
 
@@ -79,17 +84,21 @@ def decode_upload(upload: Upload, max_pixels: int, what: str = "image") -> Decod
         raise ApiError(400, "invalid_image", f"{what}: {message}") from None
     except Exception as exc:  # noqa: BLE001 - anything else a decoder throws is still the caller's bad file
         raise ApiError(400, "invalid_image", f"{what} cannot be decoded: {type(exc).__name__}") from None
-    return Decoded(image, fmt, time.perf_counter() - t, upload.filename)
+    prepared = prepare(image) if prepare is not None else None
+    return Decoded(image, fmt, time.perf_counter() - t, upload.filename, prepared)
 
 
-def decode_all(uploads: list[Upload], max_pixels: int) -> list[Decoded]:
-    return [decode_upload(u, max_pixels, _label(u, i, len(uploads))) for i, u in enumerate(uploads)]
+def decode_all(uploads: list[Upload], max_pixels: int, prepare: Any = None) -> list[Decoded]:
+    return [decode_upload(u, max_pixels, _label(u, i, len(uploads)), prepare) for i, u in enumerate(uploads)]
 
 
 async def decode_in_pool(state: "AppState", uploads: list[Upload]) -> list[Decoded]:
     """Decode in the thread pool, at most `state.decode_limiter` requests at once: a decoded 50 MP image takes
-    150 MB, so decoding concurrency is bounded by the cores rather than by the thread pool size."""
-    return await to_thread.run_sync(decode_all, uploads, state.settings.max_pixels, limiter=state.decode_limiter)
+    150 MB, so decoding concurrency is bounded by the cores rather than by the thread pool size. The images are
+    also resized and normalised for the current model here, in parallel, so the inference thread only runs CLIP."""
+    prepare = getattr(state.detector, "prepare", None)
+    return await to_thread.run_sync(decode_all, uploads, state.settings.max_pixels, prepare,
+                                    limiter=state.decode_limiter)
 
 
 async def infer(state: "AppState", images: list[Image.Image], object_name: str | None, heatmap: bool,
@@ -150,7 +159,7 @@ async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectO
     deadline = start + settings.request_timeout_s
     state.require_ready()  # before spending time on decoding
     decoded = await decode_in_pool(state, uploads)
-    results = await infer(state, [d.image for d in decoded], opts.object_name, opts.heatmap != "none", deadline)
+    results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none", deadline)
 
     manifest = state.detector.manifest if state.detector is not None else None
     keep_png = state.results.keep_heatmaps

@@ -242,7 +242,7 @@ async def calibrate_product(
     for i in range(0, len(uploads), chunk):  # decode and score a chunk at a time: memory stays bounded
         part = uploads[i: i + chunk]
         decoded = await decode_in_pool(state, part)
-        results = await infer(state, [d.image for d in decoded], obj, False, deadline)
+        results = await infer(state, [d.model_input for d in decoded], obj, False, deadline)
         scores.extend(float(r.detection.scores[score_name]) for r in results)
         model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
         for u in part:

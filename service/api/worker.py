@@ -38,7 +38,7 @@ class WorkerStopped(Exception):
 
 @dataclass
 class Job:
-    image: Image.Image
+    image: Any  # a PIL image, or a detector.Prepared made in the decode threads
     object_name: str | None
     heatmap: bool
     future: Future = field(default_factory=Future)
