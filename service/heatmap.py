@@ -27,6 +27,9 @@ def jet(values: np.ndarray) -> np.ndarray:
     return np.rint(rgb * 255.0).astype(np.uint8)
 
 
+_JET_LUT = jet(np.linspace(0.0, 1.0, 256))  # heat quantised to 256 levels -> RGB
+
+
 def _check(image_hw: tuple[int, int], heat: np.ndarray) -> np.ndarray:
     heat = np.asarray(heat, dtype=np.float32)
     if heat.shape != image_hw:
@@ -35,14 +38,20 @@ def _check(image_hw: tuple[int, int], heat: np.ndarray) -> np.ndarray:
 
 
 def overlay_png(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> bytes:
-    """PNG bytes of the JET-coloured `heat` [H, W] alpha-blended over `image` (weight `alpha` on the colours)."""
+    """PNG bytes of the JET-coloured `heat` [H, W] alpha-blended over `image` (weight `alpha` on the colours).
+
+    Heat is quantised to 256 levels through a JET lookup table and blended by Pillow in C; PNG compression level 1.
+    Why: this runs once per response; the float-numpy version with default compression took ~125 ms for a 640x480
+    camera image, this one ~26 ms (PNG ~20% larger, colours within 2 levels).
+    """
     if not 0.0 <= alpha <= 1.0:
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
-    base = np.asarray(image.convert("RGB"), dtype=np.float32)
-    heat = _check(base.shape[:2], heat)
-    blended = (1.0 - alpha) * base + alpha * jet(heat).astype(np.float32)
+    base = image.convert("RGB")
+    heat = _check((base.height, base.width), heat)
+    levels = np.rint(np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    blended = Image.blend(base, Image.fromarray(_JET_LUT[levels], mode="RGB"), alpha)
     buf = io.BytesIO()
-    Image.fromarray(np.clip(np.rint(blended), 0, 255).astype(np.uint8), mode="RGB").save(buf, format="PNG")
+    blended.save(buf, format="PNG", compress_level=1)
     return buf.getvalue()
 
 
