@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import json
+import os
 import threading
 import time
 
@@ -82,9 +83,26 @@ def _rec(i: int, **kw) -> NewResult:
     return NewResult(**base)
 
 
-def test_results_paging_is_stable_while_rows_arrive(tmp_path):
-    store = ResultsStore(None, tmp_path / "r.sqlite")
+@pytest.fixture(params=["sqlite", "postgresql"])
+def results_store(request, tmp_path):
+    """A fresh results store on SQLite, and on PostgreSQL when ZSAD_TEST_POSTGRES_URL names a server (CI starts one)."""
+    if request.param == "sqlite":
+        store = ResultsStore(None, tmp_path / "r.sqlite", keep_heatmaps=True, heatmap_retention=3)
+    else:
+        url = os.environ.get("ZSAD_TEST_POSTGRES_URL")
+        if not url:
+            pytest.skip("ZSAD_TEST_POSTGRES_URL is not set (no PostgreSQL server for this run)")
+        store = ResultsStore(url, tmp_path / "unused", keep_heatmaps=True, heatmap_retention=3)
+        from service.api.results import metadata
+
+        metadata.drop_all(store.engine)
     store.open()
+    yield store
+    store.close()
+
+
+def test_results_paging_is_stable_while_rows_arrive(results_store):
+    store = results_store
     original = store.add_many([_rec(i) for i in range(37)])
     seen: list[int] = []
     cursor = None
@@ -100,12 +118,10 @@ def test_results_paging_is_stable_while_rows_arrive(tmp_path):
     assert store.page(line="nope")[0] == []
     st = store.stats("L1", None, None)
     assert st["count"] == 37 + 8 and 0 < st["anomaly_rate"] < 1 and st["score"]["p50"] > 0
-    store.close()
 
 
-def test_heatmap_retention(tmp_path):
-    store = ResultsStore(None, tmp_path / "r.sqlite", keep_heatmaps=True, heatmap_retention=3)
-    store.open()
+def test_heatmap_retention(results_store):
+    store = results_store
     ids = store.add_many([_rec(i, heatmap_png=b"png%d" % i) for i in range(5)])
     ids += store.add_many([_rec(9, heatmap_png=b"last")])
     kept = [i for i in ids if store.heatmap(i) is not None]
@@ -177,9 +193,8 @@ def test_key_checker_scopes():
     assert not KeyChecker([], [""]).enabled
 
 
-def test_group_commit_under_concurrency_returns_every_callers_ids(tmp_path):
-    store = ResultsStore(None, tmp_path / "r.sqlite")
-    store.open()
+def test_group_commit_under_concurrency_returns_every_callers_ids(results_store):
+    store = results_store
     out: list[list[int]] = []
     lock = threading.Lock()
 
