@@ -113,7 +113,11 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     ckpt = args.ckpt or Path("runs") / cfg.out_name / "ckpt.pt"
     try:
         log(f"train-clip config: {json.dumps({k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'func'}, default=str)}")
-        result = train(cfg, ckpt_path=ckpt, resume=args.resume, log=log, progress=not args.quiet)
+        init = None
+        if args.init_from:
+            name, _, version = args.init_from.partition("@")
+            init = (store_root, name, version or None)
+        result = train(cfg, ckpt_path=ckpt, resume=args.resume, log=log, progress=not args.quiet, init_from=init)
         log(f"trained {result.steps_done}/{result.total_steps} steps in {result.wall_time_s:.0f} s on {result.device}")
         out = {"steps": result.steps_done, "wall_time_s": round(result.wall_time_s, 1), "checkpoint": str(ckpt)}
         if not args.no_publish:
@@ -154,6 +158,9 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--out-name", default="tiny-factory-clip", help="store name to publish under (default: %(default)s)")
     t.add_argument("--version", default=None, help="store version (default: the next vN)")
     t.add_argument("--resume", default=None, metavar="CKPT", help="continue from a checkpoint")
+    t.add_argument("--init-from", default=None, metavar="NAME[@VERSION]",
+                   help="start from a published CLIP's weights in the store (fresh optimiser and schedule), "
+                        "e.g. tiny-factory-clip@v1 when its checkpoint is gone")
     t.add_argument("--ckpt", type=Path, default=None, help="checkpoint path (default: runs/<out-name>/ckpt.pt)")
     t.add_argument("--ckpt-every", type=int, default=500, help="checkpoint every N steps (default: %(default)s)")
     t.add_argument("--log-every", type=int, default=20, help="log a JSON line every N steps (default: %(default)s)")

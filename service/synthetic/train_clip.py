@@ -199,10 +199,13 @@ def train(
     log: Callable[[str], None] | None = None,
     progress: bool = True,
     stop_after: int | None = None,
+    init_from: tuple[str | Path, str, str | None] | None = None,
 ) -> TrainResult:
     """Train; returns the model (on the CPU, fp32) and the curve. Publishing is `publish`.
 
     `stop_after` ends the run after that step with a checkpoint, as an interruption would (for `resume`).
+    `init_from` = (store root, name, version) starts from a published CLIP's weights (a fresh optimiser and schedule):
+    how a later, longer run builds on the shipped model when its checkpoint is gone.
     """
     log = log or (lambda msg: print(msg, file=sys.stderr))
     device = resolve_device(cfg.device)
@@ -212,7 +215,11 @@ def train(
         torch.backends.cuda.matmul.allow_tf32 = True
         torch.backends.cudnn.allow_tf32 = True
         torch.backends.cudnn.benchmark = True
-    model = build_model(cfg).to(device)
+    model = build_model(cfg)
+    if init_from is not None and not resume:
+        _load_published(model, cfg, *init_from)
+        log(f"initialised from {init_from[1]}@{init_from[2] or 'current'} in {init_from[0]}")
+    model = model.to(device)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=device.type == "cuda")
     start, total = 0, cfg.steps
@@ -313,6 +320,21 @@ def train(
     name = torch.cuda.get_device_name(device) if device.type == "cuda" else f"cpu ({torch.get_num_threads()} threads)"
     model = model.float().cpu().eval()
     return TrainResult(steps_done, total, losses, accs, wall, name, stopped, model=model)
+
+
+def _load_published(model: nn.Module, cfg: TrainClipConfig, store_root: str | Path, name: str,
+                    version: str | None) -> None:
+    """Copy a published CLIP's (fp16) weights into `model`; the architectures must match exactly."""
+    from safetensors.torch import load_file
+
+    from ..store import ModelStore
+
+    folder, manifest = ModelStore(store_root).verify(name, version)
+    stored = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg")
+    if stored != model_config(cfg):
+        raise ValueError(f"{name}@{manifest['version']} has another model config than this run: {stored}")
+    state = load_file(str(folder / manifest.get("weights", "open_clip_model.safetensors")))
+    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
 
 
 def _save_ckpt(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, total: int,

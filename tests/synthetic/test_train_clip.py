@@ -85,3 +85,18 @@ def test_published_clip_loads_back_with_the_same_embeddings(tmp_path, trained):
     assert torch.allclose(backend.encode_text(texts), want_txt, atol=1e-4)
     # The centres are the means the manifest names: the centred reference images are not all alike.
     assert backend.encode_image(pixels).std(0).mean() > 0
+
+
+def test_init_from_a_published_clip_starts_from_its_weights(tmp_path, trained):
+    cfg = _cfg()
+    version = publish(trained, cfg, tmp_path, device="cpu", log=lambda _: None)
+    published = load_clip(ClipSpec("store", name=cfg.out_name, version=version), tmp_path, device="cpu",
+                          precision="fp32").model.state_dict()
+    # A negligible lr: the parameters must end where the published (fp16) ones start, and not without init_from.
+    init = train(_cfg(steps=2, lr=1e-12), progress=False, log=lambda _: None, init_from=(tmp_path, cfg.out_name, version))
+    fresh = train(_cfg(steps=2, lr=1e-12), progress=False, log=lambda _: None)
+    for name, value in init.model.named_parameters():
+        assert torch.allclose(value, published[name], atol=1e-6), name
+    assert not torch.allclose(dict(fresh.model.named_parameters())["text_projection"], published["text_projection"])
+    with pytest.raises(ValueError, match="another model config"):
+        train(_cfg(steps=1, embed_dim=16), progress=False, log=lambda _: None, init_from=(tmp_path, cfg.out_name, version))
