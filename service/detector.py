@@ -11,7 +11,7 @@ from __future__ import annotations
 
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from typing import TYPE_CHECKING, Any, Sequence
 
 import numpy as np
@@ -198,7 +198,7 @@ class Detector:
 
     def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> "Detector":
         """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""
-        return Detector(self.backend, fnn.to(self.backend.device), manifest, self.vocab, self.settings, self._anchors)
+        return replace(self, fnn=fnn.to(self.backend.device), manifest=manifest)
 
 
 def _lap(timings: dict[str, float], stage: str, t0: float) -> float:

@@ -84,14 +84,17 @@ def make_pair(template: str, normal_state: str, anomalous_state: str, obj: str) 
     )
 
 
-def random_word_pairs(vocab: Vocabulary, cfg: RandomWordConfig) -> list[PromptPair]:
-    """`cfg.n_pairs` pairs with random words in the object slot; deterministic for `cfg.seed`."""
+def random_word_pairs(vocab: Vocabulary, cfg: RandomWordConfig, fixed_object: str | None = None) -> list[PromptPair]:
+    """`cfg.n_pairs` pairs with random words in the object slot; deterministic for `cfg.seed`.
+
+    `fixed_object` puts that word in the slot instead (the ablation "without random words"), with the same
+    sampling of templates and states."""
     rng = random.Random(cfg.seed)
     pairs = []
     for _ in range(cfg.n_pairs):
         template = rng.choice(vocab.templates)
         normal, anomalous = rng.choice(vocab.normal_states), rng.choice(vocab.anomalous_states)
-        pairs.append(make_pair(template, normal, anomalous, random_words(rng, cfg)))
+        pairs.append(make_pair(template, normal, anomalous, fixed_object or random_words(rng, cfg)))
     return pairs
 
 

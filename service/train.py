@@ -41,22 +41,6 @@ class TrainResult:
     seconds: float
 
 
-def build_pairs(vocab: Vocabulary, cfg: TrainConfig):
-    if cfg.random_words:
-        return random_word_pairs(vocab, cfg.prompts)
-    # Same sampling of template and states, plain object word instead of random words.
-    import random
-
-    rng = random.Random(cfg.prompts.seed)
-    from .prompts import make_pair
-
-    return [
-        make_pair(rng.choice(vocab.templates), rng.choice(vocab.normal_states), rng.choice(vocab.anomalous_states),
-                  cfg.generic_object)
-        for _ in range(cfg.prompts.n_pairs)
-    ]
-
-
 def calibrate_on_images(
     backend: ClipBackend, fnn, vocab: Vocabulary, paths: list[Path], generic_object: str = "object",
     temperature: float = 0.07, quantile: float = 0.99, batch_size: int = 64, combine_weight: float = 0.5,
@@ -107,7 +91,7 @@ def train_fnn_model(
     """
     t0 = time.perf_counter()
     vocab = Vocabulary.load(cfg.vocabulary_path)
-    pairs = build_pairs(vocab, cfg)
+    pairs = random_word_pairs(vocab, cfg.prompts, None if cfg.random_words else cfg.generic_object)
     texts = [p.normal for p in pairs] + [p.anomalous for p in pairs]
     emb = backend.encode_text(texts, progress=progress)
     normal, anomalous = emb[: len(pairs)], emb[len(pairs) :]

@@ -78,3 +78,13 @@ def test_vocabulary_file_is_validated(tmp_path):
 def test_bad_random_word_config():
     with pytest.raises(ValueError):
         RandomWordConfig(words_min=3, words_max=2)
+
+
+def test_fixed_object_ablation_keeps_the_template_and_state_sampling():
+    cfg = RandomWordConfig(n_pairs=30, seed=5)
+    plain = random_word_pairs(VOCAB, cfg, fixed_object="object")
+    randomised = random_word_pairs(VOCAB, cfg)
+    assert all(p.words == "object" for p in plain)
+    # Same rng stream for templates and states: only the object slot differs.
+    assert [p.template for p in plain[:1]] == [r.template for r in randomised[:1]]
+    assert plain[0].normal == randomised[0].normal.replace(randomised[0].words, "object")

@@ -37,10 +37,6 @@ def model_key(detector: Detector, heatmap: bool) -> str:
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
 
-def file_sha256(path: Path) -> str:
-    return hashlib.sha256(Path(path).read_bytes()).hexdigest()
-
-
 class EmbeddingCache:
     def __init__(self, root: str | Path, key: str):
         self.folder = Path(root) / key
@@ -84,12 +80,15 @@ class EmbeddingCache:
 def cached_embed(
     detector: Detector, paths: list[Path], images_loader, cache: EmbeddingCache | None, heatmap: bool
 ) -> list[ImageEmbedding]:
-    """Embeddings for `paths`, from the cache where present; the rest are computed in one batch and stored."""
-    digests = [file_sha256(p) for p in paths]
+    """Embeddings for `paths`, from the cache where present; the rest are computed in one batch and stored.
+
+    Each file is read once: its bytes give the cache key and, on a miss, are what `images_loader` decodes."""
+    data = [Path(p).read_bytes() for p in paths]
+    digests = [hashlib.sha256(d).hexdigest() for d in data]
     found: list[ImageEmbedding | None] = [cache.get(d) if cache else None for d in digests]
     todo = [i for i, e in enumerate(found) if e is None]
     if todo:
-        fresh = detector.embed([images_loader(paths[i]) for i in todo], heatmap=heatmap)
+        fresh = detector.embed([images_loader(data[i]) for i in todo], heatmap=heatmap)
         for i, emb in zip(todo, fresh):
             emb = ImageEmbedding(emb.global_emb.cpu(), {k: v.cpu() for k, v in emb.windows.items()}, emb.grid, emb.geometry)
             found[i] = emb

@@ -86,8 +86,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     cache = EmbeddingCache(args.cache, model_key(base, heatmap)) if args.cache else None
     category_of = {str(s.path): s.category for s in samples}
 
-    def load(path: Path):
-        return load_image(path, settings.max_pixels)
+    def load(source: Path | bytes):
+        return load_image(source, settings.max_pixels)
 
     def score_fn(paths: list[Path]) -> list[dict]:
         embs = cached_embed(base, paths, load, cache, heatmap)
