@@ -38,7 +38,7 @@ DEV = "cuda"
 
 def sync() -> None:
     if DEV == "cuda":
-        sync()
+        torch.cuda.synchronize()
 
 
 def images(n: int, size: int = 240, seed: int = 0) -> list[Image.Image]:
@@ -135,7 +135,7 @@ def main() -> None:
 
     try:
         gpu = load_detector(Settings(model_store=Path(args.store), device=DEV))
-        cpu = load_detector(Settings(model_store=Path(args.store), device="cpu"))
+        cpu = load_detector(Settings(model_store=Path(args.store), device="cpu", precision="fp32"))
         ims = images(4, 128)
         a, b = gpu.detect(ims), cpu.detect(ims)
         diff = max(abs(x.scores[k] - y.scores[k]) for x, y in zip(a, b) for k in x.scores)

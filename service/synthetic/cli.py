@@ -113,15 +113,17 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     ckpt = args.ckpt or Path("runs") / cfg.out_name / "ckpt.pt"
     try:
         log(f"train-clip config: {json.dumps({k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'func'}, default=str)}")
-        init = None
+        init, lineage = None, None
         if args.init_from:
             name, _, version = args.init_from.partition("@")
-            init = (store_root, name, version or None)
+            version = version or ModelStore(store_root).current(name)
+            init, lineage = (store_root, name, version), f"{name}@{version}"
         result = train(cfg, ckpt_path=ckpt, resume=args.resume, log=log, progress=not args.quiet, init_from=init)
         log(f"trained {result.steps_done}/{result.total_steps} steps in {result.wall_time_s:.0f} s on {result.device}")
         out = {"steps": result.steps_done, "wall_time_s": round(result.wall_time_s, 1), "checkpoint": str(ckpt)}
         if not args.no_publish:
-            out["version"] = publish(result, cfg, store_root, device=args.centre_device or cfg.device, log=log)
+            out["version"] = publish(result, cfg, store_root, device=args.centre_device or cfg.device, log=log,
+                                     init_from=lineage)
             out["name"] = cfg.out_name
             out["store"] = str(store_root)
         print(json.dumps(out))

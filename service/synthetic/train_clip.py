@@ -374,8 +374,12 @@ def modality_centres(model: nn.Module, cfg: TrainClipConfig, device: str | torch
 
 
 def publish(result: TrainResult, cfg: TrainClipConfig, store_root: str | Path, device: str = "cpu",
-            log: Callable[[str], None] | None = None) -> str:
-    """Compute the modality centres and publish the model (fp16 safetensors) as `cfg.out_name`."""
+            log: Callable[[str], None] | None = None, init_from: str | None = None) -> str:
+    """Compute the modality centres and publish the model (fp16 safetensors) as `cfg.out_name`.
+
+    `init_from` ("name@version") records the published model this run started from, so the manifest tells the
+    whole lineage (steps and wall time add up over it).
+    """
     from ..clip_backend import CLIP_WEIGHTS_FILE, save_store_clip
     from ..store import ModelStore
 
@@ -390,6 +394,7 @@ def publish(result: TrainResult, cfg: TrainClipConfig, store_root: str | Path, d
         "description": "in-house tiny CLIP trained from scratch on the synthetic factory world (service.synthetic)",
         "training": {
             "config": _jsonable(cfg),
+            "init_from": init_from,
             "steps_done": result.steps_done,
             "total_steps": result.total_steps,
             "stopped_by_budget": result.stopped_by_budget,

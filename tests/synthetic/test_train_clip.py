@@ -98,5 +98,9 @@ def test_init_from_a_published_clip_starts_from_its_weights(tmp_path, trained):
     for name, value in init.model.named_parameters():
         assert torch.allclose(value, published[name], atol=1e-6), name
     assert not torch.allclose(dict(fresh.model.named_parameters())["text_projection"], published["text_projection"])
+    # The continued model's manifest names what it started from.
+    later = publish(init, _cfg(), tmp_path, device="cpu", log=lambda _: None, init_from=f"{cfg.out_name}@{version}")
+    assert later != version
+    assert ModelStore(tmp_path).manifest(cfg.out_name, later)["training"]["init_from"] == f"{cfg.out_name}@{version}"
     with pytest.raises(ValueError, match="another model config"):
         train(_cfg(steps=1, embed_dim=16), progress=False, log=lambda _: None, init_from=(tmp_path, cfg.out_name, version))
