@@ -29,6 +29,8 @@ KIND_NOUNS: dict[str, tuple[str, ...]] = {
     "fabric": ("fabric", "cloth", "woven fabric", "textile", "carpet"),
     "leather": ("leather", "leather surface", "piece of leather", "hide"),
     "metal": ("brushed metal", "metal plate", "metal surface", "sheet metal"),
+    "widget": ("part", "component", "workpiece", "piece", "machined part"),
+    "pattern": ("surface", "material", "patterned surface", "textured material"),
 }
 GENERIC_NOUNS = ("object", "item", "part", "product")
 COLOUR_WORDS: dict[str, tuple[str, ...]] = {"gray": ("gray", "grey"), "gold": ("gold", "golden")}

@@ -82,7 +82,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
             render_size=args.render_size, image_size=args.image_size, device=args.device, workers=args.workers,
             max_minutes=args.max_minutes, fit_to_budget=args.fit_to_budget, out_name=args.out_name,
             version=args.version, log_every=args.log_every, ckpt_every=args.ckpt_every,
-            random_word_prob=args.random_word_prob, crop_prob=args.crop_prob,
+            random_word_prob=args.random_word_prob, crop_prob=args.crop_prob, random_kind_prob=args.random_kind_prob,
         )
     except ValueError as exc:
         _fail(args, str(exc))
@@ -153,6 +153,8 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes rendering batches (default: %(default)s)")
     t.add_argument("--random-word-prob", type=float, default=0.5, help="captions with random strings (default: %(default)s)")
+    t.add_argument("--random-kind-prob", type=float, default=0.0,
+                   help="share of scenes of the random-shape kinds widget/pattern (default: %(default)s)")
     t.add_argument("--crop-prob", type=float, default=0.3, help="close-up crops (default: %(default)s)")
     t.add_argument("--max-minutes", type=float, default=None, help="wall budget: stop cleanly and still publish")
     t.add_argument("--fit-to-budget", action="store_true",

@@ -19,6 +19,7 @@ from .captions import CaptionConfig, caption
 from .world import (
     HELD_OUT_KINDS,
     KINDS,
+    RANDOM_KINDS,
     TRAIN_KINDS,
     Crop,
     apply_crop,
@@ -68,10 +69,17 @@ class TwinPair:
 
 
 def make_twin_pair(seed: int, index: int, size: int, kinds: tuple[str, ...] = TRAIN_KINDS, crop_prob: float = 0.3,
-                   captions: CaptionConfig = CaptionConfig()) -> TwinPair:
-    """Training sample `index`: a twin with captions, ~`crop_prob` of them as close-ups."""
+                   captions: CaptionConfig = CaptionConfig(), random_kind_prob: float = 0.0) -> TwinPair:
+    """Training sample `index`: a twin with captions, ~`crop_prob` of them as close-ups.
+
+    ~`random_kind_prob` of the scenes are of `RANDOM_KINDS` (a new shape or texture each); at 0 no draw is made, so
+    the samples are exactly those of a run without random kinds.
+    """
     rng = seeded_rng(seed, STREAM_TRAIN, index)
-    scene = sample_scene(rng, kinds)
+    if random_kind_prob > 0 and rng.uniform() < random_kind_prob:
+        scene = sample_scene(rng, RANDOM_KINDS)
+    else:
+        scene = sample_scene(rng, kinds)
     twin = render_twins(scene, random_defect(rng), size)
     clean, defective, mask = twin.clean, twin.defective, twin.mask
     crop: Crop | None = None
@@ -116,6 +124,7 @@ class TwinBatches(torch.utils.data.Dataset):
     crop_prob: float = 0.3
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     context_length: int = 96
+    random_kind_prob: float = 0.0
 
     def __post_init__(self) -> None:
         self.kinds = check_training_kinds(self.kinds)
@@ -125,7 +134,8 @@ class TwinBatches(torch.utils.data.Dataset):
         return self.n_steps
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
-        items = [make_twin_pair(self.seed, step * self.pairs + j, self.size, self.kinds, self.crop_prob, self.captions)
+        items = [make_twin_pair(self.seed, step * self.pairs + j, self.size, self.kinds, self.crop_prob, self.captions,
+                                self.random_kind_prob)
                  for j in range(self.pairs)]
         images = np.stack([p.clean for p in items] + [p.defective for p in items])
         texts = [p.clean_caption for p in items] + [p.defective_caption for p in items]

@@ -105,17 +105,18 @@ def write_mvtec(out: str | Path, spec: DatasetSpec, overwrite: bool = False) -> 
 
 
 def parse_kinds(values: Sequence[str]) -> tuple[str, ...]:
-    """Kinds from CLI words: names, comma lists, or the groups 'all', 'seen' (training kinds), 'held-out'."""
-    from .world import TRAIN_KINDS
+    """Kinds from CLI words: names, comma lists, or the groups 'all' (the named kinds), 'seen' (training kinds),
+    'held-out' and 'random' (the domain-randomisation kinds)."""
+    from .world import NAMED_KINDS, RANDOM_KINDS, TRAIN_KINDS
 
-    groups = {"all": KINDS, "seen": TRAIN_KINDS, "train": TRAIN_KINDS, "held-out": HELD_OUT_KINDS,
+    groups = {"all": NAMED_KINDS, "random": RANDOM_KINDS, "seen": TRAIN_KINDS, "train": TRAIN_KINDS, "held-out": HELD_OUT_KINDS,
               "held_out": HELD_OUT_KINDS}
     out: list[str] = []
     for value in values:
         for word in filter(None, (w.strip() for w in value.split(","))):
             for kind in groups.get(word, (word,)):
                 if kind not in KINDS:
-                    raise ValueError(f"unknown kind {word!r} (known: {', '.join(KINDS)}, or all / seen / held-out)")
+                    raise ValueError(f"unknown kind {word!r} (known: {', '.join(KINDS)}, or all / seen / held-out / random)")
                 if kind not in out:
                     out.append(kind)
     return tuple(out)

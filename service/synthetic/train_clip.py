@@ -31,7 +31,7 @@ from ..clip_backend import resolve_device
 from ..tokenizer import CHAR_ALPHABET, CharTokenizer
 from .captions import CaptionConfig
 from .data import TwinBatches, check_training_kinds, clean_reference_images, reference_captions, worker_init
-from .world import DEFECTS, HELD_OUT_KINDS, TRAIN_KINDS
+from .world import DEFECTS, HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS
 
 OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
 OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
@@ -52,6 +52,7 @@ class TrainClipConfig:
     crop_prob: float = 0.3
     random_word_prob: float = 0.5
     kinds: tuple[str, ...] = TRAIN_KINDS
+    random_kind_prob: float = 0.0  # share of scenes of RANDOM_KINDS (domain randomisation)
     # model
     embed_dim: int = 128
     vision_width: int = 32
@@ -88,7 +89,7 @@ class TrainClipConfig:
             raise ValueError("--render-size must be >= 16")
         if self.lr <= 0:
             raise ValueError("--lr must be > 0")
-        for name in ("crop_prob", "random_word_prob"):
+        for name in ("crop_prob", "random_word_prob", "random_kind_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
 
@@ -235,7 +236,8 @@ def train(
     log(f"model: {n_params / 1e6:.2f} M parameters; device {device}; {cfg.batch} images/step; steps {start}->{total}")
 
     data = TwinBatches(cfg.seed, cfg.batch // 2, cfg.render_size, cfg.steps, cfg.kinds, cfg.crop_prob,
-                       CaptionConfig(random_word_prob=cfg.random_word_prob), cfg.context_length)
+                       CaptionConfig(random_word_prob=cfg.random_word_prob), cfg.context_length,
+                       cfg.random_kind_prob)
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=None,
@@ -408,6 +410,8 @@ def publish(result: TrainResult, cfg: TrainClipConfig, store_root: str | Path, d
         "synthetic_world": {
             "render_size": cfg.render_size,
             "train_kinds": list(cfg.kinds),
+            "random_kinds": list(RANDOM_KINDS) if cfg.random_kind_prob > 0 else [],
+            "random_kind_prob": cfg.random_kind_prob,
             "held_out_kinds": list(HELD_OUT_KINDS),
             "defects": list(DEFECTS),
         },

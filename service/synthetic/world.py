@@ -1,7 +1,12 @@
-"""The synthetic factory world: procedural images of 10 kinds with 7 local defects and exact pixel masks.
+"""The synthetic factory world: procedural images of 10 named kinds with 7 local defects and exact pixel masks.
 
 Why it exists: no pretrained CLIP can be downloaded here, so the in-house tiny CLIP is trained on this world, and the
 evaluation tests zero-shot transfer on kinds the CLIP never saw (`HELD_OUT_KINDS`).
+
+Two more kinds, `RANDOM_KINDS`, have no fixed look: every `widget` scene draws its own silhouette and inner parts,
+every `pattern` scene its own texture. They are domain randomisation for CLIP training: with only seven named
+training kinds the CLIP learns what a defect looks like *on those kinds*; parts of endless shapes push it towards
+what a defect looks like on anything.
 
 How a render works (all float32 in [0, 1] at the output size):
   background -> object layers (or a full-frame texture) -> [defect, local] -> lighting gradient -> sensor noise.
@@ -25,9 +30,11 @@ from .raster import grid, remap, value_noise
 
 OBJECT_KINDS = ("bottle_cap", "hex_nut", "screw", "pill", "cable", "gear")
 TEXTURE_KINDS = ("wood", "fabric", "leather", "metal")
-KINDS = OBJECT_KINDS + TEXTURE_KINDS
+NAMED_KINDS = OBJECT_KINDS + TEXTURE_KINDS
+RANDOM_KINDS = ("widget", "pattern")  # shape / texture drawn per scene: training-only domain randomisation
+KINDS = NAMED_KINDS + RANDOM_KINDS  # append only: dataset seeds use the index of a kind in this tuple
 HELD_OUT_KINDS = ("hex_nut", "pill", "leather")  # never seen by CLIP training, prompt design or any tuning
-TRAIN_KINDS = tuple(k for k in KINDS if k not in HELD_OUT_KINDS)
+TRAIN_KINDS = tuple(k for k in NAMED_KINDS if k not in HELD_OUT_KINDS)
 DEFECTS = ("scratch", "crack", "hole", "stain", "missing_piece", "deformation", "colour_spot")
 
 COLOURS: dict[str, tuple[float, float, float]] = {
@@ -89,7 +96,7 @@ class Scene:
 
     @property
     def is_texture(self) -> bool:
-        return self.kind in TEXTURE_KINDS
+        return self.kind in TEXTURE_KINDS or self.kind == "pattern"
 
 
 @dataclass(frozen=True)
@@ -127,7 +134,7 @@ def sample_scene(rng: np.random.Generator, kinds: Sequence[str] = TRAIN_KINDS, k
         if abs(float(luminance(cand)) - float(luminance(rgb))) > 0.22:
             background = cand
             break
-    scale_range = {"screw": (0.36, 0.46), "pill": (0.32, 0.42), "cable": (0.30, 0.38)}.get(kind, (0.28, 0.40))
+    scale_range = {"screw": (0.36, 0.46), "pill": (0.32, 0.42), "cable": (0.30, 0.38), "widget": (0.30, 0.44)}.get(kind, (0.28, 0.40))
     parts = {"gear": int(rng.integers(8, 17)), "bottle_cap": int(rng.integers(30, 56)), "cable": int(rng.integers(2, 4))}
     return Scene(
         kind=kind,
@@ -346,6 +353,40 @@ def _paint_gear(p: _Painter, s: Scene) -> None:
             p.cut_disc(0.62 * math.cos(a), 0.62 * math.sin(a), 0.09)
 
 
+def _paint_widget(p: _Painter, s: Scene) -> None:
+    """A part of random shape: a smooth or polygonal outline, maybe elongated, with random inner parts.
+
+    No hexagons and no two-coloured halves: those would be the held-out hex nut and pill by another name.
+    """
+    rng = seeded_rng(s.detail_seed, 1)
+    t = np.linspace(0, 2 * math.pi, 72, endpoint=False)
+    if rng.uniform() < 0.4:  # flat-sided: a regular k-gon's radius
+        k = (3, 4, 5, 7, 8)[int(rng.integers(5))]
+        r = math.cos(math.pi / k) / np.cos((t - rng.uniform(0, 2 * math.pi)) % (2 * math.pi / k) - math.pi / k)
+    else:  # smooth: a few random harmonics
+        r = np.ones_like(t)
+        for h in range(2, 7):
+            r += rng.uniform(0, 0.16) * np.cos(h * t + rng.uniform(0, 2 * math.pi))
+    r = r / r.max()
+    squash = 1.0 / rng.uniform(1.0, 2.2)  # elongated parts, like screws and pills
+    outline = np.stack([np.cos(t) * r, np.sin(t) * r * squash], 1)
+    p.poly(outline, s.rgb, rng.uniform(0.7, 0.9))
+    p.poly(outline * rng.uniform(0.72, 0.9), s.rgb, rng.uniform(0.9, 1.05))
+    if rng.uniform() < 0.5:  # a centre boss, sometimes in the second colour
+        colour = s.rgb2 if rng.uniform() < 0.4 else s.rgb
+        p.disc(0, 0, rng.uniform(0.2, 0.45) * squash, colour, rng.uniform(0.5, 0.8))
+    if rng.uniform() < 0.4:  # stripes across
+        n = int(rng.integers(2, 7))
+        for x in np.linspace(-0.5, 0.5, n):
+            p.line(np.array([[x, -0.45 * squash], [x, 0.45 * squash]]), 0.05, s.rgb, 0.55)
+    if rng.uniform() < 0.35:  # knobs on a ring
+        n, ring = int(rng.integers(3, 9)), rng.uniform(0.45, 0.6)
+        for a in np.linspace(0, 2 * math.pi, n, endpoint=False):
+            p.disc(ring * math.cos(a), ring * math.sin(a) * squash, 0.07 * squash, s.rgb, 0.6)
+    if rng.uniform() < 0.4:  # a through hole
+        p.cut_disc(0, 0, rng.uniform(0.08, 0.18) * squash)
+
+
 _PAINTERS: dict[str, Callable[[_Painter, Scene], None]] = {
     "bottle_cap": _paint_bottle_cap,
     "hex_nut": _paint_hex_nut,
@@ -353,6 +394,7 @@ _PAINTERS: dict[str, Callable[[_Painter, Scene], None]] = {
     "pill": _paint_pill,
     "cable": _paint_cable,
     "gear": _paint_gear,
+    "widget": _paint_widget,
 }
 
 
@@ -390,6 +432,19 @@ def _texture_shade(scene: Scene, size: int, rng: np.random.Generator) -> np.ndar
         broad = value_noise(rng, u * 0.6 + 10, v * 6 + 10)
         band = np.exp(-(((v - (scene.shape - 0.5) * 0.6) / 0.22) ** 2))
         return 0.72 + 0.07 * streaks + 0.05 * broad + 0.2 * band
+    if k == "pattern":  # 1-3 random gratings (some squared off) over noise at a random scale
+        prng = seeded_rng(scene.detail_seed, 2)
+        waves = np.zeros_like(u)
+        for _ in range(int(prng.integers(1, 4))):
+            a, f = prng.uniform(0, math.pi), prng.uniform(3, 24)
+            w = np.sin(2 * math.pi * f * (u * math.cos(a) + v * math.sin(a)) + prng.uniform(0, 2 * math.pi))
+            if prng.uniform() < 0.4:
+                w = np.sign(w) * np.abs(w) ** 0.25
+            waves += prng.uniform(0.3, 1.0) * w
+        waves /= np.abs(waves).max() + 1e-6
+        cells = prng.uniform(2, 30)
+        noise = value_noise(rng, u * cells + 10, v * cells + 10)
+        return 0.76 + prng.uniform(0.04, 0.18) * waves + prng.uniform(0.02, 0.1) * noise
     raise ValueError(f"{k!r} is not a texture kind")
 
 

@@ -2,6 +2,7 @@
 from __future__ import annotations
 
 import re
+from dataclasses import replace
 
 import numpy as np
 import pytest
@@ -20,6 +21,8 @@ from service.synthetic.world import (
     HELD_OUT_KINDS,
     KINDS,
     MASK_THRESHOLD,
+    NAMED_KINDS,
+    RANDOM_KINDS,
     TRAIN_KINDS,
     Defect,
     min_defect_area,
@@ -40,7 +43,9 @@ def _twin(kind: str, defect: str, i: int, size: int = SIZE):
 def test_held_out_kinds_are_disjoint_from_training_kinds():
     assert set(HELD_OUT_KINDS) == {"hex_nut", "pill", "leather"}
     assert not set(HELD_OUT_KINDS) & set(TRAIN_KINDS)
-    assert set(HELD_OUT_KINDS) | set(TRAIN_KINDS) == set(KINDS) and len(KINDS) == 10
+    assert set(HELD_OUT_KINDS) | set(TRAIN_KINDS) == set(NAMED_KINDS) and len(NAMED_KINDS) == 10
+    assert set(KINDS) == set(NAMED_KINDS) | set(RANDOM_KINDS) and not set(RANDOM_KINDS) & set(TRAIN_KINDS)
+    assert KINDS[:10] == NAMED_KINDS  # dataset seeds use a kind's index: new kinds only append
 
 
 def test_render_is_deterministic_per_seed_and_differs_across_seeds():
@@ -108,6 +113,37 @@ def test_training_sampler_never_yields_held_out_kinds():
         clean_reference_images(0, 2, 24, kinds=("leather",))
     with pytest.raises(HeldOutKindError):
         reference_captions(0, 2, kinds=("hex_nut",))
+
+
+def test_random_kinds_draw_a_new_shape_per_scene():
+    """Each widget has its own silhouette and each pattern its own texture: that is what makes them randomisation."""
+    for kind in RANDOM_KINDS:
+        scenes = [sample_scene(seeded_rng(3, i), kind=kind) for i in range(6)]
+        if kind == "widget":  # same colour, place and light: only the drawn shape may differ
+            scenes = [replace(scenes[0], detail_seed=s.detail_seed) for s in scenes]
+            looks = [_silhouette(s) for s in scenes]
+        else:
+            scenes = [replace(scenes[0], detail_seed=s.detail_seed, noise_sigma=0.0) for s in scenes]
+            looks = [render(s, SIZE)[0].astype(int) for s in scenes]
+        for i in range(len(looks)):
+            for j in range(i):
+                assert np.abs(looks[i] - looks[j]).mean() > 0.02 * (255 if kind == "pattern" else 1), (kind, i, j)
+
+
+def _silhouette(scene) -> np.ndarray:
+    from service.synthetic.world import _layers
+
+    return _layers(scene, SIZE).support
+
+
+def test_random_kind_share_follows_the_setting_and_zero_changes_nothing():
+    off = [make_twin_pair(4, i, 24, crop_prob=0.0) for i in range(40)]
+    zero = [make_twin_pair(4, i, 24, crop_prob=0.0, random_kind_prob=0.0) for i in range(40)]
+    assert all(np.array_equal(a.defective, b.defective) and a.clean_caption == b.clean_caption for a, b in zip(off, zero))
+    kinds = [make_twin_pair(4, i, 24, crop_prob=0.0, random_kind_prob=0.5).kind for i in range(300)]
+    share = np.mean([k in RANDOM_KINDS for k in kinds])
+    assert 0.4 < share < 0.6 and set(kinds) == set(TRAIN_KINDS) | set(RANDOM_KINDS)
+    assert not set(kinds) & set(HELD_OUT_KINDS)
 
 
 def test_training_configuration_refuses_held_out_kinds():
