@@ -49,7 +49,7 @@ def test_shipped_model_loads_by_current_and_verifies(detector):
 def test_defective_twin_scores_above_its_clean_twin(twins_and_detections):
     twins, clean, defective = twins_and_detections
     rate = np.mean([d.scores["combined"] > c.scores["combined"] for d, c in zip(defective, clean)])
-    assert rate >= 0.70  # measured 0.86 (42 held-out twins); chance is 0.5
+    assert rate >= 0.75  # measured 0.86 (42 held-out twins); chance is 0.5
 
 
 def _hot_component_overlaps(heat: np.ndarray, mask: np.ndarray) -> bool:
@@ -64,8 +64,8 @@ def test_hottest_region_overlaps_the_defect(twins_and_detections):
     hits = [_hot_component_overlaps(d.heat["combined"], t.mask) for t, d in zip(twins, defective)]
     shuffled = [_hot_component_overlaps(d.heat["combined"], twins[(i + 7) % len(twins)].mask)
                 for i, d in enumerate(defective)]
-    assert np.mean(hits) >= 0.70  # measured 0.81
-    assert np.mean(hits) >= np.mean(shuffled) + 0.2  # another twin's mask: measured 0.38
+    assert np.mean(hits) >= 0.75  # measured 0.86
+    assert np.mean(hits) >= np.mean(shuffled) + 0.3  # another twin's mask: measured 0.40
 
 
 def test_quality_on_a_fresh_held_out_set(twins_and_detections):
@@ -76,7 +76,7 @@ def test_quality_on_a_fresh_held_out_set(twins_and_detections):
         np.concatenate([t.mask.ravel() for t in twins] + [np.zeros(t.mask.size, bool) for t in twins]),
         np.concatenate([d.heat["combined"].ravel() for d in defective] + [c.heat["combined"].ravel() for c in clean]),
     )
-    assert image_auroc >= 0.70  # measured 0.75
+    assert image_auroc >= 0.76  # measured 0.82
     assert pixel_auroc >= 0.80  # measured 0.86
 
 
@@ -92,4 +92,4 @@ def test_defect_in_a_corner_is_hottest_in_that_corner(detector):
                 y, x = np.unravel_index(np.argmax(heat), heat.shape)
                 hits += (y < 32) == (cy < 32) and (x < 32) == (cx < 32)
                 n += 1
-    assert hits / n >= 0.75  # measured 0.94 over 48 cases; chance 0.25
+    assert hits / n >= 0.75  # measured 0.94 over 16 cases; chance 0.25
