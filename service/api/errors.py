@@ -94,7 +94,7 @@ _EXAMPLE_MESSAGES = {
     404: "result 42 not found",
     409: "a model reload is already in progress",
     413: "request body exceeds 20971520 bytes",
-    415: "unsupported image type: use JPEG, PNG, BMP, TIFF or WebP",
+    415: "image: unsupported image type (SVG); accepted: JPEG, PNG, BMP, TIFF, WebP, GIF",
     422: "query.limit: Input should be less than or equal to 500",
     500: "internal server error (reference 3f2a9c1e)",
     503: "inference queue is full, retry later",

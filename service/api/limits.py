@@ -2,17 +2,18 @@
 
 The body limit is enforced while the body is read (a declared `Content-Length` over the limit is refused at once,
 but a missing or lying one does not get past the byte counter). The allow-list is checked on the first bytes of each
-upload (magic numbers), not on the client's declared content type: JPEG, PNG, BMP, TIFF (incl. BigTIFF) and WebP.
+upload (magic numbers), not on the client's declared content type: the formats `preprocess.load_image` decodes
+(JPEG, PNG, BMP, TIFF incl. BigTIFF, WebP and GIF, first frame), so the service and the CLI accept the same files.
 """
 from __future__ import annotations
 
 import json
 from typing import TYPE_CHECKING
 
+from ..preprocess import ALLOWED_FORMATS  # one allow-list for the CLI and the service
+
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
-
-ALLOWED_FORMATS = ("JPEG", "PNG", "BMP", "TIFF", "WEBP")
 
 
 class BodyTooLarge(Exception):
@@ -72,7 +73,7 @@ async def _send_413(send: "Send", limit: int) -> None:
 
 
 def sniff_format(head: bytes) -> str | None:
-    """The allow-listed format of an image from its first bytes, or None (GIF, SVG, text, ... are refused)."""
+    """The allow-listed format of an image from its first bytes, or None (SVG, PDF, text, ... are refused)."""
     if head.startswith(b"\xff\xd8\xff"):
         return "JPEG"
     if head.startswith(b"\x89PNG\r\n\x1a\n"):
@@ -83,13 +84,13 @@ def sniff_format(head: bytes) -> str | None:
         return "TIFF"
     if head[:4] == b"RIFF" and head[8:12] == b"WEBP":
         return "WEBP"
+    if head.startswith((b"GIF87a", b"GIF89a")):
+        return "GIF"
     return None
 
 
 def describe_format(head: bytes) -> str:
     """A short name for refused content, for the error message."""
-    if head.startswith((b"GIF87a", b"GIF89a")):
-        return "GIF"
     if head.lstrip()[:5].lower() in (b"<?xml", b"<svg ") or b"<svg" in head[:256].lower():
         return "SVG"
     if head.startswith(b"%PDF"):

@@ -181,7 +181,7 @@ def test_worker_stop_drains_queue():
 
 # --- limits and auth ---------------------------------------------------------------------------------------------------------
 @pytest.mark.parametrize("fmt,expected", [("PNG", "PNG"), ("JPEG", "JPEG"), ("BMP", "BMP"), ("TIFF", "TIFF"),
-                                          ("WEBP", "WEBP"), ("GIF", None)])
+                                          ("WEBP", "WEBP"), ("GIF", "GIF")])
 def test_sniff_allow_list(fmt, expected):
     assert sniff_format(image_bytes(fmt)[:32]) == expected
     assert sniff_format(b"hello world") is None
