@@ -25,7 +25,7 @@ from PIL import Image
 
 from .. import __version__
 from ..settings import Settings
-from . import dashboard
+from . import apidocs, dashboard
 from .auth import KeyChecker
 from .errors import ApiError, error_response, install_error_handlers
 from .limits import BodyLimitMiddleware, BodyTooLarge
@@ -226,6 +226,8 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
         description="Score images for anomalies with a random-word CLIP + FNN model; per-product thresholds, "
                     "result history, heatmaps. See docs/service.md.",
         lifespan=lifespan,
+        docs_url=None,  # served by apidocs from the package: no CDN
+        redoc_url=None,
     )
     app.state.zsad = state
     install_error_handlers(app)
@@ -236,6 +238,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
 
     app.include_router(router)
     app.include_router(dashboard.router)
+    app.include_router(apidocs.router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        overrides={"/v1/calibrate/": settings.calibration_max_bytes})
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)

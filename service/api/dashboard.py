@@ -38,12 +38,17 @@ HEADERS = {
 router = APIRouter(include_in_schema=False)
 
 
-def _file(name: str) -> FileResponse:
+def static_file(folder: Path, name: str, what: str, headers: dict[str, str] = HEADERS) -> FileResponse:
+    """A file straight from `folder` (no subfolders, no dotfiles, known types only), or a 404 in the API's shape."""
     suffix = Path(name).suffix
-    path = STATIC_DIR / name
+    path = folder / name
     if not _ASSET_NAME.match(name) or suffix not in MEDIA_TYPES or not path.is_file():
-        raise ApiError(404, "not_found", f"no dashboard asset {name!r}")
-    return FileResponse(path, media_type=MEDIA_TYPES[suffix], headers=HEADERS)
+        raise ApiError(404, "not_found", f"no {what} {name!r}")
+    return FileResponse(path, media_type=MEDIA_TYPES[suffix], headers=headers)
+
+
+def _file(name: str) -> FileResponse:
+    return static_file(STATIC_DIR, name, "dashboard asset")
 
 
 @router.get("/dashboard")

@@ -209,3 +209,26 @@ def test_dashboard_shows_results_per_line_with_heatmap_overlays(server, browser,
     errors = [e for e in browser.get_log("browser")
               if e["level"] == "SEVERE" and "favicon" not in e["message"] and " 401 " not in e["message"]]
     assert not errors, errors  # no CSP violations, no script errors
+
+
+def test_api_docs_render_in_a_browser_with_no_internet(server, browser, tmp_path):
+    """Swagger UI builds the page from the vendored bundle and the service's own /openapi.json."""
+    from selenium.common.exceptions import TimeoutException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    browser.get(server.url + "/docs")
+    rendered = """
+        var title = document.querySelector('.swagger-ui .info .title');
+        var paths = Array.prototype.map.call(document.querySelectorAll('.opblock-summary-path'),
+                                             function (e) { return e.getAttribute('data-path'); });
+        return title ? {title: title.textContent, paths: paths} : null;"""
+    try:
+        info = WebDriverWait(browser, 30, poll_frequency=0.2).until(
+            lambda d: (lambda r: r if r and r["paths"] else None)(d.execute_script(rendered)))
+    except TimeoutException:
+        browser.save_screenshot(str(tmp_path / "docs.png"))
+        pytest.fail(f"Swagger UI did not render: console={[e['message'] for e in browser.get_log('browser')]}")
+    assert info["title"].startswith("zsad")
+    assert {"/v1/detect", "/v1/results", "/metrics"} <= set(info["paths"])
+    failed = [e["message"] for e in browser.get_log("browser") if e["level"] == "SEVERE"]
+    assert not failed, failed
