@@ -58,7 +58,7 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted request body.")
     max_pixels: int = Field(50_000_000, description="Largest accepted image (width x height).")
     max_batch_size: int = Field(8, ge=1, description="Dynamic micro-batching: max images per forward.")
-    max_batch_wait_ms: float = Field(5.0, ge=0.0, description="Dynamic micro-batching: max wait to fill a batch.")
+    max_batch_wait_ms: float = Field(5.0, ge=0.0, description="Dynamic micro-batching: max wait to fill a batch (only while other requests are arriving).")
     batching: bool = Field(True, description="Turn dynamic micro-batching off (batch size 1).")
     queue_size: int = Field(64, ge=1, description="Bounded inference queue; full -> 503 with Retry-After.")
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request inference timeout.")

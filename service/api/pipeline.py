@@ -18,7 +18,7 @@ from PIL import Image
 from .errors import ApiError
 from .limits import ALLOWED_FORMATS, describe_format, sniff_format
 from .results import NewResult, iso
-from .worker import JobResult, QueueFull, WorkerStopped
+from .worker import Arrival, JobResult, QueueFull, WorkerStopped
 
 if TYPE_CHECKING:  # pragma: no cover
     from .app import AppState
@@ -102,11 +102,11 @@ async def decode_in_pool(state: "AppState", uploads: list[Upload]) -> list[Decod
 
 
 async def infer(state: "AppState", images: list[Image.Image], object_name: str | None, heatmap: bool,
-                deadline: float) -> list[JobResult]:
+                deadline: float, arrival: Arrival | None = None) -> list[JobResult]:
     """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time)."""
     state.require_ready()
     try:
-        futures = state.worker.submit_many(images, object_name, heatmap)
+        futures = state.worker.submit_many(images, object_name, heatmap, arrival)
     except QueueFull as exc:
         raise ApiError(503, "queue_full", "inference queue is full, retry later",
                        {"Retry-After": str(exc.retry_after)}) from None
@@ -153,13 +153,15 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectOptions) -> list[dict[str, Any]]:
+async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectOptions,
+                         arrival: Arrival | None = None) -> list[dict[str, Any]]:
     settings = state.settings
     start = time.perf_counter()
     deadline = start + settings.request_timeout_s
     state.require_ready()  # before spending time on decoding
     decoded = await decode_in_pool(state, uploads)
-    results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none", deadline)
+    results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none", deadline,
+                          arrival)
 
     manifest = state.detector.manifest if state.detector is not None else None
     keep_png = state.results.keep_heatmaps

@@ -157,9 +157,11 @@ async def v2_ready(request: Request):
 @router.post("/v1/detect", response_model=DetectResult, tags=["detect"], dependencies=READ,
              summary="Score one image", openapi_extra=_detect_body(False), responses=DETECT_ERRORS)
 async def detect(request: Request, params: Annotated[DetectParams, Query()]):
-    uploads, fields = await _read_uploads(request, 1)
-    opts = _merge_form(params, fields).to_options()
-    return (await detect_uploads(_state(request), uploads, opts))[0]
+    state = _state(request)
+    with state.worker.arrival() as arrival:  # the batcher may wait for this request while it is read and decoded
+        uploads, fields = await _read_uploads(request, 1)
+        opts = _merge_form(params, fields).to_options()
+        return (await detect_uploads(state, uploads, opts, arrival))[0]
 
 
 @router.post("/v1/detect/batch", response_model=BatchResult, tags=["detect"], dependencies=READ,
@@ -167,9 +169,10 @@ async def detect(request: Request, params: Annotated[DetectParams, Query()]):
              openapi_extra=_detect_body(True), responses=DETECT_ERRORS)
 async def detect_batch(request: Request, params: Annotated[DetectParams, Query()]):
     state = _state(request)
-    uploads, fields = await _read_uploads(request, state.settings.batch_max_images)
-    opts = _merge_form(params, fields).to_options()
-    results = await detect_uploads(state, uploads, opts)
+    with state.worker.arrival() as arrival:
+        uploads, fields = await _read_uploads(request, state.settings.batch_max_images)
+        opts = _merge_form(params, fields).to_options()
+        results = await detect_uploads(state, uploads, opts, arrival)
     return {"count": len(results), "anomalous": sum(r["label"] == "anomalous" for r in results), "results": results}
 
 

@@ -2,8 +2,9 @@
 
 Torch never runs on the event loop: request handlers `submit` decoded images and await a future; this thread takes
 them from a bounded queue. With batching on it takes the first waiting image, then keeps collecting until
-`max_batch_size` images or `max_batch_wait_ms` have passed (a backlog fills a batch at once; a lone request waits at
-most the wait time). Images that need different work (another object word for s_pr, heatmap or not) are run as
+`max_batch_size` images or `max_batch_wait_ms` have passed (a backlog fills a batch at once). It only waits while
+other requests are on their way (inside a handler, reading or decoding, announced by `arrival()`): a lone request on
+a quiet line runs at once instead of paying the wait for company that is not coming. Images that need different work (another object word for s_pr, heatmap or not) are run as
 separate `Detector.detect` calls from the same batch. A full queue raises `QueueFull` at once (the API turns it into
 503 + Retry-After) instead of letting latency grow without bound.
 
@@ -56,6 +57,24 @@ class JobResult:
     clip: str
 
 
+class Arrival:
+    """A request's announcement to the batcher; `done()` (idempotent) when its images are queued or it failed."""
+
+    def __init__(self, worker: "InferenceWorker"):
+        self._worker, self._open = worker, True
+
+    def done(self) -> None:
+        if self._open:
+            self._open = False
+            self._worker._arrived()
+
+    def __enter__(self) -> "Arrival":
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.done()
+
+
 class InferenceWorker:
     def __init__(
         self,
@@ -77,6 +96,8 @@ class InferenceWorker:
         self._thread: threading.Thread | None = None
         self._per_image_s = 0.05  # running estimate of service time per image, for Retry-After
         self.batches = 0
+        self._arriving = 0  # requests announced by arrival() that have not queued their images yet
+        self._arriving_lock = threading.Lock()
 
     # --- lifecycle ----------------------------------------------------------------------------------------------------
     def start(self) -> None:
@@ -96,6 +117,20 @@ class InferenceWorker:
         return self._thread is not None and self._thread.is_alive()
 
     # --- submitting -----------------------------------------------------------------------------------------------------
+    def arrival(self) -> "Arrival":
+        """Announce a request that will submit soon (use as a context manager around read + decode + submit)."""
+        with self._arriving_lock:
+            self._arriving += 1
+        return Arrival(self)
+
+    def _arrived(self) -> None:
+        with self._arriving_lock:
+            self._arriving -= 1
+
+    @property
+    def arriving(self) -> int:
+        return self._arriving
+
     def retry_after(self) -> int:
         backlog = self.queue.qsize() + self.max_batch_size
         return int(min(60, max(1, math.ceil(backlog * self._per_image_s))))
@@ -114,8 +149,12 @@ class InferenceWorker:
             self.metrics.queue_depth.set(self.queue.qsize())
         return job.future
 
-    def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool) -> list[Future]:
-        """All or nothing: when the queue cannot take every image, the ones already queued are cancelled."""
+    def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool,
+                    arrival: "Arrival | None" = None) -> list[Future]:
+        """All or nothing: when the queue cannot take every image, the ones already queued are cancelled.
+
+        `arrival` (from `arrival()`) is settled once the images are queued, so the batcher stops waiting for them.
+        """
         futures: list[Future] = []
         try:
             for image in images:
@@ -124,19 +163,29 @@ class InferenceWorker:
             for f in futures:
                 f.cancel()
             raise
+        finally:
+            if arrival is not None:
+                arrival.done()
         return futures
 
     # --- the thread -------------------------------------------------------------------------------------------------------
     def _collect(self, first: Job) -> list[Job]:
+        """`first` plus whatever is queued, plus what arrives within the wait while requests are on their way."""
         batch = [first]
         deadline = time.perf_counter() + self.max_wait
         while len(batch) < self.max_batch_size:
-            remaining = deadline - time.perf_counter()
             try:
-                job = self.queue.get_nowait() if remaining <= 0 else self.queue.get(timeout=remaining)
+                batch.append(self.queue.get_nowait())
+                continue
             except queue.Empty:
-                break
-            batch.append(job)
+                pass
+            remaining = deadline - time.perf_counter()
+            if remaining <= 0 or self._arriving <= 0:
+                break  # nobody else is on the way: waiting would only add latency
+            try:  # short polls: an arrival that fails (bad image) must not hold the batch for the whole wait
+                batch.append(self.queue.get(timeout=min(remaining, 0.001)))
+            except queue.Empty:
+                continue
         return batch
 
     def _run(self) -> None:

@@ -158,6 +158,31 @@ def test_worker_micro_batches_and_bounds_its_queue():
     assert not w.alive
 
 
+def test_worker_waits_for_company_only_while_a_request_is_on_its_way():
+    det = FakeDetector()
+    w = InferenceWorker(lambda: det, max_batch_size=4, max_wait_ms=3000, batching=True, queue_size=16)
+    w.start()
+    img = Image.new("RGB", (8, 8))
+    # A lone request on a quiet line runs at once, not after the 3 s wait.
+    t0 = time.perf_counter()
+    assert w.submit(img, None, False).result(5).batch_size == 1
+    assert time.perf_counter() - t0 < 1.5
+    # A request that is still being read joins the batch of the one already queued.
+    with w.arrival() as late:
+        first = w.submit(img, None, False)
+        time.sleep(0.2)
+        second = w.submit_many([img], None, False, late)[0]
+        assert w.arriving == 0  # settled once its images are queued
+    assert first.result(5).batch_size == 2 and second.result(5).batch_size == 2
+    # One that fails before submitting (a bad image) releases the wait when its handler exits.
+    t0 = time.perf_counter()
+    with w.arrival():
+        lone = w.submit(img, None, False)
+        time.sleep(0.2)
+    assert lone.result(5).batch_size == 1 and time.perf_counter() - t0 < 1.5
+    w.stop()
+
+
 def test_worker_without_batching_runs_one_at_a_time_and_separates_work():
     det = FakeDetector()
     w = InferenceWorker(lambda: det, max_batch_size=8, max_wait_ms=50, batching=False, queue_size=16)
