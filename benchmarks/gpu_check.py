@@ -10,6 +10,8 @@ Run on a machine with a CUDA GPU (CI has none; this is run by hand or on a lent 
 3. Full heatmap (global + 365 windows) throughput at batch 1, 8 and 32; global-only throughput.
 4. Fast text path vs open_clip encode_text on the GPU (max abs diff in fp32).
 5. The embedded default model from the store on CUDA vs CPU: score agreement.
+6. With --profile: where one batch-1 heatmap call spends its time (torch.profiler, CPU and CUDA), because the
+   first run measured 8.8 images/s at batch 1 against 86 at batch 32: about 100 ms per call that batching hides.
 Ends with one `RESULT name=gpu_check ...` line.
 """
 from __future__ import annotations
@@ -58,11 +60,34 @@ def throughput(det: Detector, batch: int, heatmap: bool, seconds: float) -> floa
     return n / (time.perf_counter() - t0)
 
 
+def profile_call(det: Detector, ims: list[Image.Image]) -> None:
+    """Stage timings and the top operators of one heatmap call: is the fixed cost on the GPU or in Python?"""
+    from torch.profiler import ProfilerActivity, profile
+
+    det.detect(ims)
+    sync()
+    timings: dict[str, float] = {}
+    t0 = time.perf_counter()
+    det.detect(ims, timings=timings)
+    sync()
+    print(f"6. one batch-1 call: {1000 * (time.perf_counter() - t0):.1f} ms; stages (ms, not synchronised): "
+          + ", ".join(f"{k} {1000 * v:.1f}" for k, v in timings.items()))
+    activities = [ProfilerActivity.CPU] + ([ProfilerActivity.CUDA] if DEV == "cuda" else [])
+    with profile(activities=activities) as prof:
+        det.detect(ims)
+        sync()
+    table = prof.key_averages()
+    print(table.table(sort_by="self_cpu_time_total", row_limit=15))
+    if DEV == "cuda":
+        print(table.table(sort_by="self_cuda_time_total", row_limit=10))
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default="model_store")
     ap.add_argument("--seconds", type=float, default=8.0)
     ap.add_argument("--smoke", action="store_true", help="run the script's logic on the CPU (no assertions on CUDA)")
+    ap.add_argument("--profile", action="store_true", help="profile one batch-1 heatmap call (step 6)")
     args = ap.parse_args()
     global DEV
     if args.smoke:
@@ -111,6 +136,8 @@ def main() -> None:
         if DEV == "cuda":
             print(f"   peak GPU memory {torch.cuda.max_memory_allocated() / 2**30:.2f} GiB")
             out["peak_gpu_gib"] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
+        if args.profile:
+            profile_call(det16, images(1))
 
         pairs = random_word_pairs(vocab, RandomWordConfig(n_pairs=1000 if DEV == "cuda" else 20, seed=0))
         prompts = [p.normal for p in pairs] + [p.anomalous for p in pairs]
