@@ -48,6 +48,13 @@ def images(n: int, size: int = 240, seed: int = 0) -> list[Image.Image]:
     return [Image.fromarray(rng.integers(0, 255, (size, size + 40, 3), dtype=np.uint8)) for _ in range(n)]
 
 
+def max_diffs(a: list, b: list) -> tuple[float, float]:
+    """Largest score and heatmap differences between two runs of `detect` on the same images."""
+    scores = max(abs(x.scores[k] - y.scores[k]) for x, y in zip(a, b) for k in x.scores)
+    heat = max(float(np.abs(x.heat[k] - y.heat[k]).max()) for x, y in zip(a, b) for k in x.heat)
+    return scores, heat
+
+
 def throughput(det: Detector, batch: int, heatmap: bool, seconds: float) -> float:
     ims = images(batch)
     det.detect(ims, heatmap=heatmap)  # warm-up
@@ -119,9 +126,7 @@ def main() -> None:
         det32 = Detector(b32, FNN(b32.embed_dim).to(DEV), {"name": "random", "version": "v0"}, vocab, settings)
         det32.fnn.load_state_dict(fnn.state_dict())
         ims = images(4)
-        r16, r32 = det16.detect(ims), det32.detect(ims)
-        score_diff = max(abs(a.scores[k] - b.scores[k]) for a, b in zip(r16, r32) for k in a.scores)
-        heat_diff = max(float(np.abs(a.heat[k] - b.heat[k]).max()) for a, b in zip(r16, r32) for k in a.heat)
+        score_diff, heat_diff = max_diffs(det16.detect(ims), det32.detect(ims))
         print(f"2. fp16 vs fp32: max score diff {score_diff:.2e}, max heat diff {heat_diff:.2e}")
         out["fp16_score_diff"] = f"{score_diff:.2e}"
         out["fp16_heat_diff"] = f"{heat_diff:.2e}"
@@ -164,9 +169,7 @@ def main() -> None:
         gpu = load_detector(Settings(model_store=Path(args.store), device=DEV))
         cpu = load_detector(Settings(model_store=Path(args.store), device="cpu", precision="fp32"))
         ims = images(4, 128)
-        a, b = gpu.detect(ims), cpu.detect(ims)
-        diff = max(abs(x.scores[k] - y.scores[k]) for x, y in zip(a, b) for k in x.scores)
-        hd = max(float(np.abs(x.heat[k] - y.heat[k]).max()) for x, y in zip(a, b) for k in x.heat)
+        diff, hd = max_diffs(gpu.detect(ims), cpu.detect(ims))
         print(f"5. embedded model {gpu.name}@{gpu.version}: cuda fp16 vs cpu fp32 score diff {diff:.2e}, heat diff {hd:.2e}")
         out["embedded_score_diff"] = f"{diff:.2e}"
         out["embedded_ips_b32"] = f"{throughput(gpu, 32, True, args.seconds / 2):.1f}"

@@ -8,35 +8,12 @@ from __future__ import annotations
 
 import argparse
 import tempfile
-import time
 from pathlib import Path
 
 import numpy as np
-from sklearn.metrics import roc_auc_score
 
-from service.detector import load_detector
-from service.evaluation.readers import load_mask, read_mvtec
-from service.preprocess import load_image
-from service.settings import Settings
-from service.synthetic.dataset import DatasetSpec, write_mvtec
 from service.synthetic.world import HELD_OUT_KINDS
-
-
-def measure(store: Path, precision: str, samples, images) -> dict[str, float]:
-    det = load_detector(Settings(model_store=store, device="cpu", precision=precision))
-    det.detect(images[:2])  # warm-up (prompt anchors, packed weights)
-    t0 = time.perf_counter()
-    labels, scores, masks, heats = [], [], [], []
-    for i in range(0, len(images), 32):
-        for s, d in zip(samples[i : i + 32], det.detect(images[i : i + 32])):
-            labels.append(s.label)
-            scores.append(d.scores["combined"])
-            heat = d.heat["combined"]
-            masks.append((load_mask(s.mask_path) if s.label else np.zeros(heat.shape, bool)).ravel())
-            heats.append(heat.ravel())
-    seconds = time.perf_counter() - t0
-    return {"seconds": seconds, "image_auroc": roc_auc_score(labels, scores),
-            "pixel_auroc": roc_auc_score(np.concatenate(masks), np.concatenate(heats)), "scores": np.array(scores)}
+from synthetic_detection import detect_auroc, synthetic_set
 
 
 def main() -> None:
@@ -47,12 +24,9 @@ def main() -> None:
     ap.add_argument("--n-defect", type=int, default=10)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        write_mvtec(tmp, DatasetSpec(kinds=HELD_OUT_KINDS, seed=args.seed, n_train=0, n_good=args.n_good,
-                                     n_defect=args.n_defect))
-        samples = read_mvtec(tmp).samples
-        images = [load_image(s.path) for s in samples]
-        fp32 = measure(Path(args.store), "fp32", samples, images)
-        bf16 = measure(Path(args.store), "bf16", samples, images)
+        samples, images = synthetic_set(tmp, HELD_OUT_KINDS, args.seed, args.n_good, args.n_defect)
+        fp32 = detect_auroc(Path(args.store), samples, images, precision="fp32")
+        bf16 = detect_auroc(Path(args.store), samples, images, precision="bf16")
     diff = float(np.abs(fp32["scores"] - bf16["scores"]).max())
     for name, r in (("fp32", fp32), ("bf16", bf16)):
         print(f"{name}: {r['seconds']:.1f} s for {len(samples)} images, image AUROC {r['image_auroc']:.4f}, "

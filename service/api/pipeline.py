@@ -15,8 +15,9 @@ from typing import TYPE_CHECKING, Any
 from anyio import to_thread
 from PIL import Image
 
+from ..preprocess import ALLOWED_FORMATS  # one allow-list for the CLI and the service
 from .errors import ApiError
-from .limits import ALLOWED_FORMATS, describe_format, sniff_format
+from .limits import describe_format, sniff_format
 from .results import NewResult, iso
 from .worker import Arrival, JobResult, QueueFull, WorkerStopped
 

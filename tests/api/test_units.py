@@ -212,6 +212,12 @@ def test_sniff_allow_list(fmt, expected):
     assert sniff_format(b"hello world") is None
 
 
+def test_sniffer_recognises_every_format_the_decoder_accepts():
+    from service.preprocess import ALLOWED_FORMATS
+
+    assert {sniff_format(image_bytes(fmt)[:32]) for fmt in ALLOWED_FORMATS} == set(ALLOWED_FORMATS)
+
+
 def test_key_checker_scopes():
     k = KeyChecker(["r1", "r2"], ["a1"])
     assert k.enabled and k.scope_of("r2") == "read" and k.scope_of("a1") == "admin" and k.scope_of("x") is None
