@@ -13,7 +13,7 @@ from pathlib import Path
 import numpy as np
 
 from service.synthetic.world import HELD_OUT_KINDS
-from synthetic_detection import detect_auroc, synthetic_set
+from _synthetic_detection import detect_auroc, synthetic_set
 
 
 def main() -> None:

@@ -13,7 +13,7 @@ import tempfile
 from pathlib import Path
 
 from service.synthetic.world import TRAIN_KINDS
-from synthetic_detection import detect_auroc, synthetic_set
+from _synthetic_detection import detect_auroc, synthetic_set
 
 
 def main() -> None:

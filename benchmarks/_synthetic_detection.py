@@ -1,6 +1,6 @@
-"""Shared by the benchmarks that score a generated synthetic set with the real detector and read AUROC off it.
+"""Not a benchmark: a helper shared by the benchmarks that score a generated synthetic set with the real detector.
 
-    from synthetic_detection import synthetic_set, detect_auroc
+    from _synthetic_detection import synthetic_set, detect_auroc
 """
 from __future__ import annotations
 
