@@ -31,7 +31,8 @@ from .raster import grid, remap, value_noise
 OBJECT_KINDS = ("bottle_cap", "hex_nut", "screw", "pill", "cable", "gear")
 TEXTURE_KINDS = ("wood", "fabric", "leather", "metal")
 NAMED_KINDS = OBJECT_KINDS + TEXTURE_KINDS
-RANDOM_KINDS = ("widget", "pattern")  # shape / texture drawn per scene: training-only domain randomisation
+RANDOM_OBJECT_KINDS, RANDOM_TEXTURE_KINDS = ("widget",), ("pattern",)  # look drawn per scene: domain randomisation
+RANDOM_KINDS = RANDOM_OBJECT_KINDS + RANDOM_TEXTURE_KINDS
 KINDS = NAMED_KINDS + RANDOM_KINDS  # append only: dataset seeds use the index of a kind in this tuple
 HELD_OUT_KINDS = ("hex_nut", "pill", "leather")  # never seen by CLIP training, prompt design or any tuning
 TRAIN_KINDS = tuple(k for k in NAMED_KINDS if k not in HELD_OUT_KINDS)
@@ -96,7 +97,7 @@ class Scene:
 
     @property
     def is_texture(self) -> bool:
-        return self.kind in TEXTURE_KINDS or self.kind == "pattern"
+        return self.kind in TEXTURE_KINDS or self.kind in RANDOM_TEXTURE_KINDS
 
 
 @dataclass(frozen=True)
@@ -134,7 +135,8 @@ def sample_scene(rng: np.random.Generator, kinds: Sequence[str] = TRAIN_KINDS, k
         if abs(float(luminance(cand)) - float(luminance(rgb))) > 0.22:
             background = cand
             break
-    scale_range = {"screw": (0.36, 0.46), "pill": (0.32, 0.42), "cable": (0.30, 0.38), "widget": (0.30, 0.44)}.get(kind, (0.28, 0.40))
+    scale_range = {"screw": (0.36, 0.46), "pill": (0.32, 0.42), "cable": (0.30, 0.38), "widget": (0.30, 0.44)}.get(
+        kind, (0.28, 0.40))
     parts = {"gear": int(rng.integers(8, 17)), "bottle_cap": int(rng.integers(30, 56)), "cable": int(rng.integers(2, 4))}
     return Scene(
         kind=kind,
