@@ -93,6 +93,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     from ..store import ModelStore, validate_name, StoreError
 
     store_root = _store_root(args)
+    init, lineage = None, None
     try:
         validate_name(cfg.out_name)
         if cfg.version:
@@ -101,6 +102,13 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
                 _fail(args, f"{cfg.out_name}@{cfg.version} already exists in {store_root}; versions are immutable")
     except StoreError as exc:
         _fail(args, str(exc))
+    if args.init_from:  # checked now, not after the data workers have started
+        name, _, version = args.init_from.partition("@")
+        try:
+            version = ModelStore(store_root).verify(name, version or None)[1]["version"]
+        except StoreError as exc:
+            _fail(args, f"--init-from: {exc}")
+        init, lineage = (store_root, name, version), f"{name}@{version}"
 
     log_file = open(args.log_file, "a") if args.log_file else None
 
@@ -113,11 +121,6 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
     ckpt = args.ckpt or Path("runs") / cfg.out_name / "ckpt.pt"
     try:
         log(f"train-clip config: {json.dumps({k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'func'}, default=str)}")
-        init, lineage = None, None
-        if args.init_from:
-            name, _, version = args.init_from.partition("@")
-            version = version or ModelStore(store_root).current(name)
-            init, lineage = (store_root, name, version), f"{name}@{version}"
         result = train(cfg, ckpt_path=ckpt, resume=args.resume, log=log, progress=not args.quiet, init_from=init)
         log(f"trained {result.steps_done}/{result.total_steps} steps in {result.wall_time_s:.0f} s on {result.device}")
         out = {"steps": result.steps_done, "wall_time_s": round(result.wall_time_s, 1), "checkpoint": str(ckpt)}

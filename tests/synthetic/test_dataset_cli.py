@@ -52,6 +52,8 @@ def test_dataset_is_reproducible_and_seed_dependent(tmp_path):
     ["synth", "train-clip", "--batch", "7"],
     ["synth", "train-clip", "--image-size", "100"],
     ["synth", "train-clip", "--crop-prob", "7"],
+    ["synth", "train-clip", "--random-kind-prob", "1.5"],
+    ["synth", "train-clip", "--init-from", "no-such-clip@v9", "--steps", "1", "--no-publish"],
     ["synth", "train-clip", "--resume", "/nonexistent/ckpt.pt"],
     ["synth"],
 ])
