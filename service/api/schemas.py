@@ -21,7 +21,7 @@ class Health(BaseModel):
 
 class Readiness(BaseModel):
     model_config = _examples(
-        {"ready": True, "status": "ready", "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
+        {"ready": True, "status": "ready", "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"},
          "error": None},
         {"ready": False, "status": "failed", "model": None,
          "error": "cannot load model 'default': model 'default' has no current version in store /srv/model_store"},
@@ -80,7 +80,7 @@ class DetectResult(BaseModel):
         "filename": "cam1_000123.png", "score": 0.734, "score_name": "combined", "label": "anomalous",
         "threshold": 0.61, "threshold_source": "product",
         "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734},
-        "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
+        "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"},
         "timings_ms": {"decode": 3.1, "queue": 0.4, "preprocess": 1.2, "embed": 18.5, "windows": 9.8,
                        "aggregate": 1.7, "encode": 6.3, "persist": 2.2, "total": 44.9},
         "batch_size": 2, "image": {"width": 640, "height": 480, "format": "PNG"},
@@ -198,7 +198,7 @@ class ThresholdConfig(BaseModel):
 class CalibrationResult(BaseModel):
     model_config = _examples({
         "product": "widget", "line": None, "score_name": "combined", "threshold": 0.583, "target_frr": 0.01,
-        "stored": True, "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
+        "stored": True, "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"},
         "distribution": {"n": 200, "target_frr": 0.01, "achieved_frr": 0.01, "min": 0.11, "max": 0.61,
                          "mean": 0.29, "std": 0.08,
                          "percentiles": {"p1": 0.13, "p5": 0.17, "p25": 0.24, "p50": 0.28, "p75": 0.34, "p95": 0.45,
@@ -219,7 +219,7 @@ class CalibrationResult(BaseModel):
 class ModelsInfo(BaseModel):
     model_config = _examples({
         "ready": True, "status": "ready",
-        "model": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1", "device": "cuda:0",
+        "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3", "device": "cuda:0",
                   "dtype": "torch.float16", "manifest": {"kind": "fnn", "version": "v3", "...": "..."}},
         "available": [{"name": "default", "versions": ["v1", "v2", "v3"], "current": "v3"}],
         "error": None,
@@ -239,8 +239,8 @@ class ReloadIn(BaseModel):
 
 class ReloadOut(BaseModel):
     model_config = _examples({
-        "previous": {"name": "default", "version": "v3", "clip": "tiny-factory-clip@v1"},
-        "current": {"name": "default", "version": "v4", "clip": "tiny-factory-clip@v1"}, "load_seconds": 2.41,
+        "previous": {"name": "default", "version": "v1", "clip": "store:tiny-factory-clip@v1"},
+        "current": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"}, "load_seconds": 2.41,
     })
     previous: ModelRef | None
     current: ModelRef
