@@ -74,10 +74,12 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
 
 # --- train-clip ------------------------------------------------------------------------------------------------
 def cmd_train_clip(args: argparse.Namespace) -> int:
+    from .dataset import parse_kinds
     from .train_clip import TrainClipConfig, publish, train
 
     try:
         cfg = TrainClipConfig(
+            kinds=parse_kinds(args.kinds),
             steps=args.steps, batch=args.batch, lr=args.lr, warmup=args.warmup, seed=args.seed,
             render_size=args.render_size, image_size=args.image_size, device=args.device, workers=args.workers,
             max_minutes=args.max_minutes, fit_to_budget=args.fit_to_budget, out_name=args.out_name,
@@ -156,6 +158,9 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--workers", type=int, default=min(4, os.cpu_count() or 1),
                    help="DataLoader worker processes rendering batches (default: %(default)s)")
     t.add_argument("--random-word-prob", type=float, default=0.5, help="captions with random strings (default: %(default)s)")
+    t.add_argument("--kinds", nargs="+", default=["seen"], metavar="KIND",
+                   help="training kinds: names or 'seen' (default: the seven seen kinds); held-out kinds are "
+                        "refused. Leave one seen kind out to use it as a validation kind for model selection")
     t.add_argument("--random-kind-prob", type=float, default=0.0,
                    help="share of scenes of the random-shape kinds widget/pattern (default: %(default)s)")
     t.add_argument("--crop-prob", type=float, default=0.3, help="close-up crops (default: %(default)s)")

@@ -233,7 +233,8 @@ def train(
         start, total = int(ckpt["step"]), int(ckpt["total_steps"])
         log(f"resumed from {resume} at step {start} of {total}")
     n_params = sum(p.numel() for p in model.parameters())
-    log(f"model: {n_params / 1e6:.2f} M parameters; device {device}; {cfg.batch} images/step; steps {start}->{total}")
+    log(f"model: {n_params / 1e6:.2f} M parameters; device {device}; {cfg.batch} images/step; steps {start}->{total}; "
+        f"kinds {', '.join(cfg.kinds)} (+ random kinds {cfg.random_kind_prob:g})")
 
     data = TwinBatches(cfg.seed, cfg.batch // 2, cfg.render_size, cfg.steps, cfg.kinds, cfg.crop_prob,
                        CaptionConfig(random_word_prob=cfg.random_word_prob), cfg.context_length,

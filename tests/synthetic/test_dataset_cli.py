@@ -53,6 +53,8 @@ def test_dataset_is_reproducible_and_seed_dependent(tmp_path):
     ["synth", "train-clip", "--image-size", "100"],
     ["synth", "train-clip", "--crop-prob", "7"],
     ["synth", "train-clip", "--random-kind-prob", "1.5"],
+    ["synth", "train-clip", "--kinds", "gear", "pill"],  # pill is held out
+    ["synth", "train-clip", "--kinds", "teapot"],
     ["synth", "train-clip", "--init-from", "no-such-clip@v9", "--steps", "1", "--no-publish"],
     ["synth", "train-clip", "--resume", "/nonexistent/ckpt.pt"],
     ["synth"],
@@ -81,3 +83,12 @@ def test_each_command_has_help(argv, capsys):
         main(argv)
     assert exc.value.code == 0
     assert "usage:" in capsys.readouterr().out
+
+
+def test_train_clip_trains_on_the_kinds_it_is_given(tmp_path, capsys):
+    """--kinds narrows the training kinds (a seen kind left out can serve as a validation kind)."""
+    argv = ["synth", "train-clip", "--kinds", "gear,wood", "--steps", "1", "--batch", "4", "--workers", "0",
+            "--image-size", "64", "--render-size", "32", "--device", "cpu", "--no-publish", "--quiet",
+            "--ckpt", str(tmp_path / "ckpt.pt"), "--store", str(tmp_path / "store")]
+    assert main(argv) == 0
+    assert "kinds gear, wood (+ random kinds 0)" in capsys.readouterr().err
