@@ -60,7 +60,8 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
     )
     d.add_argument("--out", required=True, type=Path, help="output folder")
     d.add_argument("--kinds", nargs="+", default=["all"], metavar="KIND",
-                   help="kinds (names or comma lists), or the groups all / seen / held-out (default: all)")
+                   help="kinds (names or comma lists), or the groups all (the ten named kinds) / seen / held-out / "
+                        "random (widget, pattern) (default: all)")
     d.add_argument("--seed", type=int, default=0, help="dataset seed (default: %(default)s)")
     d.add_argument("--n-train", type=int, default=20, help="train/good images per kind (default: %(default)s)")
     d.add_argument("--n-good", type=int, default=20, help="test/good images per kind (default: %(default)s)")
