@@ -68,6 +68,7 @@ def cmd_train(args: argparse.Namespace) -> int:
         generic_object=settings.generic_object,
         vocabulary_path=args.vocabulary,
         window_scales=tuple(int(x) for x in args.window_scales.split(",")) if args.window_scales else None,
+        tta_views=args.tta_views,
     )
     print(f"training FNN on {spec.label()} with {args.n_pairs} prompt pairs "
           f"({'random words' if cfg.random_words else 'no random words'}), seed {args.seed}", file=sys.stderr)
@@ -209,6 +210,9 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocabulary", help="vocabulary JSON (default: service/data/vocabulary.json)")
     t.add_argument("--window-scales", help="heatmap window sizes to recommend in the manifest, e.g. 1,2,3 "
                    "(default: none recorded; the service then uses WinCLIP's 2,3)")
+    t.add_argument("--tta-views", type=int, choices=(1, 2, 4, 8), default=1,
+                   help="test-time augmentation to recommend in the manifest: average the image embedding over this "
+                        "many flipped/rotated views; the calibration is fitted with it (default: 1, off)")
     t.add_argument("--calibration-images", nargs="+", metavar="DIR",
                    help="unlabeled normal images (folders or files): record a score calibration so that 0.5 means "
                         "'above 99%% of these normal images' and s_fnn / s_pr share one scale")

@@ -82,6 +82,11 @@ class Detector:
         return tuple(self.settings.window_scales or from_model or (2, 3))
 
     @property
+    def tta_views(self) -> int:
+        """Settings first, then the model's manifest (`tta.views`, fitted with its calibration), then 1 (off)."""
+        return int(self.settings.tta_views or self.manifest.get("tta", {}).get("views") or 1)
+
+    @property
     def name(self) -> str:
         return self.manifest.get("name", "?")
 
@@ -134,6 +139,7 @@ class Detector:
         self, images: Sequence[Image.Image | Prepared], heatmap: bool = True, timings: dict[str, float] | None = None
     ) -> list[ImageEmbedding]:
         """CLIP embeddings of a batch: global, plus windows when `heatmap` (one backbone pass either way)."""
+        from .tta import encode_global
         from .windows import embed_image_and_windows
 
         s = self.settings
@@ -142,14 +148,19 @@ class Detector:
         pixels, geoms = self._pixels(images)
         t = _lap(timings, "preprocess", t)
         if not heatmap:
-            glob = self.backend.encode_image(pixels)
+            glob = encode_global(self.backend, pixels, self.tta_views)
             _lap(timings, "embed", t)
             return [ImageEmbedding(glob[i], {}, (0, 0), g) for i, g in enumerate(geoms)]
         emb = embed_image_and_windows(
             self.backend, pixels, self.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings
         )
+        glob = emb.global_emb
+        if self.tta_views > 1:
+            t = time.perf_counter()
+            glob = encode_global(self.backend, pixels, self.tta_views, identity=glob)
+            _lap(timings, "embed", t)
         return [
-            ImageEmbedding(emb.global_emb[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g)
+            ImageEmbedding(glob[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g)
             for i, g in enumerate(geoms)
         ]
 

@@ -9,7 +9,7 @@ from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
-from pydantic import Field
+from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
@@ -35,6 +35,10 @@ class Settings(BaseSettings):
     combine_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of s_fnn in `combined` (rest is s_pr).")
     prompt_temperature: float = Field(0.07, gt=0.0, description="Softmax temperature of the prompt score s_pr.")
     generic_object: str = Field("object", description="Object word for s_pr when no object name is given.")
+    tta_views: int | None = Field(
+        None, description="Test-time augmentation: average the global embedding over this many flipped/rotated views "
+        "of the input; None: the model manifest's recommendation, else 1 (off)."
+    )
 
     # --- windows / heatmaps -------------------------------------------------------------------------------------
     window_scales: tuple[int, ...] | None = Field(
@@ -82,6 +86,13 @@ class Settings(BaseSettings):
         0, ge=0, description="Service: torch intra-op CPU threads (0: torch's default, one per core). Set 1-2 when "
         "the CPU is shared with other processes: spinning thread pools slow down badly when oversubscribed."
     )
+
+    @field_validator("tta_views")
+    @classmethod
+    def _views_form_a_group(cls, v: int | None) -> int | None:
+        if v is not None and v not in (1, 2, 4, 8):
+            raise ValueError("must be 1, 2, 4 or 8 (flips and quarter turns that form a group)")
+        return v
 
 
 @lru_cache(maxsize=1)

@@ -30,6 +30,7 @@ class TrainConfig:
     generic_object: str = "object"
     vocabulary_path: str | None = None
     window_scales: tuple[int, ...] | None = None  # serving recommendation recorded in the manifest
+    tta_views: int = 1  # serving recommendation (see tta.py); the calibration is fitted with it
 
 
 @dataclass
@@ -44,12 +45,17 @@ class TrainResult:
 def calibrate_on_images(
     backend: ClipBackend, fnn, vocab: Vocabulary, paths: list[Path], generic_object: str = "object",
     temperature: float = 0.07, quantile: float = 0.99, batch_size: int = 64, combine_weight: float = 0.5,
+    tta_views: int = 1,
 ) -> dict[str, Any]:
-    """Score calibration (see scoring.Calibration) from unlabeled *normal* reference images."""
+    """Score calibration (see scoring.Calibration) from unlabeled *normal* reference images.
+
+    The embeddings are made as the service will make them (`tta_views`): averaging views narrows the spread of the
+    logits, so a calibration fitted without them would not hold with them."""
     from .preprocess import load_image, to_pixels
     from .prompts import ensemble
     from .scoring import (Calibration, anchors_from_embeddings, calibrated_score, combine, fit_calibration, fnn_logit,
                           prompt_logit)
+    from .tta import encode_global
 
     if not paths:
         raise ValueError("no calibration images given")
@@ -60,7 +66,7 @@ def calibrate_on_images(
     for start in range(0, len(paths), batch_size):
         images = [load_image(p) for p in paths[start : start + batch_size]]
         pixels, _ = to_pixels(images, backend.image_size, backend.mean, backend.std)
-        emb = backend.encode_image(pixels)
+        emb = encode_global(backend, pixels, tta_views)
         f_logits.append(fnn_logit(emb, fnn.to(emb.device)).cpu())
         p_logits.append(prompt_logit(emb, anchors, temperature).cpu())
     f_all, p_all = torch.cat(f_logits), torch.cat(p_logits)
@@ -126,8 +132,11 @@ def train_fnn_model(
     }
     if cfg.window_scales:
         manifest["windows"] = {"scales": list(cfg.window_scales)}
+    if cfg.tta_views > 1:
+        manifest["tta"] = {"views": cfg.tta_views}
     if calibration_images:
-        calibration = calibrate_on_images(backend, fnn, vocab, list(calibration_images), cfg.generic_object)
+        calibration = calibrate_on_images(backend, fnn, vocab, list(calibration_images), cfg.generic_object,
+                                          tta_views=cfg.tta_views)
         manifest["threshold_advice"] = {**calibration.pop("threshold_advice"),
                                         "basis": "1% false rejects on the calibration images"}
         manifest["calibration"] = {**calibration,

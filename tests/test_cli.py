@@ -94,3 +94,40 @@ def test_train_records_a_score_calibration_from_normal_images(tiny_store, tmp_pa
     assert sum(l["s_fnn"] <= 0.5 for l in lines) >= 10 and sum(l["s_pr"] <= 0.5 for l in lines) >= 10
     assert main(["--store", str(store), "train", "--clip", "tiny-clip", "--name", "x", "--quiet",
                  "--calibration-images", str(tmp_path / "nowhere")]) == 1
+
+
+def test_train_records_test_time_views_and_calibrates_with_them(tiny_store, tmp_path):
+    import shutil
+
+    import torch
+
+    from service.detector import load_detector
+    from service.preprocess import load_image, to_pixels
+    from service.scoring import fnn_logit
+    from service.settings import Settings
+    from service.tta import encode_global
+
+    root, _ = tiny_store
+    store = tmp_path / "store"
+    shutil.copytree(root, store)
+    normal = tmp_path / "normal"
+    normal.mkdir()
+    rng = np.random.default_rng(2)
+    for i in range(10):
+        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    assert main(["--store", str(store), "train", "--clip", "tiny-clip", "--n-pairs", "100", "--epochs", "1",
+                 "--name", "tta", "--quiet", "--tta-views", "8", "--calibration-images", str(normal)]) == 0
+    manifest = json.loads((store / "tta" / "v1" / "manifest.json").read_text())
+    assert manifest["tta"] == {"views": 8}
+    det = load_detector(Settings(model_store=store, model_name="tta", device="cpu"))
+    assert det.tta_views == 8
+    # The calibration offset is the 0.99 quantile of the logits of the *averaged* embeddings, as the service makes them.
+    b = det.backend
+    pixels, _ = to_pixels([load_image(p) for p in sorted(normal.iterdir())], b.image_size, b.mean, b.std)
+    logits = {n: fnn_logit(encode_global(b, pixels, n), det.fnn) for n in (1, 8)}
+    offset = manifest["calibration"]["fnn"][0]
+    q = {n: float(torch.quantile(v.double(), 0.99)) for n, v in logits.items()}
+    assert abs(offset - q[8]) < 1e-7 < abs(offset - q[1])  # (an untrained tiny CLIP: the logits differ little)
+    with pytest.raises(SystemExit) as exit_info:  # argparse refuses a view count that is not a group
+        main(["--store", str(store), "train", "--clip", "tiny-clip", "--name", "y", "--tta-views", "3"])
+    assert exit_info.value.code == 2

@@ -3,7 +3,7 @@
 Why: the CLIP pass is nearly all of an evaluation's time, and an N_p ablation or a variant comparison rescored the
 same images once per FNN version. With the cache, the second and later runs only run the FNN and the aggregation.
 The model key covers everything that changes an embedding (CLIP weights, precision, input size, resize policy,
-window scales/stride/mode), so a changed model can never be served stale embeddings.
+window scales/stride/mode, test-time views), so a changed model can never be served stale embeddings.
 """
 from __future__ import annotations
 
@@ -33,6 +33,7 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "stride": s.window_stride if heatmap else 0,
         "cnn_window_mode": s.cnn_window_mode if heatmap else "",
         "centred": backend.image_center is not None,
+        "tta_views": detector.tta_views,
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -79,6 +79,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for version in versions:
         fnn, manifest = load_fnn_from_store(store, base.name, version, base.backend.embed_dim)
         detectors[version] = base.with_fnn(fnn, manifest)
+    views = {v: d.tta_views for v, d in detectors.items()}
+    if len(set(views.values()) | {base.tta_views}) > 1:  # one CLIP pass serves every version: it must be the same
+        raise ValueError(f"the versions recommend different test-time views {views} (base {base.tta_views}); "
+                       "set ZSAD_TTA_VIEWS to compare them on the same embeddings")
     suffix = len(versions) > 1
     variants = ["s_pr"] + [f"{PAPER_NAMES[n]}{'@' + v if suffix else ''}" for v in versions for n in ("fnn", "combined")]
 

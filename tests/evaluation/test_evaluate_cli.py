@@ -107,6 +107,34 @@ def test_cache_is_hit_on_second_run_and_invalidated_by_a_model_change(env, tmp_p
     assert sum(calls) == 8
 
 
+def test_test_time_views_get_their_own_cache_and_mixed_versions_are_refused(env, tmp_path, monkeypatch, capsys):
+    calls = []
+    original = Detector.embed
+
+    def counting(self, images, heatmap=True, timings=None):
+        calls.append(self.tta_views)
+        return original(self, images, heatmap, timings)
+
+    monkeypatch.setattr(Detector, "embed", counting)
+    assert run(env, tmp_path / "plain") == 0
+    monkeypatch.setenv("ZSAD_TTA_VIEWS", "4")
+    calls.clear()
+    assert run(env, tmp_path / "views") == 0  # same images, same CLIP: averaged embeddings are not the cached ones
+    assert calls and set(calls) == {4}
+    monkeypatch.delenv("ZSAD_TTA_VIEWS")
+
+    store, _ = env
+    store2 = tmp_path / "store2"
+    shutil.copytree(store, store2)
+    folder, manifest = ModelStore(store2).verify("default", "v2")
+    ModelStore(store2).publish("default", {"fnn.safetensors": (folder / "fnn.safetensors").read_bytes()},
+                               {**manifest, "tta": {"views": 8}}, "v3", make_current=False)
+    capsys.readouterr()
+    assert main(["--store", str(store2), "evaluate", str(env[1]), "--out", str(tmp_path / "mixed"), "--quiet",
+                 "--versions", "v2,v3"]) == 1
+    assert "ZSAD_TTA_VIEWS" in capsys.readouterr().err
+
+
 def test_malformed_dataset_is_a_clear_cli_error(env, tmp_path, capsys):
     store, _ = env
     bad = tmp_path / "bad" / "widget" / "test" / "scratch"

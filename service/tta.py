@@ -1,0 +1,50 @@
+"""Test-time augmentation: the global image embedding averaged over dihedral views (flips, quarter turns) of the input.
+
+Why: an inspection camera looks down on parts that lie in any orientation, so whether a part is normal does not depend
+on how it is turned. A small CLIP's embedding does depend on it a little, and that noise moves the image score.
+Averaging the embeddings of a few flipped and rotated copies removes most of it. On the synthetic world, chosen on
+validation kinds (random-shape widgets, new seed), 8 views raised the widgets' image AUROC from 0.902 to 0.922; see
+the README for the held-out figures.
+
+Only the global embedding is averaged. Windows still come from the unturned input, so a heatmap costs the same, and
+the averaged image score still enters every map through WinCLIP's harmonic mean. Views are taken of the square,
+normalised model input, so the geometry back to the original image is untouched.
+"""
+from __future__ import annotations
+
+import torch
+import torch.nn.functional as F
+
+VIEW_COUNTS = (1, 2, 4, 8)
+
+
+def dihedral_views(pixels: torch.Tensor, n_views: int) -> list[torch.Tensor]:
+    """The first `n_views` of: identity, left-right flip, up-down flip, half turn, then the four views through the
+    transpose. Each prefix of 1, 2, 4 or 8 is a group, so no orientation is favoured. `pixels` is [B, C, S, S]."""
+    if n_views not in VIEW_COUNTS:
+        raise ValueError(f"n_views must be one of {VIEW_COUNTS}, got {n_views}")
+    if pixels.shape[-1] != pixels.shape[-2]:
+        raise ValueError(f"views need a square input, got {tuple(pixels.shape[-2:])}")
+    t = pixels.transpose(-1, -2)
+    views = [pixels, pixels.flip(-1), pixels.flip(-2), pixels.flip(-2, -1), t, t.flip(-1), t.flip(-2), t.flip(-2, -1)]
+    return views[:n_views]
+
+
+def average_embeddings(per_view: list[torch.Tensor]) -> torch.Tensor:
+    """L2-normalised mean of the views' (already normalised) embeddings, each [B, D]."""
+    return F.normalize(torch.stack([e.float() for e in per_view]).mean(0), dim=-1)
+
+
+def encode_global(backend, pixels: torch.Tensor, n_views: int = 1, identity: torch.Tensor | None = None) -> torch.Tensor:
+    """Global embeddings [B, D] of `pixels` averaged over `n_views` dihedral views, in one forward for all of them.
+
+    `identity` is the embedding of the unturned input when the caller already has it (the heatmap pass computes it
+    with the windows), so it is not computed twice.
+    """
+    if n_views == 1:
+        return identity if identity is not None else backend.encode_image(pixels)
+    views = dihedral_views(pixels, n_views)
+    todo = views[1:] if identity is not None else views
+    out = backend.encode_image(torch.cat(todo)).split(pixels.shape[0])
+    per_view = ([identity] if identity is not None else []) + list(out)
+    return average_embeddings(per_view).to(per_view[0].dtype)
