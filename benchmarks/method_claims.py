@@ -46,6 +46,8 @@ def main() -> None:
     ap.add_argument("--out", default="runs/method_claims")
     ap.add_argument("--cnn-window-mode", default=None, help="attnpool or crop (default: settings)")
     ap.add_argument("--window-scales", default="1,2,3", help="recorded in each FNN manifest (as for the shipped model)")
+    ap.add_argument("--tta-views", type=int, default=None,
+                    help="test-time views recorded in each FNN manifest (default: the shipped default model's)")
     args = ap.parse_args()
 
     t_start = time.perf_counter()
@@ -57,6 +59,8 @@ def main() -> None:
     store = ModelStore(store_root)
     clip_manifest = store.manifest(args.clip)
     size = args.size or int(clip_manifest.get("training", {}).get("render_size", 64))
+    if args.tta_views is None:
+        args.tta_views = int(store.manifest("default").get("tta", {}).get("views", 1)) if store.current("default") else 1
     data = tmp / "data"
     for kinds in (HELD_OUT_KINDS, TRAIN_KINDS):
         write_mvtec(data, DatasetSpec(kinds=tuple(kinds), seed=args.seed, n_train=0, n_good=args.n_good,
@@ -74,7 +78,8 @@ def main() -> None:
     settings = [(f"rw-{n}", int(n), True) for n in args.n_pairs.split(",")] + [("norw-10000", 10000, False)]
     for version, n, random_words in settings:
         cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=n, seed=0), fnn=FNNConfig(seed=0), random_words=random_words,
-                          window_scales=tuple(int(x) for x in args.window_scales.split(",")))
+                          window_scales=tuple(int(x) for x in args.window_scales.split(",")),
+                          tta_views=args.tta_views)
         res = train_fnn_model(backend, cfg, store, "claims", version=version, make_current=True,
                               calibration_images=calibration, calibration_reference="seen kinds, seed 777")
         versions.append(version)
@@ -109,7 +114,8 @@ def main() -> None:
             per_defect[defect] = round(float(roc_auc_score(labels, [r.scores[col] for r in rows])), 3)
         results[group]["per_defect_" + col] = per_defect
 
-    print(f"\nCLIP {spec.label()} | test seed {args.seed} | {args.n_good} good + {args.n_defect} per defect per kind")
+    print(f"\nCLIP {spec.label()} | test seed {args.seed} | {args.n_good} good + {args.n_defect} per defect per kind"
+          f" | test-time views {args.tta_views}")
     print("| variant | held-out image AUROC | held-out pixel AUROC | held-out PRO | seen image AUROC | seen pixel AUROC |")
     print("|---|---|---|---|---|---|")
     for v in results["held_out"]:
@@ -127,7 +133,7 @@ def main() -> None:
         f"RESULT name=method_claims default={col} heldout_image_auroc={h[col]['image_auroc']:.3f} "
         f"heldout_pixel_auroc={h[col]['pixel_auroc']:.3f} heldout_s_pr_image={h['s_pr']['image_auroc']:.3f} "
         + " ".join(f"heldout_fnn_{v}={h['s_fnn@' + v]['image_auroc']:.3f}" for v in versions)
-        + f" heldout_worst_defect={worst:.3f} seconds={time.perf_counter() - t_start:.0f}"
+        + f" heldout_worst_defect={worst:.3f} tta_views={args.tta_views} seconds={time.perf_counter() - t_start:.0f}"
     )
     shutil.rmtree(tmp, ignore_errors=True)
 

@@ -107,3 +107,19 @@ def test_views_setting_is_read_from_the_environment_and_checked(monkeypatch):
     monkeypatch.setenv("ZSAD_TTA_VIEWS", "3")
     with pytest.raises(ValidationError, match="1, 2, 4 or 8"):
         Settings()
+
+
+def test_views_grouped_into_several_forwards_give_the_same_embedding(tiny_backend, monkeypatch):
+    x = torch.randn(3, 3, tiny_backend.image_size, tiny_backend.image_size, generator=torch.Generator().manual_seed(4))
+    grouped = encode_global(tiny_backend, x, 8)  # 3 images: max(3, 8) // 3 = 2 views per forward
+    sizes = []
+    original = type(tiny_backend).encode_image
+
+    def counting(self, pixels):
+        sizes.append(pixels.shape[0])
+        return original(self, pixels)
+
+    monkeypatch.setattr(type(tiny_backend), "encode_image", counting)
+    monkeypatch.setattr("service.tta.CPU_IMAGES_PER_FORWARD", 3)  # one view per forward
+    assert torch.allclose(encode_global(tiny_backend, x, 8), grouped, atol=1e-6)
+    assert sizes == [3] * 8
