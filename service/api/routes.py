@@ -370,7 +370,8 @@ async def models(request: Request):
     model = None
     if det is not None:
         model = {**state.model_ref(det), "device": str(det.backend.device),
-                 "dtype": str(getattr(det.backend, "dtype", "")), "manifest": det.manifest}
+                 "dtype": str(getattr(det.backend, "dtype", "")), "tta_views": det.tta_views,
+                 "window_scales": list(det.window_scales), "manifest": det.manifest}
     available = await to_thread.run_sync(_available, state.settings.model_store)
     return {"ready": state.status == "ready", "status": state.status, "model": model, "available": available,
             "error": state.error}

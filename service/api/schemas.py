@@ -220,7 +220,8 @@ class ModelsInfo(BaseModel):
     model_config = _examples({
         "ready": True, "status": "ready",
         "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3", "device": "cuda:0",
-                  "dtype": "torch.float16", "manifest": {"kind": "fnn", "version": "v3", "...": "..."}},
+                  "dtype": "torch.float16", "tta_views": 4, "window_scales": [1, 2, 3],
+                  "manifest": {"kind": "fnn", "version": "v3", "...": "..."}},
         "available": [{"name": "default", "versions": ["v1", "v2", "v3"], "current": "v3"}],
         "error": None,
     })

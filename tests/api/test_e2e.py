@@ -205,15 +205,18 @@ def test_failed_reloads_keep_the_old_model_serving(served):
         assert c.get("/readyz").status_code == 200
         det = c.post("/v1/detect", content=image_bytes(), headers={"content-type": "image/png"})
         assert det.status_code == 200 and det.json()["model"]["version"] == "v1"
-    assert c.get("/v1/models").json()["model"]["version"] == "v1"
+    info = c.get("/v1/models").json()["model"]
+    assert info["version"] == "v1" and info["tta_views"] == 1  # the effective settings, not only the manifest
     metrics = c.get("/metrics").text
     assert 'zsad_model_reloads_total{outcome="failed"} 3.0' in metrics
     assert 'model="default",version="v1"} 1.0' in metrics
 
     # a good version swaps in
-    ms.publish("default", {"fnn.safetensors": fnn_bytes}, clean, version="v4", make_current=False)
+    ms.publish("default", {"fnn.safetensors": fnn_bytes}, {**clean, "tta": {"views": 2}}, version="v4",
+               make_current=False)
     r = c.post("/v1/models/reload", json={"version": "v4"})
     assert r.status_code == 200 and r.json()["previous"]["version"] == "v1" and r.json()["current"]["version"] == "v4"
     det = c.post("/v1/detect", content=image_bytes(), headers={"content-type": "image/png"}).json()
     assert det["model"]["version"] == "v4"
     assert {m["name"]: m for m in c.get("/v1/models").json()["available"]}["default"]["versions"][-1] == "v4"
+    assert c.get("/v1/models").json()["model"]["tta_views"] == 2  # the new version's recommendation
