@@ -46,10 +46,22 @@ def test_shipped_model_loads_by_current_and_verifies(detector):
     assert detector.backend.image_center is not None  # modality centres ship with the model
 
 
+def test_shipped_model_scores_do_not_depend_on_a_half_turn(detector):
+    # default@v3 recommends 4 test-time views (flips and the half turn), chosen on validation kinds by
+    # benchmarks/tta_views.py: a part turned by 180 degrees gets the same score, which it does not without them.
+    image = Image.fromarray(render(sample_scene(seeded_rng(5, TEST_STREAM, KINDS.index("pill"), 0), kind="pill"), 64)[0])
+    turned = image.transpose(Image.Transpose.ROTATE_180)
+    a, b = detector.detect([image, turned], heatmap=False)
+    plain = load_detector(Settings(model_store=REPO_ROOT / "model_store", device="cpu", tta_views=1))
+    pa, pb = plain.detect([image, turned], heatmap=False)
+    assert abs(a.scores["combined"] - b.scores["combined"]) < 1e-4
+    assert abs(pa.scores["combined"] - pb.scores["combined"]) > 1e-3
+
+
 def test_defective_twin_scores_above_its_clean_twin(twins_and_detections):
     twins, clean, defective = twins_and_detections
     rate = np.mean([d.scores["combined"] > c.scores["combined"] for d, c in zip(defective, clean)])
-    assert rate >= 0.75  # measured 0.86 (42 held-out twins); chance is 0.5
+    assert rate >= 0.80  # measured 0.90 (42 held-out twins; 0.86 without test-time views); chance is 0.5
 
 
 def _hot_component_overlaps(heat: np.ndarray, mask: np.ndarray) -> bool:
@@ -76,7 +88,7 @@ def test_quality_on_a_fresh_held_out_set(twins_and_detections):
         np.concatenate([t.mask.ravel() for t in twins] + [np.zeros(t.mask.size, bool) for t in twins]),
         np.concatenate([d.heat["combined"].ravel() for d in defective] + [c.heat["combined"].ravel() for c in clean]),
     )
-    assert image_auroc >= 0.76  # measured 0.82
+    assert image_auroc >= 0.77  # measured 0.83 (0.82 without test-time views)
     assert pixel_auroc >= 0.80  # measured 0.86
 
 
