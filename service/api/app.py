@@ -112,8 +112,8 @@ class AppState:
         self.metrics.set_model(ref["name"], ref["version"], ref["clip"])
         self.metrics.model_ready.set(1)
         self.metrics.model_load_seconds.set(seconds)
-        log.info("serving model %s@%s (CLIP %s) on %s, loaded and warmed up in %.1f s", ref["name"], ref["version"],
-                 ref["clip"], detector.backend.device, seconds)
+        log.info("serving model %s@%s (CLIP %s) on %s, %d test-time view(s), loaded and warmed up in %.1f s",
+                 ref["name"], ref["version"], ref["clip"], detector.backend.device, detector.tta_views, seconds)
 
     def initial_load(self) -> None:
         from ..detector import ModelLoadError
