@@ -94,6 +94,14 @@ class FakeDetector:
     def version(self) -> str:
         return self.manifest["version"]
 
+    @property
+    def tta_views(self) -> int:
+        return int(self.manifest.get("tta", {}).get("views", 1))
+
+    @property
+    def window_scales(self) -> tuple[int, ...]:
+        return tuple(self.manifest.get("windows", {}).get("scales", (2, 3)))
+
     def detect(self, images, object_name=None, heatmap=True, timings=None):  # noqa: ANN001
         self.entered.set()
         if self.gate is not None:
