@@ -71,17 +71,22 @@ def test_fetch_weights_offline_fails_with_nonzero_exit(tmp_path, capsys, monkeyp
     assert "offline" in err and "zsad fetch-weights" in err
 
 
-def test_train_records_a_score_calibration_from_normal_images(tiny_store, tmp_path, capsys):
+def _store_and_normal_images(tiny_store, tmp_path, n: int, seed: int, low: int, high: int):
+    """A writable copy of the tiny store, and a folder of `n` seeded 32x32 "normal" images."""
     import shutil
 
-    root, _ = tiny_store
     store = tmp_path / "store"
-    shutil.copytree(root, store)
+    shutil.copytree(tiny_store[0], store)
     normal = tmp_path / "normal"
     normal.mkdir()
-    rng = np.random.default_rng(1)
-    for i in range(12):
-        Image.fromarray(rng.integers(80, 120, (32, 32, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    rng = np.random.default_rng(seed)
+    for i in range(n):
+        Image.fromarray(rng.integers(low, high, (32, 32, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    return store, normal
+
+
+def test_train_records_a_score_calibration_from_normal_images(tiny_store, tmp_path, capsys):
+    store, normal = _store_and_normal_images(tiny_store, tmp_path, 12, seed=1, low=80, high=120)
     assert main(["--store", str(store), "train", "--clip", "tiny-clip", "--n-pairs", "100", "--epochs", "1",
                  "--name", "cal", "--quiet", "--calibration-images", str(normal)]) == 0
     manifest = json.loads((store / "cal" / "v1" / "manifest.json").read_text())
@@ -97,8 +102,6 @@ def test_train_records_a_score_calibration_from_normal_images(tiny_store, tmp_pa
 
 
 def test_train_records_test_time_views_and_calibrates_with_them(tiny_store, tmp_path):
-    import shutil
-
     import torch
 
     from service.detector import load_detector
@@ -107,14 +110,7 @@ def test_train_records_test_time_views_and_calibrates_with_them(tiny_store, tmp_
     from service.settings import Settings
     from service.tta import encode_global
 
-    root, _ = tiny_store
-    store = tmp_path / "store"
-    shutil.copytree(root, store)
-    normal = tmp_path / "normal"
-    normal.mkdir()
-    rng = np.random.default_rng(2)
-    for i in range(10):
-        Image.fromarray(rng.integers(0, 255, (32, 32, 3), dtype=np.uint8)).save(normal / f"{i}.png")
+    store, normal = _store_and_normal_images(tiny_store, tmp_path, 10, seed=2, low=0, high=255)
     assert main(["--store", str(store), "train", "--clip", "tiny-clip", "--n-pairs", "100", "--epochs", "1",
                  "--name", "tta", "--quiet", "--tta-views", "8", "--calibration-images", str(normal)]) == 0
     manifest = json.loads((store / "tta" / "v1" / "manifest.json").read_text())
