@@ -22,17 +22,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from service.clip_backend import ClipSpec, load_clip
+from service.clip_backend import load_clip
 from service.detector import Detector, load_detector
 from service.fnn import FNN
 from service.prompts import RandomWordConfig, Vocabulary, random_word_pairs
 from service.settings import Settings
 from service.text_encoding import encode_prompts
+from _random_clip import random_clip_spec
 
 
 DEV = "cuda"
@@ -105,12 +104,7 @@ def main() -> None:
     out: dict[str, str] = {}
 
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        model = open_clip.create_model("ViT-B-16-plus-240", pretrained=None)
-        weights = Path(tmp) / "vitb16p.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        del model
-        spec = ClipSpec("file", "ViT-B-16-plus-240", path=str(weights))
+        spec = random_clip_spec(tmp)
         b16 = load_clip(spec, tmp, device="auto" if DEV == "cuda" else "cpu", precision="auto" if DEV == "cuda" else "bf16")
         param = next(b16.model.parameters())
         print(f"1. placement: device={b16.device} dtype={b16.dtype} param on {param.device} {param.dtype}")

@@ -16,17 +16,16 @@ import time
 from pathlib import Path
 
 import numpy as np
-import open_clip
 import torch
 from PIL import Image
-from safetensors.torch import save_file
 
-from service.clip_backend import ClipSpec, load_clip
+from service.clip_backend import load_clip
 from service.detector import Detector
 from service.fnn import FNN
 from service.preprocess import Geometry
 from service.prompts import Vocabulary
 from service.settings import Settings
+from _random_clip import random_clip_spec
 
 
 def numpy_to_original(self: Geometry, heat, fill: float = 0.0) -> np.ndarray:
@@ -52,13 +51,7 @@ def main() -> None:
     ap.add_argument("--reps", type=int, default=5)
     args = ap.parse_args()
     with tempfile.TemporaryDirectory() as tmp:
-        torch.manual_seed(0)
-        model = open_clip.create_model("ViT-B-16-plus-240", pretrained=None)
-        weights = Path(tmp) / "w.safetensors"
-        save_file({k: v.contiguous() for k, v in model.state_dict().items()}, str(weights))
-        del model
-        backend = load_clip(ClipSpec("file", "ViT-B-16-plus-240", path=str(weights)), tmp, device="cpu",
-                            precision="fp32")
+        backend = load_clip(random_clip_spec(tmp), tmp, device="cpu", precision="fp32")
         det = Detector(backend, FNN(backend.embed_dim), {"name": "random", "version": "v0"}, Vocabulary.load(),
                        Settings(model_store=Path(tmp), device="cpu"))
         rng = np.random.default_rng(0)
