@@ -32,6 +32,12 @@ class TrainConfig:
     window_scales: tuple[int, ...] | None = None  # serving recommendation recorded in the manifest
     tta_views: int = 1  # serving recommendation (see tta.py); the calibration is fitted with it
 
+    def __post_init__(self) -> None:
+        from .tta import VIEW_COUNTS
+
+        if self.tta_views not in VIEW_COUNTS:  # refused before training, not when the service loads the model
+            raise ValueError(f"tta_views must be one of {VIEW_COUNTS}, got {self.tta_views}")
+
 
 @dataclass
 class TrainResult:

@@ -123,3 +123,11 @@ def test_views_grouped_into_several_forwards_give_the_same_embedding(tiny_backen
     monkeypatch.setattr("service.tta.CPU_IMAGES_PER_FORWARD", 3)  # one view per forward
     assert torch.allclose(encode_global(tiny_backend, x, 8), grouped, atol=1e-6)
     assert sizes == [3] * 8
+
+
+def test_training_config_refuses_a_view_count_before_any_work():
+    from service.train import TrainConfig
+
+    assert TrainConfig(tta_views=4).tta_views == 4
+    with pytest.raises(ValueError, match="tta_views"):
+        TrainConfig(tta_views=3)
