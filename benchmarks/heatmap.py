@@ -31,12 +31,8 @@ sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
 from service.aggregate import upsample_map, winclip_map  # noqa: E402
 from service.clip_backend import ClipBackend, ClipSpec  # noqa: E402
-from service.windows import (  # noqa: E402
-    crop_window_embeddings,
-    embed_image_and_windows,
-    window_boxes,
-    window_indices,
-)
+from service.window_grid import window_boxes, window_indices  # noqa: E402
+from service.windows import crop_window_embeddings, embed_image_and_windows  # noqa: E402
 
 ARCH = "ViT-B-16-plus-240"
 

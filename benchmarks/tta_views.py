@@ -30,7 +30,7 @@ from service.settings import Settings
 from service.synthetic.dataset import DatasetSpec, write_mvtec
 from service.synthetic.world import HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS
 from service import tta
-from service.tta import VIEW_COUNTS
+from service.constants import VIEW_COUNTS
 
 GROUPS = {"validation": (31337, tuple(RANDOM_KINDS)), "seen": (31337, tuple(TRAIN_KINDS)),
           "held_out": (20261126, tuple(HELD_OUT_KINDS))}

@@ -16,7 +16,7 @@ from typing import Mapping
 import torch
 import torch.nn.functional as F
 
-from .windows import incidence_matrix
+from .window_grid import incidence_matrix
 
 EPS = 1e-6
 
@@ -28,7 +28,7 @@ def harmonic_patch_map(
 ) -> torch.Tensor:
     """Patch map [B, h, w]: per patch, the harmonic mean of the scores [B, n_windows] of the windows covering it.
 
-    `indices` [n_windows, k*k] are the windows' patch indices (see `windows.window_indices`). A patch covered by
+    `indices` [n_windows, k*k] are the windows' patch indices (see `window_grid.window_indices`). A patch covered by
     no window gets NaN (cannot happen with `window_indices`, which always covers the whole grid).
     """
     h, w = grid

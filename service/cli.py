@@ -10,6 +10,7 @@ import os
 import sys
 from pathlib import Path
 
+from .constants import IMAGE_EXTENSIONS, SCORE_ALIASES, SCORE_NAMES, VIEW_COUNTS
 from .settings import Settings
 
 
@@ -81,7 +82,7 @@ def cmd_train(args: argparse.Namespace) -> int:
                                                             else f" from {', '.join(args.calibration_images)}")
     result = train_fnn_model(backend, cfg, None if args.dry_run else store, args.name, args.version,
                              not args.no_current, progress=not args.quiet, calibration_images=calibration,
-                             calibration_reference=reference)
+                             calibration_reference=reference, settings=settings)
     out = {
         "name": args.name,
         "version": result.version,
@@ -95,13 +96,12 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 
 def _images_in(folders: list[str]) -> list[Path]:
-    exts = {".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp"}
     found: list[Path] = []
     for folder in folders:
         root = Path(folder)
         if not root.exists():
             raise CliError(f"{root} does not exist")
-        found += sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.suffix.lower() in exts)
+        found += sorted(p for p in ([root] if root.is_file() else root.rglob("*")) if p.suffix.lower() in IMAGE_EXTENSIONS)
     return found
 
 
@@ -126,10 +126,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(json.dumps({"path": path, "error": str(exc)}))
             continue
         det = detector.detect([image], args.object, heatmap=heat_dir is not None)[0]
-        line = {"path": path, "s_fnn": round(det.scores["fnn"], 6), "s_pr": round(det.scores["prompt"], 6),
-                "combined": round(det.scores["combined"], 6)}
+        line = {"path": path, **{SCORE_ALIASES[k]: round(v, 6) for k, v in det.scores.items()}}
         if heat_dir is not None:
-            heat = det.heat[args.score]
+            heat = det.heat[args.score or settings.default_score]
             stem = Path(path).stem
             (heat_dir / f"{stem}_overlay.png").write_bytes(overlay_png(image, heat))
             from PIL import Image
@@ -210,7 +209,7 @@ def build_parser() -> argparse.ArgumentParser:
     t.add_argument("--vocabulary", help="vocabulary JSON (default: service/data/vocabulary.json)")
     t.add_argument("--window-scales", help="heatmap window sizes to recommend in the manifest, e.g. 1,2,3 "
                    "(default: none recorded; the service then uses WinCLIP's 2,3)")
-    t.add_argument("--tta-views", type=int, choices=(1, 2, 4, 8), default=1,
+    t.add_argument("--tta-views", type=int, choices=VIEW_COUNTS, default=1,
                    help="test-time augmentation to recommend in the manifest: average the image embedding over this "
                         "many flipped/rotated views; the calibration is fitted with it (default: 1, off)")
     t.add_argument("--calibration-images", nargs="+", metavar="DIR",
@@ -231,7 +230,7 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--model-ref", help="FNN model NAME[@VERSION] (default: settings / current)")
     s.add_argument("--object", help="object name for the prompt score (default: generic 'object')")
     s.add_argument("--heatmap", metavar="DIR", help="write <stem>_overlay.png and <stem>_mask.png into DIR")
-    s.add_argument("--score", choices=["fnn", "prompt", "combined"], default="combined", help="map for --heatmap")
+    s.add_argument("--score", choices=SCORE_NAMES, default=None, help="map for --heatmap (default: settings)")
     s.add_argument("--device", help="cpu, cuda or auto")
     s.set_defaults(func=cmd_score)
 

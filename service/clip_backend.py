@@ -21,6 +21,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .constants import CLIP_MEAN, CLIP_STD
 from .store import ModelStore, StoreError, sha256_file
 from .text_encoding import encode_prompts
 from .tokenizer import Tokenizer, build_tokenizer
@@ -316,8 +317,8 @@ def load_clip(
         device=device,
         dtype=dtype,
         image_size=int(size),
-        mean=tuple(cfg.get("mean", (0.48145466, 0.4578275, 0.40821073))),
-        std=tuple(cfg.get("std", (0.26862954, 0.26130258, 0.27577711))),
+        mean=tuple(cfg.get("mean", CLIP_MEAN)),
+        std=tuple(cfg.get("std", CLIP_STD)),
         embed_dim=embed_dim,
         image_center=centers.get("image", None) if centers else None,
         text_center=centers.get("text", None) if centers else None,

@@ -12,19 +12,20 @@ from __future__ import annotations
 import threading
 import time
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any, Mapping, Sequence
 
 import numpy as np
 import torch
 from PIL import Image
 
 from .clip_backend import ClipBackend, ClipLoadError, ClipSpec, load_clip
-from .fnn import FNN
+from .constants import SCORE_NAMES, WINDOW_SCALES
+from .fnn import FNN, load_fnn
 from .prompts import Vocabulary, ensemble
-from .scoring import SCORE_NAMES, Calibration, PromptAnchors, all_scores, anchors_from_embeddings
+from .scoring import Calibration, PromptAnchors, all_logits, all_scores, anchors_from_embeddings
 from .settings import Settings
 from .store import ModelStore, StoreError
-from .train import load_fnn_from_store
+from .timing import lap
 
 if TYPE_CHECKING:
     from .preprocess import Geometry
@@ -75,11 +76,44 @@ class Detector:
     _anchors: dict[str, PromptAnchors] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
 
+    MAX_CACHED_WORDS = 256  # object words come from requests: the anchor cache is bounded
+
+    @classmethod
+    def from_parts(
+        cls,
+        clip: ClipBackend,
+        fnn: FNN,
+        settings: Settings | None = None,
+        manifest: dict[str, Any] | None = None,
+        vocab: Vocabulary | None = None,
+        anchors: Mapping[str, PromptAnchors] | None = None,
+    ) -> "Detector":
+        """A detector from a loaded CLIP and an FNN, without a model store (tests, benchmarks, reference checks).
+
+        `manifest` carries the serving recommendations and calibration a store model would have (default: none, so
+        WinCLIP's window scales, one view, uncalibrated scores); `anchors` supplies ready prompt anchors by object
+        word, so s_pr can be checked against text embeddings computed elsewhere."""
+        det = cls(clip, fnn.to(clip.device), {"name": "parts", "version": "v0", **(manifest or {})},
+                  vocab or Vocabulary.load(), settings or Settings())
+        return det.with_anchors(anchors) if anchors else det
+
+    def with_anchors(self, anchors: Mapping[str, PromptAnchors]) -> "Detector":
+        """The same detector with these prompt anchors (by object word) in place of ones from the text tower."""
+        cache = {word.strip().lower(): a.to(self.backend.device) for word, a in anchors.items()}
+        return replace(self, _anchors=cache, _lock=threading.Lock())
+
+    def with_calibration(self, calibration: Mapping[str, Any] | None) -> "Detector":
+        """The same detector scoring with another calibration (a manifest `calibration` entry, or None for raw)."""
+        manifest = {k: v for k, v in self.manifest.items() if k != "calibration"}
+        if calibration:
+            manifest["calibration"] = dict(calibration)
+        return replace(self, manifest=manifest)
+
     @property
     def window_scales(self) -> tuple[int, ...]:
-        """Settings first, then the model's own recommendation (its manifest), then WinCLIP's (2, 3)."""
+        """Settings first, then the model's own recommendation (its manifest), then WinCLIP's."""
         from_model = self.manifest.get("windows", {}).get("scales")
-        return tuple(self.settings.window_scales or from_model or (2, 3))
+        return tuple(self.settings.window_scales or from_model or WINDOW_SCALES)
 
     @property
     def tta_views(self) -> int:
@@ -104,18 +138,39 @@ class Detector:
                 self._anchors[word] = anchors_from_embeddings(word, emb[: len(normal)], emb[len(normal) :]).to(
                     self.backend.device
                 )
-                if len(self._anchors) > 256:  # bounded: object names come from requests
+                if len(self._anchors) > self.MAX_CACHED_WORDS:
                     self._anchors.pop(next(iter(self._anchors)))
             return self._anchors[word]
 
     def score_embeddings(self, emb: torch.Tensor, object_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Every registered score of embeddings [..., D], with the temperature, weight and calibration in effect."""
         s = self.settings
         return all_scores(emb, self.fnn, self.anchors(object_name), s.prompt_temperature, s.combine_weight,
                           self.calibration)
 
+    @torch.inference_mode()
+    def logits(self, embs: Sequence[ImageEmbedding], object_name: str | None = None) -> dict[str, torch.Tensor]:
+        """Uncalibrated logits [B] of the global embeddings: what `calibration.fit_detector_calibration` fits."""
+        glob = torch.stack([e.global_emb for e in embs]).to(self.backend.device)
+        return {k: v.cpu() for k, v in
+                all_logits(glob, self.fnn, self.anchors(object_name), self.settings.prompt_temperature).items()}
+
     @property
     def calibration(self) -> Calibration:
         return Calibration.from_manifest(self.manifest.get("calibration"))
+
+    SCORING_SETTINGS = ("prompt_temperature", "combine_weight", "resize_policy", "generic_object")
+
+    def scoring_settings(self) -> dict[str, Any]:
+        """The settings that change a global image score: recorded with a calibration fitted under them."""
+        return {**{k: getattr(self.settings, k) for k in self.SCORING_SETTINGS}, "tta_views": self.tta_views}
+
+    def calibration_drift(self) -> dict[str, tuple[Any, Any]]:
+        """{setting: (fitted with, in effect)} where this detector scores with other settings than its calibration
+        was fitted with: its threshold advice then no longer means the false-reject rate it was fitted for."""
+        fitted = (self.manifest.get("calibration") or {}).get("fitted_with") or {}
+        now = self.scoring_settings()
+        return {k: (v, now[k]) for k, v in fitted.items() if k in now and v != now[k]}
 
     def input_key(self) -> tuple:
         b = self.backend
@@ -146,10 +201,10 @@ class Detector:
         timings = timings if timings is not None else {}
         t = time.perf_counter()
         pixels, geoms = self._pixels(images)
-        t = _lap(timings, "preprocess", t)
+        t = lap(timings, "preprocess", t)
         if not heatmap:
             glob = encode_global(self.backend, pixels, self.tta_views)
-            _lap(timings, "embed", t)
+            lap(timings, "embed", t)
             return [ImageEmbedding(glob[i], {}, (0, 0), g) for i, g in enumerate(geoms)]
         emb = embed_image_and_windows(
             self.backend, pixels, self.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings
@@ -158,7 +213,7 @@ class Detector:
         if self.tta_views > 1:
             t = time.perf_counter()
             glob = encode_global(self.backend, pixels, self.tta_views, identity=glob)
-            _lap(timings, "embed", t)
+            lap(timings, "embed", t)
         return [
             ImageEmbedding(glob[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g)
             for i, g in enumerate(geoms)
@@ -173,7 +228,7 @@ class Detector:
     ) -> list[Detection]:
         """Scores (and maps, when the embeddings have windows) for a batch of embeddings from `embed`."""
         from .aggregate import winclip_map
-        from .windows import window_indices
+        from .window_grid import window_indices
 
         timings = timings if timings is not None else {}
         t = time.perf_counter()
@@ -193,7 +248,7 @@ class Detector:
                 for i, (e, det) in enumerate(zip(embs, results)):
                     det.grid[name] = maps[i].cpu().numpy()
                     det.heat[name] = e.geometry.to_original(maps[i])
-        _lap(timings, "aggregate", t)
+        lap(timings, "aggregate", t)
         return results
 
     def detect(
@@ -212,12 +267,6 @@ class Detector:
         return replace(self, fnn=fnn.to(self.backend.device), manifest=manifest)
 
 
-def _lap(timings: dict[str, float], stage: str, t0: float) -> float:
-    now = time.perf_counter()
-    timings[stage] = timings.get(stage, 0.0) + now - t0
-    return now
-
-
 def load_detector(
     settings: Settings, name: str | None = None, version: str | None = None, device: str | None = None
 ) -> Detector:
@@ -231,7 +280,7 @@ def load_detector(
         backend = load_clip(
             spec, settings.model_store, device or settings.device, settings.precision, settings.hub_cache
         )
-        fnn, manifest = load_fnn_from_store(store, name, manifest["version"], backend.embed_dim)
+        fnn, manifest = load_fnn(store, name, manifest["version"], backend.embed_dim)
         vocab = Vocabulary(**{k: tuple(v) for k, v in manifest["training"]["vocabulary"].items()})
     except (StoreError, ClipLoadError, KeyError) as exc:
         raise ModelLoadError(f"cannot load model {name!r}{'@' + version if version else ''}: {exc}") from exc

@@ -37,6 +37,9 @@ def block_ok(blk: nn.Module) -> bool:
 
 _LINEAR_POINTWISE = getattr(torch.ops.mkldnn, "_linear_pointwise", None) if torch.backends.mkldnn.is_available() else None
 _REORDER_WEIGHT = getattr(torch.ops.mkldnn, "_reorder_linear_weight", None) if _LINEAR_POINTWISE is not None else None
+# oneDNN's bf16 kernels need AVX-512 (or AVX-NE-CONVERT): on other CPUs (e.g. AVX2-only) bf16 runs the plain path.
+_ONEDNN_BF16 = _LINEAR_POINTWISE is not None and bool(getattr(torch.ops.mkldnn, "_is_mkldnn_bf16_supported",
+                                                              lambda: False)())
 
 # Pre-packed (oneDNN blocked-layout) copies of linear weights, per parameter and row range. Why: otherwise oneDNN
 # re-lays out every weight matrix on every call, 48 times per scale; packing once is 5-10% faster on AVX-512 and
@@ -49,7 +52,7 @@ def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:
     return (
         _LINEAR_POINTWISE is not None
         and x.device.type == "cpu"
-        and x.dtype in (torch.float32, torch.bfloat16)
+        and (x.dtype == torch.float32 or (x.dtype == torch.bfloat16 and _ONEDNN_BF16))
         and weight.dtype == x.dtype
         and not (torch.is_grad_enabled() and (x.requires_grad or weight.requires_grad))
     )

@@ -8,12 +8,18 @@ deterministic for a seed.
 from __future__ import annotations
 
 from dataclasses import asdict, dataclass
+from pathlib import Path
+from typing import Any
 
 import torch
 import torch.nn.functional as F
 from safetensors.torch import load, save
 from torch import nn
 from tqdm.auto import tqdm
+
+from .store import ModelStore, StoreError
+
+FNN_FILE = "fnn.safetensors"  # the weights file of an FNN model in the store
 
 
 @dataclass(frozen=True)
@@ -156,3 +162,23 @@ def fnn_from_bytes(data: bytes, layout: list[int]) -> FNN:
     except RuntimeError as exc:
         raise ValueError(f"FNN weights do not match layout {layout}: {exc}") from exc
     return fnn.eval()
+
+
+def load_fnn(store: ModelStore, name: str, version: str | None, embed_dim: int) -> tuple[FNN, dict[str, Any]]:
+    """(FNN, manifest) of the store's `name@version`, after checksum and dimension checks.
+
+    Lives beside the FNN, not in the trainer, so that serving never imports training code. Raises StoreError on any
+    mismatch (wrong kind, wrong dimension, weights that do not fit the recorded layout).
+    """
+    folder, manifest = store.verify(name, version)
+    if manifest.get("kind") != "fnn":
+        raise StoreError(f"{name}@{manifest.get('version')} is not an FNN model (kind={manifest.get('kind')!r})")
+    layout = manifest["fnn"]["layout"]
+    if layout[0] != embed_dim or manifest.get("embed_dim") != embed_dim:
+        raise StoreError(f"dimension mismatch: FNN {name}@{manifest['version']} expects {layout[0]}-d embeddings, "
+                         f"CLIP gives {embed_dim}-d")
+    try:
+        fnn = fnn_from_bytes((Path(folder) / FNN_FILE).read_bytes(), layout)
+    except ValueError as exc:
+        raise StoreError(str(exc)) from exc
+    return fnn, manifest

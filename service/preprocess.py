@@ -38,9 +38,9 @@ import numpy as np
 import torch
 from PIL import Image, ImageOps, UnidentifiedImageError
 
+from .constants import ALLOWED_FORMATS, CLIP_MEAN, CLIP_STD
+
 ResizePolicy = Literal["letterbox", "stretch", "center_crop"]
-ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
-CLIP_MEAN = (0.48145466, 0.4578275, 0.40821073)
 DEFAULT_BACKGROUND: tuple[int, int, int] = tuple(int(round(255 * m)) for m in CLIP_MEAN)  # type: ignore[assignment]
 
 __all__ = ["ImageError", "Geometry", "load_image", "to_rgb", "to_pixels", "ALLOWED_FORMATS", "DEFAULT_BACKGROUND"]
@@ -222,7 +222,7 @@ def to_pixels(
     images: Sequence[Image.Image],
     image_size: int,
     mean: Sequence[float] = CLIP_MEAN,
-    std: Sequence[float] = (0.26862954, 0.26130258, 0.27577711),
+    std: Sequence[float] = CLIP_STD,
     policy: ResizePolicy = "letterbox",
 ) -> tuple[torch.Tensor, list[Geometry]]:
     """Normalised float32 pixels [B, 3, S, S] and one Geometry per image, under the resize `policy` (see module doc)."""

@@ -11,9 +11,11 @@ from dataclasses import dataclass
 import torch
 import torch.nn.functional as F
 
+from .constants import CALIBRATION_QUANTILE, COMBINE_WEIGHT, PROMPT_TEMPERATURE, SCORE_NAMES
 from .fnn import FNN
 
-SCORE_NAMES = ("fnn", "prompt", "combined")
+__all__ = ["SCORE_NAMES", "PromptAnchors", "Calibration", "anchors_from_embeddings", "all_logits", "all_scores",
+           "fit_calibration", "fnn_logit", "prompt_logit", "s_fnn", "s_pr", "combine", "calibrated_score"]
 
 
 @dataclass(frozen=True)
@@ -64,7 +66,7 @@ def fnn_logit(emb: torch.Tensor, fnn: FNN) -> torch.Tensor:
         return fnn(emb.reshape(-1, emb.shape[-1])).reshape(shape)
 
 
-def prompt_logit(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = 0.07) -> torch.Tensor:
+def prompt_logit(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = PROMPT_TEMPERATURE) -> torch.Tensor:
     """(cos(f, t_a) - cos(f, t_n)) / T: the logit of WinCLIP's two-class softmax."""
     anchors = anchors.to(emb.device)
     f = F.normalize(emb.float(), dim=-1)
@@ -75,26 +77,36 @@ def s_fnn(emb: torch.Tensor, fnn: FNN, calibration: Calibration | None = None) -
     return calibrated_score(fnn_logit(emb, fnn), calibration.fnn if calibration else None)
 
 
-def s_pr(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = 0.07,
+def s_pr(emb: torch.Tensor, anchors: PromptAnchors, temperature: float = PROMPT_TEMPERATURE,
          calibration: Calibration | None = None) -> torch.Tensor:
     """softmax([cos(f, t_n), cos(f, t_a)] / T)[anomalous] (= sigmoid of `prompt_logit`), optionally calibrated."""
     return calibrated_score(prompt_logit(emb, anchors, temperature), calibration.prompt if calibration else None)
 
 
-def combine(fnn_score: torch.Tensor, prompt_score: torch.Tensor, weight: float = 0.5) -> torch.Tensor:
+def combine(fnn_score: torch.Tensor, prompt_score: torch.Tensor, weight: float = COMBINE_WEIGHT) -> torch.Tensor:
     """Weighted mean: `weight` on s_fnn, the rest on s_pr ("CLIP + FNN" of the paper)."""
     return weight * fnn_score + (1.0 - weight) * prompt_score
 
 
+def all_logits(emb: torch.Tensor, fnn: FNN, anchors: PromptAnchors,
+               temperature: float = PROMPT_TEMPERATURE) -> dict[str, torch.Tensor]:
+    """The raw logits that the calibration is fitted on (one per calibrated score)."""
+    return {"fnn": fnn_logit(emb, fnn), "prompt": prompt_logit(emb, anchors, temperature)}
+
+
 def all_scores(
-    emb: torch.Tensor, fnn: FNN, anchors: PromptAnchors, temperature: float = 0.07, weight: float = 0.5,
-    calibration: Calibration | None = None,
+    emb: torch.Tensor, fnn: FNN, anchors: PromptAnchors, temperature: float = PROMPT_TEMPERATURE,
+    weight: float = COMBINE_WEIGHT, calibration: Calibration | None = None,
 ) -> dict[str, torch.Tensor]:
-    f, p = s_fnn(emb, fnn, calibration), s_pr(emb, anchors, temperature, calibration)
+    """Every score of the registry (`constants.SCORES`), keyed by its name, in the registry's order."""
+    logits = all_logits(emb, fnn, anchors, temperature)
+    cal = calibration or Calibration()
+    f, p = calibrated_score(logits["fnn"], cal.fnn), calibrated_score(logits["prompt"], cal.prompt)
     return {"fnn": f, "prompt": p, "combined": combine(f, p, weight)}
 
 
-def fit_calibration(fnn_logits: torch.Tensor, prompt_logits: torch.Tensor, quantile: float = 0.99) -> dict:
+def fit_calibration(fnn_logits: torch.Tensor, prompt_logits: torch.Tensor,
+                    quantile: float = CALIBRATION_QUANTILE) -> dict:
     """Manifest entry: for each score, (logit at `quantile` of the normal reference images, their std)."""
     def fit(x: torch.Tensor) -> list[float]:
         x = x.double().flatten()

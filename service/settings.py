@@ -1,24 +1,28 @@
 """One settings object for the whole project, read from `ZSAD_*` environment variables.
 
 The CLI, the service, the evaluation and the tests all take a `Settings`; nothing else reads the environment.
-Every open detail of the method (see docs/method.md) is a field here, with the default we chose.
+Every open detail of the method (shared/method-notes.md lists them) is a field here, with the default we chose in
+`constants.py`. Secrets (the API keys) may also come from files in /run/secrets (Docker and Kubernetes secrets),
+one file per variable, named like it in lower case (`zsad_api_keys_admin`), holding a JSON list.
 """
 from __future__ import annotations
 
-from functools import lru_cache
 from pathlib import Path
 from typing import Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-REPO_ROOT = Path(__file__).resolve().parent.parent
+from .constants import (COMBINE_WEIGHT, DEFAULT_SCORE, GENERIC_OBJECT, PROMPT_TEMPERATURE, VIEW_COUNTS,
+                        ScoreName)
 
-ScoreName = Literal["fnn", "prompt", "combined"]
+REPO_ROOT = Path(__file__).resolve().parent.parent
+SECRETS_DIR = Path("/run/secrets")
 
 
 class Settings(BaseSettings):
-    model_config = SettingsConfigDict(env_prefix="ZSAD_", env_file=None, extra="ignore")
+    model_config = SettingsConfigDict(env_prefix="ZSAD_", env_file=None, extra="ignore",
+                                      secrets_dir=SECRETS_DIR if SECRETS_DIR.is_dir() else None)
 
     # --- model store and model choice -------------------------------------------------------------------------
     model_store: Path = Field(REPO_ROOT / "model_store", description="Root of the versioned model store.")
@@ -31,10 +35,12 @@ class Settings(BaseSettings):
     hub_cache: Path | None = Field(None, description="Cache dir for pretrained CLIP downloads (default: <store>/_hub).")
 
     # --- scoring ----------------------------------------------------------------------------------------------
-    default_score: ScoreName = Field("combined", description="Score used for the label when a request names none.")
-    combine_weight: float = Field(0.5, ge=0.0, le=1.0, description="Weight of s_fnn in `combined` (rest is s_pr).")
-    prompt_temperature: float = Field(0.07, gt=0.0, description="Softmax temperature of the prompt score s_pr.")
-    generic_object: str = Field("object", description="Object word for s_pr when no object name is given.")
+    default_score: ScoreName = Field(DEFAULT_SCORE, description="Score used for the label when a request names none.")
+    combine_weight: float = Field(COMBINE_WEIGHT, ge=0.0, le=1.0,
+                                  description="Weight of s_fnn in `combined` (rest is s_pr).")
+    prompt_temperature: float = Field(PROMPT_TEMPERATURE, gt=0.0,
+                                      description="Softmax temperature of the prompt score s_pr.")
+    generic_object: str = Field(GENERIC_OBJECT, description="Object word for s_pr when no object name is given.")
     tta_views: int | None = Field(
         None, description="Test-time augmentation: average the global embedding over this many flipped/rotated views "
         "of the input; None: the model manifest's recommendation, else 1 (off)."
@@ -42,7 +48,7 @@ class Settings(BaseSettings):
 
     # --- windows / heatmaps -------------------------------------------------------------------------------------
     window_scales: tuple[int, ...] | None = Field(
-        None, description="Window sizes in patches (ViT) or feature cells (CNN); None: the model manifest's, else (2, 3)."
+        None, description="Window sizes in patches (ViT) or feature cells (CNN); None: the model manifest's, else WinCLIP's (2, 3)."
     )
     window_stride: int = Field(1, ge=1, description="Window stride in patches / cells.")
     window_chunk: int = Field(1024, ge=1, description="Max windows per forward call: bounds memory.")
@@ -90,11 +96,7 @@ class Settings(BaseSettings):
     @field_validator("tta_views")
     @classmethod
     def _views_form_a_group(cls, v: int | None) -> int | None:
-        if v is not None and v not in (1, 2, 4, 8):
-            raise ValueError("must be 1, 2, 4 or 8 (flips and quarter turns that form a group)")
+        if v is not None and v not in VIEW_COUNTS:
+            raise ValueError(f"must be {', '.join(map(str, VIEW_COUNTS[:-1]))} or {VIEW_COUNTS[-1]} (flips and quarter turns "
+                             "that form a group)")
         return v
-
-
-@lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    return Settings()

@@ -2,7 +2,8 @@
 
 `zsad train` is a thin wrapper around `train_fnn_model`. The manifest written here is everything needed to reload
 and to reproduce the model: the CLIP it was trained on (with checksum), the FNN layout, the prompt configuration,
-the vocabulary itself, the seed and the validation metrics.
+the vocabulary itself, the seed and the validation metrics. Training and publishing only: loading lives beside the
+FNN (`fnn.load_fnn`) and the score calibration in `calibration.py`, so serving never imports this module.
 """
 from __future__ import annotations
 
@@ -15,11 +16,11 @@ import torch
 
 from . import __version__
 from .clip_backend import ClipBackend
-from .fnn import FNNConfig, TrainReport, auroc, fnn_to_bytes, pair_scores, train_fnn
+from .constants import GENERIC_OBJECT, VIEW_COUNTS
+from .fnn import FNN_FILE, FNNConfig, TrainReport, auroc, fnn_to_bytes, pair_scores, train_fnn
 from .prompts import RandomWordConfig, Vocabulary, clean_pairs, random_word_pairs
+from .settings import Settings
 from .store import ModelStore
-
-FNN_FILE = "fnn.safetensors"
 
 
 @dataclass(frozen=True)
@@ -27,14 +28,12 @@ class TrainConfig:
     prompts: RandomWordConfig = field(default_factory=RandomWordConfig)
     fnn: FNNConfig = field(default_factory=FNNConfig)
     random_words: bool = True  # False: the ablation "FNN without random words" (object slot = generic_object)
-    generic_object: str = "object"
+    generic_object: str = GENERIC_OBJECT
     vocabulary_path: str | None = None
     window_scales: tuple[int, ...] | None = None  # serving recommendation recorded in the manifest
     tta_views: int = 1  # serving recommendation (see tta.py); the calibration is fitted with it
 
     def __post_init__(self) -> None:
-        from .tta import VIEW_COUNTS
-
         if self.tta_views not in VIEW_COUNTS:  # refused before training, not when the service loads the model
             raise ValueError(f"tta_views must be one of {VIEW_COUNTS}, got {self.tta_views}")
 
@@ -48,43 +47,6 @@ class TrainResult:
     seconds: float
 
 
-def calibrate_on_images(
-    backend: ClipBackend, fnn, vocab: Vocabulary, paths: list[Path], generic_object: str = "object",
-    temperature: float = 0.07, quantile: float = 0.99, batch_size: int = 64, combine_weight: float = 0.5,
-    tta_views: int = 1,
-) -> dict[str, Any]:
-    """Score calibration (see scoring.Calibration) from unlabeled *normal* reference images.
-
-    The embeddings are made as the service will make them (`tta_views`): averaging views narrows the spread of the
-    logits, so a calibration fitted without them would not hold with them."""
-    from .preprocess import load_image, to_pixels
-    from .prompts import ensemble
-    from .scoring import (Calibration, anchors_from_embeddings, calibrated_score, combine, fit_calibration, fnn_logit,
-                          prompt_logit)
-    from .tta import encode_global
-
-    if not paths:
-        raise ValueError("no calibration images given")
-    normal, anomalous = ensemble(vocab, generic_object)
-    text = backend.encode_text(normal + anomalous)
-    anchors = anchors_from_embeddings(generic_object, text[: len(normal)], text[len(normal) :])
-    f_logits, p_logits = [], []
-    for start in range(0, len(paths), batch_size):
-        images = [load_image(p) for p in paths[start : start + batch_size]]
-        pixels, _ = to_pixels(images, backend.image_size, backend.mean, backend.std)
-        emb = encode_global(backend, pixels, tta_views)
-        f_logits.append(fnn_logit(emb, fnn.to(emb.device)).cpu())
-        p_logits.append(prompt_logit(emb, anchors, temperature).cpu())
-    f_all, p_all = torch.cat(f_logits), torch.cat(p_logits)
-    fitted = fit_calibration(f_all, p_all, quantile)
-    cal = Calibration.from_manifest(fitted)
-    f, p = calibrated_score(f_all, cal.fnn), calibrated_score(p_all, cal.prompt)
-    scores = {"fnn": f, "prompt": p, "combined": combine(f, p, combine_weight)}
-    # The service's default threshold: the same false-reject rate on the reference images, for every score.
-    fitted["threshold_advice"] = {k: float(torch.quantile(v, quantile)) for k, v in scores.items()}
-    return fitted
-
-
 def train_fnn_model(
     backend: ClipBackend,
     cfg: TrainConfig,
@@ -95,11 +57,14 @@ def train_fnn_model(
     progress: bool = False,
     calibration_images: list[Path] | None = None,
     calibration_reference: str | None = None,
+    settings: Settings | None = None,
 ) -> TrainResult:
     """Train an FNN on `backend`'s text tower; publish it to `store` when given.
 
     With `calibration_images` (unlabeled normal images, e.g. a line's good parts), the manifest also records a score
-    calibration so that 0.5 means "above 99% of normal reference images" and s_fnn / s_pr share one scale.
+    calibration so that 0.5 means "above 99% of normal reference images" and s_fnn / s_pr share one scale. It is
+    fitted by the detector the service will run, with `settings` (default: `Settings()`) and the views recommended
+    in `cfg`, and records them.
     """
     t0 = time.perf_counter()
     vocab = Vocabulary.load(cfg.vocabulary_path)
@@ -141,34 +106,18 @@ def train_fnn_model(
     if cfg.tta_views > 1:
         manifest["tta"] = {"views": cfg.tta_views}
     if calibration_images:
-        calibration = calibrate_on_images(backend, fnn, vocab, list(calibration_images), cfg.generic_object,
-                                          tta_views=cfg.tta_views)
-        manifest["threshold_advice"] = {**calibration.pop("threshold_advice"),
-                                        "basis": "1% false rejects on the calibration images"}
-        manifest["calibration"] = {**calibration,
+        from .calibration import fit_detector_calibration
+        from .detector import Detector
+
+        # The views are the model's own recommendation (cfg), not an override the training shell happens to have.
+        serving = (settings or Settings()).model_copy(update={"tta_views": None, "generic_object": cfg.generic_object})
+        fit = fit_detector_calibration(Detector.from_parts(backend, fnn, serving, manifest, vocab),
+                                       list(calibration_images))
+        manifest["threshold_advice"] = {**fit.threshold_advice, "basis": "1% false rejects on the calibration images"}
+        manifest["calibration"] = {**fit.entry,
                                    "reference": calibration_reference or f"{len(calibration_images)} normal images"}
     result_version = None
     if store is not None:
         result_version = store.publish(name, {FNN_FILE: fnn_to_bytes(fnn)}, manifest, version, make_current)
         manifest = store.manifest(name, result_version)
     return TrainResult(result_version, manifest, report, clean_auroc, time.perf_counter() - t0)
-
-
-def load_fnn_from_store(store: ModelStore, name: str, version: str | None, embed_dim: int):
-    """(FNN, manifest) after checksum and dimension checks; raises StoreError on any mismatch."""
-    from .fnn import fnn_from_bytes
-    from .store import StoreError
-
-    folder, manifest = store.verify(name, version)
-    if manifest.get("kind") != "fnn":
-        raise StoreError(f"{name}@{manifest.get('version')} is not an FNN model (kind={manifest.get('kind')!r})")
-    layout = manifest["fnn"]["layout"]
-    if layout[0] != embed_dim or manifest.get("embed_dim") != embed_dim:
-        raise StoreError(
-            f"dimension mismatch: FNN {name}@{manifest['version']} expects {layout[0]}-d embeddings, CLIP gives {embed_dim}-d"
-        )
-    try:
-        fnn = fnn_from_bytes((Path(folder) / FNN_FILE).read_bytes(), layout)
-    except ValueError as exc:
-        raise StoreError(str(exc)) from exc
-    return fnn, manifest

@@ -15,7 +15,7 @@ from __future__ import annotations
 import torch
 import torch.nn.functional as F
 
-VIEW_COUNTS = (1, 2, 4, 8)
+from .constants import VIEW_COUNTS
 
 
 def dihedral_views(pixels: torch.Tensor, n_views: int) -> list[torch.Tensor]:

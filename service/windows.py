@@ -41,80 +41,28 @@ import torch.nn.functional as F
 from torch import nn
 
 from .fast_transformer import block_forward, block_ok
+from .timing import lap
+from .window_grid import window_boxes, window_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clip_backend import ClipBackend
 
 CnnWindowMode = Literal["attnpool", "crop"]
 
+CNN_STRIDE = 32  # every ModifiedResNet: stem conv1 (2) x stem avgpool (2) x layer2/3/4 (2 each)
+
 __all__ = [
     "Embeddings",
-    "window_starts",
-    "window_boxes",
-    "window_indices",
-    "incidence_matrix",
-    "coverage",
     "tower_kind",
     "feature_grid",
     "vit_tokens",
-    "vit_encode_tokens",
     "vit_encode_groups",
     "vit_embed",
-    "vit_window_embeddings",
     "cnn_feature_map",
     "cnn_window_embeddings",
     "crop_window_embeddings",
     "embed_image_and_windows",
 ]
-
-
-# --- window geometry ---------------------------------------------------------------------------------------------
-def window_starts(size: int, scale: int, stride: int) -> list[int]:
-    """Start offsets of windows of `scale` cells along an axis of `size` cells.
-
-    Offsets are 0, stride, 2*stride, ...; when the stride does not land on the last possible offset, that offset
-    (size - scale) is added so every cell is covered by at least one window (the harmonic mean needs that).
-    """
-    if scale < 1 or stride < 1:
-        raise ValueError(f"window scale and stride must be >= 1 (got scale={scale}, stride={stride})")
-    if scale > size:
-        raise ValueError(f"window scale {scale} is larger than the grid side {size}")
-    starts = list(range(0, size - scale + 1, stride))
-    if starts[-1] != size - scale:
-        starts.append(size - scale)
-    return starts
-
-
-def window_boxes(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Tensor:
-    """LongTensor [n_windows, 4] of (row0, col0, row1, col1) cell boxes (end exclusive), row-major window order."""
-    rows = window_starts(grid_h, scale, stride)
-    cols = window_starts(grid_w, scale, stride)
-    boxes = [(r, c, r + scale, c + scale) for r in rows for c in cols]
-    return torch.tensor(boxes, dtype=torch.long)
-
-
-def window_indices(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Tensor:
-    """LongTensor [n_windows, scale*scale]: the row-major patch indices (into the h*w grid) of each window."""
-    boxes = window_boxes(grid_h, grid_w, scale, stride)
-    offs = torch.arange(scale)
-    local = (offs[:, None] * grid_w + offs[None, :]).reshape(-1)  # [k*k] row-major inside the window
-    top_left = boxes[:, 0] * grid_w + boxes[:, 1]
-    return top_left[:, None] + local[None, :]
-
-
-def incidence_matrix(grid_h: int, grid_w: int, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:
-    """Dense [grid_h*grid_w, n_windows] matrix with 1 where the patch lies in the window: aggregation is a matmul."""
-    n = indices.shape[0]
-    mat = torch.zeros(grid_h * grid_w, n, dtype=dtype)
-    cols = torch.arange(n).repeat_interleave(indices.shape[1])
-    mat[indices.reshape(-1), cols] = 1
-    return mat
-
-
-def coverage(grid_h: int, grid_w: int, indices: torch.Tensor) -> torch.Tensor:
-    """LongTensor [grid_h, grid_w]: how many windows cover each patch."""
-    counts = torch.bincount(indices.reshape(-1), minlength=grid_h * grid_w)
-    return counts.reshape(grid_h, grid_w)
 
 
 # --- tower inspection ----------------------------------------------------------------------------------------------
@@ -133,19 +81,13 @@ def _pair(v: int | Sequence[int]) -> tuple[int, int]:
     return (int(v[0]), int(v[1])) if isinstance(v, (tuple, list)) else (int(v), int(v))
 
 
-def _cnn_stride(visual: nn.Module) -> int:
-    # stem conv1 (stride 2) + stem avgpool (2) + layer2/3/4 (2 each) = 32 for every ModifiedResNet.
-    return 32
-
-
 def feature_grid(visual: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int]:
     """(h, w) of the patch grid (ViT) or final feature map (CNN) for an input of `image_hw` pixels."""
     h, w = image_hw
     if tower_kind(visual) == "vit":
         ph, pw = _pair(visual.patch_size) if hasattr(visual, "patch_size") else _pair(visual.conv1.stride)
         return h // ph, w // pw
-    s = _cnn_stride(visual)
-    return h // s, w // s
+    return h // CNN_STRIDE, w // CNN_STRIDE
 
 
 def _resize_grid_embed(grid_embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -233,11 +175,6 @@ def vit_encode_groups(visual: nn.Module, groups: Sequence[torch.Tensor]) -> list
     return list(pooled.split([n for n, _ in shapes]))
 
 
-def vit_encode_tokens(visual: nn.Module, seqs: torch.Tensor) -> torch.Tensor:
-    """Raw embeddings [N, D] of token sequences [N, L, W] (class token first, already through ln_pre)."""
-    return vit_encode_groups(visual, [seqs])[0]
-
-
 def _sequence_index(n_patches: int, indices: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """[n, L] positions into the [1+N] token axis: class token (0) then the window's patches (or all patches)."""
     if indices is None:
@@ -286,15 +223,6 @@ def vit_embed(
     glob = torch.cat(results[None]) if with_global else None
     windows = {s: torch.cat(results[s]).reshape(b, indices[s].shape[0], -1) for s in indices}
     return glob, windows
-
-
-def vit_window_embeddings(visual: nn.Module, tokens: torch.Tensor, indices: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Raw window embeddings [B, n_windows, D] from ViT tokens [B, 1+N, W] and patch indices [n_windows, k*k].
-
-    Each window sequence is the class token plus the window's patch tokens (each with its own positional
-    embedding, already added in `vit_tokens`). Windows of all images are batched, at most `chunk` per call.
-    """
-    return vit_embed(visual, tokens, {0: indices}, chunk, with_global=False)[1][0]
 
 
 # --- CNN -------------------------------------------------------------------------------------------------------------
@@ -403,7 +331,6 @@ class Embeddings:
     windows: dict[int, torch.Tensor]
     grid: tuple[int, int]
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
-    stride: int = 1
 
 
 @torch.inference_mode()
@@ -443,7 +370,7 @@ def embed_image_and_windows(
     glob = torch.empty(0)
     if kind == "vit":
         tokens = vit_tokens(visual, x)
-        t0 = _mark(timings, "embed", t0)
+        t0 = lap(timings, "embed", t0)
         vit_glob, raw = vit_embed(visual, tokens, indices, chunk, with_global=own_global)
         if vit_glob is not None:
             glob = vit_glob
@@ -452,7 +379,7 @@ def embed_image_and_windows(
         if own_global:
             full = torch.arange(grid[0] * grid[1]).view(1, -1)
             glob = cnn_window_embeddings(visual, fmap, full, chunk)[:, 0]
-        t0 = _mark(timings, "embed", t0)
+        t0 = lap(timings, "embed", t0)
         for s in fitting:
             raw[s] = cnn_window_embeddings(visual, fmap, indices[s], chunk)
     else:  # crop
@@ -461,19 +388,13 @@ def embed_image_and_windows(
             x.float(), size=(size, size), mode="bicubic", align_corners=False, antialias=True).to(x.dtype)
         if own_global:
             glob = model.encode_image(whole)
-        t0 = _mark(timings, "embed", t0)
+        t0 = lap(timings, "embed", t0)
         for s in fitting:
             raw[s] = crop_window_embeddings(model, x, window_boxes(grid[0], grid[1], s, stride), grid, size, chunk)
     if not own_global:
         gp = global_pixels.to(backend.device, backend.dtype)
         glob = torch.cat([model.encode_image(gp[i : i + chunk]) for i in range(0, gp.shape[0], chunk)])
     windows = {s: backend.finish_image(r.reshape(-1, r.shape[-1])).reshape(r.shape[0], r.shape[1], -1) for s, r in raw.items()}
-    _mark(timings, "windows", t0)
-    return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices, stride=stride)
+    lap(timings, "windows", t0)
+    return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices)
 
-
-def _mark(timings: dict[str, float], stage: str, t0: float) -> float:
-    """Add the time since `t0` to `timings[stage]` (the service reports per-stage timings); returns now."""
-    now = time.perf_counter()
-    timings[stage] = timings.get(stage, 0.0) + now - t0
-    return now

@@ -8,7 +8,7 @@ from PIL import Image
 
 from service.aggregate import harmonic_combine, harmonic_patch_map, upsample_map, winclip_map
 from service.preprocess import to_pixels
-from service.windows import window_indices
+from service.window_grid import window_indices
 
 
 def _loop_patch_map(scores: torch.Tensor, idx: torch.Tensor, grid: tuple[int, int]) -> torch.Tensor:

@@ -8,7 +8,8 @@ from service.fnn import FNNConfig
 from service.prompts import RandomWordConfig
 from service.settings import Settings
 from service.store import ModelStore
-from service.train import FNN_FILE, TrainConfig, train_fnn_model
+from service.fnn import FNN_FILE
+from service.train import TrainConfig, train_fnn_model
 from tests.conftest import publish_tiny_clip
 
 

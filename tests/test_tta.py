@@ -5,7 +5,8 @@ from PIL import Image
 
 from service.detector import load_detector
 from service.settings import Settings
-from service.tta import VIEW_COUNTS, average_embeddings, dihedral_views, encode_global
+from service.constants import VIEW_COUNTS
+from service.tta import average_embeddings, dihedral_views, encode_global
 from tests.conftest import publish_tiny_model
 
 

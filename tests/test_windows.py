@@ -7,16 +7,8 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from service.windows import (
-    coverage,
-    crop_window_embeddings,
-    embed_image_and_windows,
-    feature_grid,
-    incidence_matrix,
-    window_boxes,
-    window_indices,
-    window_starts,
-)
+from service.window_grid import coverage, incidence_matrix, window_boxes, window_indices, window_starts
+from service.windows import crop_window_embeddings, embed_image_and_windows, feature_grid
 from tests.helpers_models import tiny_backend
 
 TOL = 1e-5

@@ -2,7 +2,8 @@
 
 A key arrives as `X-API-Key: <key>` or `Authorization: Bearer <key>`. Keys are compared with `hmac.compare_digest`
 against every configured key (no early exit), so timing does not reveal how much of a key matched or which list it
-is in. With no keys configured at all the service is open and logs a warning at start-up.
+is in. With no keys configured at all the service is open and logs a warning at start-up. The FastAPI
+dependencies that check a request's scope are in `deps.py`.
 """
 from __future__ import annotations
 
@@ -10,17 +11,11 @@ import hmac
 import logging
 from typing import Literal
 
-from fastapi import Depends, Request, Security
-from fastapi.security import APIKeyHeader, HTTPAuthorizationCredentials, HTTPBearer
-
-from .errors import ApiError
+from fastapi.security import HTTPAuthorizationCredentials
 
 log = logging.getLogger("zsad.api")
 
 Scope = Literal["read", "admin"]
-
-_api_key_header = APIKeyHeader(name="X-API-Key", auto_error=False, description="API key (read or admin scope).")
-_bearer = HTTPBearer(auto_error=False, description="Same API key as `Authorization: Bearer <key>`.")
 
 
 class KeyChecker:
@@ -52,38 +47,3 @@ def presented_key(api_key: str | None, bearer: HTTPAuthorizationCredentials | No
     if bearer is not None and bearer.credentials:
         return bearer.credentials
     return None
-
-
-def _check(request: Request, needed: Scope, api_key: str | None, bearer: HTTPAuthorizationCredentials | None) -> None:
-    checker: KeyChecker = request.app.state.zsad.auth
-    if not checker.enabled:
-        return
-    key = presented_key(api_key, bearer)
-    if key is None:
-        raise ApiError(401, "unauthorized", "missing API key: send X-API-Key or Authorization: Bearer <key>",
-                       {"WWW-Authenticate": "Bearer"})
-    scope = checker.scope_of(key)
-    if scope is None:
-        raise ApiError(401, "unauthorized", "invalid API key", {"WWW-Authenticate": "Bearer"})
-    if needed == "admin" and scope != "admin":
-        raise ApiError(403, "forbidden", "this API key lacks the admin scope")
-
-
-async def require_read(
-    request: Request,
-    api_key: str | None = Security(_api_key_header),
-    bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
-) -> None:
-    _check(request, "read", api_key, bearer)
-
-
-async def require_admin(
-    request: Request,
-    api_key: str | None = Security(_api_key_header),
-    bearer: HTTPAuthorizationCredentials | None = Security(_bearer),
-) -> None:
-    _check(request, "admin", api_key, bearer)
-
-
-READ = [Depends(require_read)]
-ADMIN = [Depends(require_admin)]

@@ -1,8 +1,10 @@
-"""The detect use case behind the HTTP routes: decode -> queue for inference -> threshold -> heatmap -> persist.
+"""The use cases behind the HTTP routes: detect (decode -> queue for inference -> threshold -> heatmap -> persist)
+and calibrate (decode -> score normal images -> threshold at a false-reject rate -> store).
 
-Kept apart from the routes so the batch endpoint, the single endpoint and calibration share one path. Everything
-CPU-heavy runs off the event loop: decoding and heatmap encoding in the thread pool, the model in the inference
-worker thread, database writes in the thread pool (committed before the response is built).
+Kept apart from the routes so the batch endpoint, the single endpoint and calibration share one path, and the
+routers only parse and shape. Everything CPU-heavy runs off the event loop: decoding and heatmap encoding in the
+thread pool, the model in the inference worker thread, database writes in the thread pool (committed before the
+response is built).
 """
 from __future__ import annotations
 
@@ -10,19 +12,18 @@ import asyncio
 import base64
 import time
 from dataclasses import dataclass
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from anyio import to_thread
 from PIL import Image
 
-from ..preprocess import ALLOWED_FORMATS  # one allow-list for the CLI and the service
+from ..constants import ALLOWED_FORMATS  # one allow-list for the CLI and the service
 from .errors import ApiError
 from .limits import describe_format, sniff_format
-from .results import NewResult, iso
+from .results import NewResult, record
+from .state import AppState
+from .thresholds import calibrate
 from .worker import Arrival, JobResult, QueueFull, WorkerStopped
-
-if TYPE_CHECKING:  # pragma: no cover
-    from .app import AppState
 
 MODEL_STAGES = ("preprocess", "embed", "windows", "aggregate")
 MAX_REGIONS = 32  # hottest regions reported per image
@@ -93,7 +94,7 @@ def decode_all(uploads: list[Upload], max_pixels: int, prepare: Any = None) -> l
     return [decode_upload(u, max_pixels, _label(u, i, len(uploads)), prepare) for i, u in enumerate(uploads)]
 
 
-async def decode_in_pool(state: "AppState", uploads: list[Upload]) -> list[Decoded]:
+async def decode_in_pool(state: AppState, uploads: list[Upload]) -> list[Decoded]:
     """Decode in the thread pool, at most `state.decode_limiter` requests at once: a decoded 50 MP image takes
     150 MB, so decoding concurrency is bounded by the cores rather than by the thread pool size. The images are
     also resized and normalised for the current model here, in parallel, so the inference thread only runs CLIP."""
@@ -102,7 +103,7 @@ async def decode_in_pool(state: "AppState", uploads: list[Upload]) -> list[Decod
                                     limiter=state.decode_limiter)
 
 
-async def infer(state: "AppState", images: list[Image.Image], object_name: str | None, heatmap: bool,
+async def infer(state: AppState, images: list[Image.Image], object_name: str | None, heatmap: bool,
                 deadline: float, arrival: Arrival | None = None) -> list[JobResult]:
     """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time)."""
     state.require_ready()
@@ -129,7 +130,7 @@ async def infer(state: "AppState", images: list[Image.Image], object_name: str |
         raise
 
 
-def _encode_one(state: "AppState", dec: Decoded, res: JobResult, opts: DetectOptions, score_name: str,
+def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptions, score_name: str,
                 want_png_for_store: bool) -> tuple[dict[str, Any] | None, list[dict] | None, bytes | None, float]:
     """Heatmap payload, regions and the PNG to keep; runs in a worker thread."""
     from ..heatmap import overlay_png, regions
@@ -154,7 +155,7 @@ def _ms(seconds: float | None) -> float | None:
     return None if seconds is None else round(seconds * 1000.0, 3)
 
 
-async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectOptions,
+async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOptions,
                          arrival: Arrival | None = None) -> list[dict[str, Any]]:
     settings = state.settings
     start = time.perf_counter()
@@ -174,7 +175,7 @@ async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectO
 
     resolved, encoded = await to_thread.run_sync(_post)
     records: list[NewResult] = []
-    bodies: list[dict[str, Any]] = []
+    extras: list[dict[str, Any]] = []
     for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):
         score = float(res.detection.scores[resolved.score])
         label = "anomalous" if score > resolved.threshold else "normal"
@@ -187,12 +188,8 @@ async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectO
             latency_ms=latency * 1000.0, object_name=opts.object_name, filename=(dec.filename or None) and dec.filename[:255],
             width=dec.image.size[0], height=dec.image.size[1], heatmap_png=png,
         ))
-        bodies.append({
-            "line": opts.line, "product": opts.product, "filename": dec.filename, "score": score,
-            "score_name": resolved.score, "label": label, "threshold": resolved.threshold,
-            "threshold_source": resolved.source,
-            "scores": {k: float(v) for k, v in res.detection.scores.items()},
-            "model": {"name": res.model_name, "version": res.model_version, "clip": res.clip},
+        extras.append({
+            "filename": dec.filename, "clip": res.clip,
             "timings_ms": {"decode": _ms(dec.seconds), "queue": _ms(res.queue_wait),
                            **{k: _ms(v) for k, v in stage_s.items()}, "encode": _ms(enc_s)},
             "batch_size": res.batch_size,
@@ -206,11 +203,44 @@ async def detect_uploads(state: "AppState", uploads: list[Upload], opts: DetectO
     persist_s = time.perf_counter() - t
     state.metrics.observe_stages({"persist": persist_s})
     total = time.perf_counter() - start
-    for rid, rec, body in zip(ids, records, bodies):
-        body["id"] = rid
-        body["created_at"] = iso(rec.created_at)
+    bodies = []
+    for rid, rec, extra in zip(ids, records, extras):
+        row = {k: v for k, v in rec.__dict__.items() if k != "heatmap_png"}
+        body = record({**row, "id": rid, "has_heatmap": bool(rec.heatmap_png and state.results.keep_heatmaps)})
+        body["model"]["clip"] = extra.pop("clip")
+        body.update(extra)  # the untruncated filename, and what only the answer carries
         body["timings_ms"]["persist"] = _ms(persist_s)
         body["timings_ms"]["total"] = _ms(total)
-        body["heatmap_url"] = f"/v1/results/{rid}/heatmap.png" if rec.heatmap_png and state.results.keep_heatmaps else None
+        bodies.append(body)
         state.metrics.observe_prediction(rec.line, rec.label, rec.score)
     return bodies
+
+
+async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
+                            score_name: str, target_frr: float, object_name: str | None,
+                            store: bool) -> dict[str, Any]:
+    """Score normal images exactly as /v1/detect would (no heatmap), fit the threshold at `target_frr` and store it.
+
+    Decoded and scored a micro-batch at a time, each upload's bytes released once scored: memory stays bounded by
+    the batch, not by the (up to `calibration_max_images`) images of the request."""
+    s = state.settings
+    deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
+    scores: list[float] = []
+    model = None
+    chunk = max(1, s.max_batch_size)
+    for i in range(0, len(uploads), chunk):
+        part = uploads[i: i + chunk]
+        decoded = await decode_in_pool(state, part)
+        results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline)
+        scores.extend(float(r.detection.scores[score_name]) for r in results)
+        model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
+        for u in part:
+            u.data = b""
+    threshold, dist = calibrate(scores, target_frr)
+    if store:
+        summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
+        summary["model"] = model
+        await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
+                                                              summary))
+    return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
+            "target_frr": target_frr, "stored": store, "model": model, "distribution": dist}

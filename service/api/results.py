@@ -64,6 +64,8 @@ STATS_SAMPLE = 100_000  # percentiles over at most this many newest rows of the 
 
 @dataclass
 class NewResult:
+    """A row to insert: exactly the `results` table's columns but `id` (tests/api check that they agree)."""
+
     line: str | None
     product: str | None
     model_name: str
@@ -93,6 +95,23 @@ class _Ticket:
         self.ids: list[int] = []
         self.error: BaseException | None = None
         self.done = threading.Event()
+
+
+def heatmap_url(result_id: int) -> str:
+    return f"/v1/results/{result_id}/heatmap.png"
+
+
+def record(row: dict[str, Any]) -> dict[str, Any]:
+    """A stored row (a `results` table mapping, plus `has_heatmap`) in the API's `ResultRecord` shape: the one
+    place where the table's columns become the answer's fields, for GET /v1/results and the detect answers alike."""
+    return {
+        "id": row["id"], "created_at": iso(row["created_at"]), "line": row["line"], "product": row["product"],
+        "model": {"name": row["model_name"], "version": row["model_version"]}, "score_name": row["score_name"],
+        "score": row["score"], "label": row["label"], "threshold": row["threshold"],
+        "threshold_source": row["threshold_source"], "scores": row["scores"], "latency_ms": row["latency_ms"],
+        "object": row["object_name"], "filename": row["filename"], "width": row["width"], "height": row["height"],
+        "heatmap_url": heatmap_url(row["id"]) if row.get("has_heatmap") else None,
+    }
 
 
 def iso(ts: float) -> str:
@@ -263,10 +282,6 @@ class ResultsStore:
             return conn.execute(
                 select(heatmaps_table.c.png).where(heatmaps_table.c.result_id == result_id)
             ).scalar()
-
-    def count(self) -> int:
-        with self.engine.connect() as conn:
-            return int(conn.execute(select(func.count()).select_from(results_table)).scalar() or 0)
 
     def stats(self, line: str | None, product: str | None, since: float | None) -> dict[str, Any]:
         c = results_table.c

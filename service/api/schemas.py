@@ -3,10 +3,12 @@ from __future__ import annotations
 
 from typing import Any, Literal
 
-from pydantic import BaseModel, ConfigDict, Field
+from pydantic import BaseModel, ConfigDict, Field, create_model
 
-ScoreName = Literal["fnn", "prompt", "combined"]
+from ..constants import SCORES, ScoreName
+
 Label = Literal["anomalous", "normal"]
+ThresholdSource = Literal["line", "product", "settings", "manifest", "fallback"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 
 
@@ -35,13 +37,25 @@ class Readiness(BaseModel):
 class ModelRef(BaseModel):
     name: str
     version: str
-    clip: str
+    clip: str | None = Field(None, description="The CLIP the FNN runs on (not kept in stored results).")
 
 
-class Scores(BaseModel):
-    fnn: float = Field(description="s_fnn: FNN probability that the image is anomalous.")
-    prompt: float = Field(description="s_pr: prompt-ensemble score for the object word.")
-    combined: float = Field(description="Weighted combination of s_fnn and s_pr.")
+# Every score of the registry (constants.SCORES), and nothing else.
+Scores = create_model("Scores", __config__=ConfigDict(extra="forbid"),
+                      **{s.name: (float, Field(description=s.description)) for s in SCORES})
+
+
+class DetectParams(BaseModel):
+    """Options of /v1/detect, as query parameters or (multipart) form fields; form fields win."""
+
+    model_config = ConfigDict(populate_by_name=True, extra="ignore")
+    line: str | None = Field(None, pattern=NAME_PATTERN, description="Production line (for thresholds and stats).")
+    product: str | None = Field(None, pattern=NAME_PATTERN, description="Product: selects the threshold.")
+    heatmap: Literal["none", "png", "json"] = Field(
+        "none", description="none: scores only (fastest); png: base64 PNG overlay; json: patch-level grid.")
+    object: str | None = Field(None, max_length=64, description="Object word for the prompt score s_pr.")
+    score: ScoreName | None = Field(
+        None, description="Score the label is decided on (default: the product threshold's score, else settings).")
 
 
 class StageTimings(BaseModel):
@@ -74,13 +88,43 @@ class Heatmap(BaseModel):
     cols: int | None = None
 
 
-class DetectResult(BaseModel):
+class ResultRecord(BaseModel):
+    """One scored image as the results store keeps it (GET /v1/results); a detect answer adds the request's extras."""
+
+    model_config = _examples({
+        "id": 1042, "created_at": "2025-11-26T17:03:12.481Z", "line": "line-3", "product": "widget",
+        "model": {"name": "default", "version": "v3", "clip": None}, "score_name": "combined", "score": 0.734,
+        "label": "anomalous", "threshold": 0.61, "threshold_source": "product",
+        "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734}, "latency_ms": 44.9, "object": "screw",
+        "filename": "cam1_000123.png", "width": 640, "height": 480, "heatmap_url": "/v1/results/1042/heatmap.png",
+    })
+    id: int = Field(description="Result id in the results store (GET /v1/results/{id}).")
+    created_at: str
+    line: str | None
+    product: str | None
+    model: ModelRef
+    score_name: ScoreName
+    score: float = Field(description="The score the label is decided on (`score_name`).")
+    label: Label
+    threshold: float
+    threshold_source: ThresholdSource
+    scores: Scores
+    latency_ms: float = Field(description="Time from the request's arrival to its result being ready to store.")
+    object: str | None = None
+    filename: str | None = None
+    width: int | None = None
+    height: int | None = None
+    heatmap_url: str | None = Field(None, description="Stored heatmap PNG, while within the retention limit.")
+
+
+class DetectResult(ResultRecord):
     model_config = _examples({
         "id": 1042, "created_at": "2025-11-26T17:03:12.481Z", "line": "line-3", "product": "widget",
         "filename": "cam1_000123.png", "score": 0.734, "score_name": "combined", "label": "anomalous",
         "threshold": 0.61, "threshold_source": "product",
         "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734},
-        "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"},
+        "model": {"name": "default", "version": "v3", "clip": "store:tiny-factory-clip@v3"},
+        "latency_ms": 42.7, "object": None, "width": 640, "height": 480,
         "timings_ms": {"decode": 3.1, "queue": 0.4, "preprocess": 1.2, "embed": 18.5, "windows": 9.8,
                        "aggregate": 1.7, "encode": 6.3, "persist": 2.2, "total": 44.9},
         "batch_size": 2, "image": {"width": 640, "height": 480, "format": "PNG"},
@@ -89,24 +133,11 @@ class DetectResult(BaseModel):
         "regions": [{"x": 312, "y": 140, "width": 58, "height": 41, "area": 1730, "max": 0.91, "mean": 0.72}],
         "heatmap_url": "/v1/results/1042/heatmap.png",
     })
-    id: int = Field(description="Result id in the results store (GET /v1/results/{id}).")
-    created_at: str
-    line: str | None
-    product: str | None
-    filename: str | None = None
-    score: float = Field(description="The score the label is decided on (`score_name`).")
-    score_name: ScoreName
-    label: Label
-    threshold: float
-    threshold_source: Literal["line", "product", "settings", "manifest", "fallback"]
-    scores: Scores
-    model: ModelRef
     timings_ms: StageTimings
     batch_size: int = Field(description="Images in the micro-batch this image was scored in.")
     image: ImageInfo
     heatmap: Heatmap | None = None
     regions: list[dict[str, Any]] | None = Field(None, description="Connected regions above the mask threshold.")
-    heatmap_url: str | None = Field(None, description="Stored heatmap PNG, while within the retention limit.")
 
 
 class BatchResult(BaseModel):
@@ -114,33 +145,6 @@ class BatchResult(BaseModel):
     count: int
     anomalous: int
     results: list[DetectResult]
-
-
-class ResultRecord(BaseModel):
-    model_config = _examples({
-        "id": 1042, "created_at": "2025-11-26T17:03:12.481Z", "line": "line-3", "product": "widget",
-        "model": {"name": "default", "version": "v3"}, "score_name": "combined", "score": 0.734, "label": "anomalous",
-        "threshold": 0.61, "threshold_source": "product", "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734},
-        "latency_ms": 44.9, "object": "screw", "filename": "cam1_000123.png", "width": 640, "height": 480,
-        "heatmap_url": "/v1/results/1042/heatmap.png",
-    })
-    id: int
-    created_at: str
-    line: str | None
-    product: str | None
-    model: dict[str, str]
-    score_name: str
-    score: float
-    label: str
-    threshold: float
-    threshold_source: str
-    scores: dict[str, float]
-    latency_ms: float
-    object: str | None = None
-    filename: str | None = None
-    width: int | None = None
-    height: int | None = None
-    heatmap_url: str | None = None
 
 
 class ResultsPage(BaseModel):

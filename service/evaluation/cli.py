@@ -11,9 +11,8 @@ import json
 import sys
 from pathlib import Path
 
+from ..constants import DEFAULT_SCORE, SCORES
 from ..settings import Settings
-
-PAPER_NAMES = {"prompt": "s_pr", "fnn": "s_fnn", "combined": "combined"}
 
 
 def register(sub: argparse._SubParsersAction) -> None:
@@ -52,8 +51,8 @@ def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..detector import load_detector
     from ..preprocess import load_image
+    from ..fnn import load_fnn
     from ..store import ModelStore
-    from ..train import load_fnn_from_store
     from .cache import EmbeddingCache, cached_embed, model_key
     from .readers import detect_layout, read_dataset
     from .run import evaluate
@@ -77,14 +76,20 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     versions = args.versions.split(",") if args.versions else [base.version]
     detectors = {}
     for version in versions:
-        fnn, manifest = load_fnn_from_store(store, base.name, version, base.backend.embed_dim)
+        fnn, manifest = load_fnn(store, base.name, version, base.backend.embed_dim)
         detectors[version] = base.with_fnn(fnn, manifest)
     views = {v: d.tta_views for v, d in detectors.items()}
     if len(set(views.values()) | {base.tta_views}) > 1:  # one CLIP pass serves every version: it must be the same
         raise ValueError(f"the versions recommend different test-time views {views} (base {base.tta_views}); "
                        "set ZSAD_TTA_VIEWS to compare them on the same embeddings")
     suffix = len(versions) > 1
-    variants = ["s_pr"] + [f"{PAPER_NAMES[n]}{'@' + v if suffix else ''}" for v in versions for n in ("fnn", "combined")]
+
+    def variant(spec, version: str) -> str:  # noqa: ANN001 - a constants.ScoreSpec
+        return spec.alias + (f"@{version}" if suffix and spec.uses_fnn else "")
+
+    # Scores that do not depend on the FNN once, then each version's FNN scores (the last is the reference variant).
+    variants = [s.alias for s in SCORES if not s.uses_fnn] + [variant(s, v) for v in versions for s in SCORES
+                                                               if s.uses_fnn]
 
     heatmap = not args.no_pixel
     cache = EmbeddingCache(args.cache, model_key(base, heatmap)) if args.cache else None
@@ -97,20 +102,15 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         embs = cached_embed(base, paths, load, cache, heatmap)
         outputs: list[dict] = [{"scores": {}, "maps": {}} for _ in paths]
         for version, det in detectors.items():
-            tag = f"@{version}" if suffix else ""
             # Known-object: group by category so each batch uses one object word.
             objects = [category_of[str(p)].replace("_", " ") if args.known_object else None for p in paths]
             for obj in dict.fromkeys(objects):
                 idx = [i for i, o in enumerate(objects) if o == obj]
                 for i, d in zip(idx, det.score([embs[i] for i in idx], obj)):
-                    out = outputs[i]
-                    out["scores"][f"s_fnn{tag}"] = d.scores["fnn"]
-                    out["scores"][f"combined{tag}"] = d.scores["combined"]
-                    out["scores"]["s_pr"] = d.scores["prompt"]
-                    if heatmap:
-                        out["maps"][f"s_fnn{tag}"] = d.heat["fnn"]
-                        out["maps"][f"combined{tag}"] = d.heat["combined"]
-                        out["maps"]["s_pr"] = d.heat["prompt"]
+                    for spec in SCORES:
+                        outputs[i]["scores"][variant(spec, version)] = d.scores[spec.name]
+                        if heatmap:
+                            outputs[i]["maps"][variant(spec, version)] = d.heat[spec.name]
         return outputs
 
     metrics = evaluate(samples, score_fn, args.out, variants, limit=args.limit, progress=not args.quiet,
@@ -146,4 +146,4 @@ def _write_worst(samples, out: Path, variant: str, k: int, base, det, load, cach
         image = load(path)
         det_out = det.score(cached_embed(base, [path], load, cache, True))[0]
         name = f"{rank:02d}_{'normal' if rec.label == 0 else 'anomalous'}_{by_path[rec.path].category}_{path.stem}.png"
-        (folder / name).write_bytes(overlay_png(image, det_out.heat["combined"]))
+        (folder / name).write_bytes(overlay_png(image, det_out.heat[DEFAULT_SCORE]))

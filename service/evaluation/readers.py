@@ -7,7 +7,7 @@ through an hour-long evaluation.
 Folder scanning rules (shared by all folder-based readers):
 - hidden entries (names starting with '.', e.g. .DS_Store, ._foo.png from macOS archives) are skipped;
 - any other non-image file or unexpected sub-folder is an error (it usually means a wrong root or a bad extract);
-- image extensions: .png .jpg .jpeg .bmp .tif .tiff (case-insensitive).
+- image extensions: `constants.IMAGE_EXTENSIONS` (case-insensitive).
 """
 from __future__ import annotations
 
@@ -19,7 +19,8 @@ from typing import Iterable, Sequence
 import numpy as np
 from PIL import Image
 
-IMAGE_EXTS = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff")
+from ..constants import IMAGE_EXTENSIONS
+
 LAYOUTS = ("mvtec", "visa", "folder", "csv")
 
 
@@ -98,7 +99,7 @@ def image_shape(path: Path) -> tuple[int, int]:
 
 
 def is_image(path: Path) -> bool:
-    return path.suffix.lower() in IMAGE_EXTS
+    return path.suffix.lower() in IMAGE_EXTENSIONS
 
 
 def list_images(folder: Path) -> list[Path]:
@@ -112,7 +113,7 @@ def list_images(folder: Path) -> list[Path]:
         if p.is_dir():
             raise DatasetError(f"unexpected sub-folder {p} (expected only images in {folder})")
         if not is_image(p):
-            raise DatasetError(f"not an image file: {p} (allowed: {', '.join(IMAGE_EXTS)})")
+            raise DatasetError(f"not an image file: {p} (allowed: {', '.join(IMAGE_EXTENSIONS)})")
         images.append(p)
     return images
 
@@ -141,7 +142,7 @@ def _select(found: Sequence[str], wanted: Sequence[str] | None, root: Path) -> l
 # ------------------------------------------------------------------------------------------------------------------
 
 def _find_mask(folder: Path, stem: str) -> Path | None:
-    for ext in IMAGE_EXTS:
+    for ext in IMAGE_EXTENSIONS:
         for name in (f"{stem}_mask{ext}", f"{stem}_mask{ext.upper()}"):
             if (folder / name).is_file():
                 return folder / name

@@ -28,13 +28,12 @@ from torch import nn
 from tqdm.auto import tqdm
 
 from ..clip_backend import resolve_device
+from ..constants import CLIP_MEAN, CLIP_STD
 from ..tokenizer import CHAR_ALPHABET, CharTokenizer
 from .captions import CaptionConfig
 from .data import TwinBatches, check_training_kinds, clean_reference_images, reference_captions, worker_init
 from .world import DEFECTS, HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS
 
-OPENAI_MEAN = (0.48145466, 0.4578275, 0.40821073)
-OPENAI_STD = (0.26862954, 0.26130258, 0.27577711)
 
 
 @dataclass
@@ -143,8 +142,8 @@ def preprocess(images: torch.Tensor, image_size: int) -> torch.Tensor:
     x = images.float() / 255.0
     if x.shape[-1] != image_size:
         x = F.interpolate(x, size=(image_size, image_size), mode="bicubic", align_corners=False).clamp_(0, 1)
-    mean = torch.tensor(OPENAI_MEAN, device=x.device).view(1, 3, 1, 1)
-    std = torch.tensor(OPENAI_STD, device=x.device).view(1, 3, 1, 1)
+    mean = torch.tensor(CLIP_MEAN, device=x.device).view(1, 3, 1, 1)
+    std = torch.tensor(CLIP_STD, device=x.device).view(1, 3, 1, 1)
     return (x - mean) / std
 
 
@@ -416,7 +415,7 @@ def publish(result: TrainResult, cfg: TrainClipConfig, store_root: str | Path, d
             "held_out_kinds": list(HELD_OUT_KINDS),
             "defects": list(DEFECTS),
         },
-        "preprocess": {"resize": "bicubic", "image_size": cfg.image_size, "mean": OPENAI_MEAN, "std": OPENAI_STD},
+        "preprocess": {"resize": "bicubic", "image_size": cfg.image_size, "mean": CLIP_MEAN, "std": CLIP_STD},
         "modality_gap_cosine": round(gap, 4),
     }
     store = ModelStore(store_root)

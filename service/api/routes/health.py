@@ -1,0 +1,59 @@
+"""Health and metrics: the endpoints that probes and Prometheus call (no API key)."""
+from __future__ import annotations
+
+from fastapi import APIRouter
+from fastapi.responses import JSONResponse, Response
+from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
+
+from ..deps import StateDep
+from ..errors import ApiError, error_body, error_responses
+from ..schemas import Health, Readiness
+from ..state import AppState
+
+router = APIRouter()
+
+
+def _readiness(state: AppState) -> Readiness:
+    return Readiness(ready=state.status == "ready" and state.detector is not None, status=state.status,
+                     model=state.model_ref(), error=state.error)
+
+
+@router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: process and worker alive",
+            responses=error_responses(503))
+async def healthz(state: StateDep):
+    if not state.worker.alive and state.status != "stopping":
+        raise ApiError(503, "worker_dead", "the inference worker thread is not running")
+    return Health()
+
+
+@router.get("/readyz", response_model=Readiness, tags=["health"],
+            summary="Readiness: a model is loaded and warmed up (503 otherwise)", responses=error_responses(503))
+async def readyz(state: StateDep):
+    r = _readiness(state)
+    if not r.ready:
+        body = error_body("not_ready", f"not ready: {r.status}" + (f" ({r.error})" if r.error else ""))
+        return JSONResponse({**body, **r.model_dump()}, status_code=503)
+    return r
+
+
+@router.get("/v2/health/live", tags=["health"], summary="KServe v2 liveness",
+            responses={200: {"content": {"application/json": {"example": {"live": True}}}}})
+async def v2_live(state: StateDep):
+    return {"live": state.worker.alive}
+
+
+@router.get("/v2/health/ready", tags=["health"], summary="KServe v2 readiness (503 when not ready)",
+            responses={200: {"content": {"application/json": {"example": {"ready": True}}}}, **error_responses(503)})
+async def v2_ready(state: StateDep):
+    r = _readiness(state)
+    if not r.ready:
+        return JSONResponse({**error_body("not_ready", f"not ready: {r.status}"), "ready": False}, status_code=503)
+    return {"ready": True}
+
+
+@router.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text exposition format)",
+            response_class=Response,
+            responses={200: {"content": {"text/plain": {"example": "zsad_requests_total{endpoint=\"/v1/detect\","
+                                                                   "status=\"200\"} 42.0\nzsad_model_ready 1.0\n"}}}})
+async def metrics(state: StateDep):
+    return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)

@@ -1,0 +1,57 @@
+"""Names and defaults defined once, as open_clip keeps its constants in one module.
+
+Everything that more than one module needs to agree on lives here: the score registry (what the detector computes,
+what the API returns, what thresholds apply to, what the CLI and the evaluation print), the method's defaults, and
+the image conventions. No heavy imports: settings, schemas and the CLI read this module at import time.
+
+Adding a score variant: a `ScoreSpec` here, its computation in `scoring.all_scores`, and its test. Everything else
+(settings, request/response schemas, thresholds, CLI output, evaluation variants) follows the registry, and a
+detector whose scores do not match it is refused when the service loads it (`check_score_names`).
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+
+@dataclass(frozen=True)
+class ScoreSpec:
+    name: str  # the key in Detection.scores, API bodies and threshold entries
+    alias: str  # the paper's name, printed by the CLI and the evaluation
+    description: str
+    uses_fnn: bool  # changes with the FNN version (the evaluation compares versions on these)
+
+
+SCORES: tuple[ScoreSpec, ...] = (
+    ScoreSpec("fnn", "s_fnn", "s_fnn: FNN probability that the image is anomalous (the paper's score).", True),
+    ScoreSpec("prompt", "s_pr", "s_pr: two-class prompt-ensemble score for the object word (WinCLIP's zero-shot "
+              "score).", False),
+    ScoreSpec("combined", "combined", "'CLIP + FNN': weighted mean of s_fnn and s_pr (`ZSAD_COMBINE_WEIGHT`).", True),
+)
+SCORE_NAMES: tuple[str, ...] = tuple(s.name for s in SCORES)
+SCORE_ALIASES: dict[str, str] = {s.name: s.alias for s in SCORES}
+ScoreName = Literal[SCORE_NAMES]  # type: ignore[valid-type]  # runtime Literal built from the registry
+DEFAULT_SCORE = "combined"
+
+
+def check_score_names(names: object) -> None:
+    """Raise ValueError unless `names` (e.g. a Detection's score keys) are exactly the registry's names."""
+    got = tuple(names)  # type: ignore[call-overload]
+    if set(got) != set(SCORE_NAMES):
+        raise ValueError(f"the detector computes scores {sorted(got)}, the score registry names {sorted(SCORE_NAMES)}: "
+                         "add the new score to service/constants.py SCORES (or compute every registered one)")
+
+
+# --- the method's defaults (docs: shared/method-notes.md) -------------------------------------------------------------
+PROMPT_TEMPERATURE = 0.07  # WinCLIP's softmax temperature for s_pr
+COMBINE_WEIGHT = 0.5  # weight of s_fnn in `combined`; the rest is s_pr
+CALIBRATION_QUANTILE = 0.99  # a calibrated score of 0.5 = above this share of normal reference images
+WINDOW_SCALES: tuple[int, ...] = (2, 3)  # WinCLIP's window sizes, in patches, when the model recommends none
+VIEW_COUNTS: tuple[int, ...] = (1, 2, 4, 8)  # test-time views: prefixes of the dihedral group that are groups
+GENERIC_OBJECT = "object"  # object word for s_pr when none is given
+
+# --- images -----------------------------------------------------------------------------------------------------------
+CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
+CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
+ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")  # the only decoders ever run
+IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
