@@ -11,8 +11,11 @@
 # default): the embedded tiny default model from ./model_store is served. See docs/deployment.md.
 
 ARG VARIANT=cpu
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# Base images pinned by digest (the multi-platform index digest): a rebuild gets the same bytes until the pin is moved
+# on purpose. The tag is for humans; with a digest Docker ignores it. To move a pin, resolve the tag where a registry
+# is reachable and paste the digest: `docker buildx imagetools inspect python:3.11-slim-bookworm` (the top "Digest:").
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04@sha256:ebef3c171eeef0298e4eb2e4be843105edf3b8b0ac45e0b43acee358e8046867
 
 # --- bases: the same base is used to build the virtual environment and to run it ------------------------------------
 FROM ${PYTHON_IMAGE} AS base-cpu
