@@ -11,7 +11,8 @@
 # default): the embedded tiny default model from ./model_store is served. See docs/deployment.md.
 
 ARG VARIANT=cpu
-# Base images pinned by digest (the multi-platform index digest): a rebuild gets the same bytes until the pin is moved
+# Base images pinned by digest (multi-platform index digests; docs/deployment.md "Base images" says how they were
+# obtained and how to check them): a rebuild gets the same bytes until the pin is moved
 # on purpose. The tag is for humans; with a digest Docker ignores it. To move a pin, resolve the tag where a registry
 # is reachable and paste the digest: `docker buildx imagetools inspect python:3.11-slim-bookworm` (the top "Digest:").
 ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
