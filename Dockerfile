@@ -11,8 +11,12 @@
 # default): the embedded tiny default model from ./model_store is served. See docs/deployment.md.
 
 ARG VARIANT=cpu
-ARG PYTHON_IMAGE=python:3.11-slim-bookworm
-ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04
+# Base images pinned by digest (multi-platform index digests; docs/deployment.md "Base images" says how they were
+# obtained and how to check them): a rebuild gets the same bytes until the pin is moved
+# on purpose. The tag is for humans; with a digest Docker ignores it. To move a pin, resolve the tag where a registry
+# is reachable and paste the digest: `docker buildx imagetools inspect python:3.11-slim-bookworm` (the top "Digest:").
+ARG PYTHON_IMAGE=python:3.11-slim-bookworm@sha256:2e32f7d302adc1c37428355c1e646897c0c53f4fd60b6a551245fb90ee129f91
+ARG CUDA_IMAGE=nvidia/cuda:12.8.1-runtime-ubuntu24.04@sha256:ebef3c171eeef0298e4eb2e4be843105edf3b8b0ac45e0b43acee358e8046867
 
 # --- bases: the same base is used to build the virtual environment and to run it ------------------------------------
 FROM ${PYTHON_IMAGE} AS base-cpu
@@ -34,7 +38,10 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PIP_DISABLE_PIP_VERSION_CHECK=1 \
     PATH=/opt/venv/bin:$PATH
 
-# --- builder: torch for the variant, then the project (not editable) into /opt/venv -----------------------------------
+# --- builder: torch for the variant, the serving dependencies, then the project (not editable) into /opt/venv --------
+# Layers from the slowest-changing to the fastest: torch; the dependencies read from pyproject.toml (rebuilt only when
+# it changes); the source (`pip install --no-deps .`, seconds). pip's cache is a BuildKit cache mount: wheels are
+# reused across builds and never stored in a layer. Only the base dependencies are installed: no train/eval extras.
 FROM base AS builder
 ARG VARIANT
 ARG TORCH_VERSION=2.14.1
@@ -45,7 +52,8 @@ ARG TORCH_INDEX_URL=""
 ARG EXTRA_PIP_PACKAGES="psycopg[binary]>=3.1,<4"
 SHELL ["/bin/sh", "-eu", "-c"]
 RUN "$ZSAD_PYTHON" -m venv /opt/venv
-RUN index="$TORCH_INDEX_URL"; \
+RUN --mount=type=cache,target=/root/.cache/pip \
+    index="$TORCH_INDEX_URL"; \
     if [ -z "$index" ]; then \
       case "$VARIANT" in \
         cpu) index=https://download.pytorch.org/whl/cpu ;; \
@@ -53,13 +61,25 @@ RUN index="$TORCH_INDEX_URL"; \
         *) echo "VARIANT must be cpu or cuda, got '$VARIANT'" >&2; exit 2 ;; \
       esac; \
     fi; \
-    pip install --no-cache-dir --index-url "$index" \
+    pip install --index-url "$index" \
         "torch==${TORCH_VERSION}" "torchvision==${TORCHVISION_VERSION}"
 WORKDIR /src
-COPY pyproject.toml README.md ./
+# Only what resolving the dependencies reads: a change to service/ or README.md leaves the layers below cached.
+COPY pyproject.toml ./
+COPY docker/requirements.py /usr/local/lib/zsad/requirements.py
+# requirements.txt: serving (the [project] dependencies); requirements-train.txt: plus the `train` extra, for the
+# models stage only. set -f: the package specs are split on spaces but never globbed ("psycopg[binary]" is a glob).
+RUN --mount=type=cache,target=/root/.cache/pip \
+    set -f; \
+    python /usr/local/lib/zsad/requirements.py pyproject.toml > requirements.txt; \
+    python /usr/local/lib/zsad/requirements.py pyproject.toml --extra train > requirements-train.txt; \
+    pip install -r requirements.txt $EXTRA_PIP_PACKAGES
+COPY README.md ./
 COPY service ./service
-# set -f: the package specs are split on spaces but never globbed ("psycopg[binary]" is a valid glob).
-RUN set -f; pip install --no-cache-dir . $EXTRA_PIP_PACKAGES \
+# --no-deps: everything the project needs is installed above; pip check fails the build if that list fell short.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    pip install --no-deps . \
+    && pip check \
     && zsad --help >/dev/null
 
 # --- models: the store the image serves; optionally a real CLIP fetched and its FNN trained at build time ------------
@@ -76,10 +96,14 @@ RUN --mount=type=bind,source=.,target=/context \
     mkdir -p /models \
     && if [ -d /context/model_store ]; then cp -a /context/model_store/. /models/; fi \
     && find /models -name '.tmp-*' -prune -exec rm -rf {} +
-RUN if [ -n "$CLIP_MODEL" ] || [ -n "$CLIP_PRETRAINED" ]; then \
+# Training needs the `train` extra (scikit-learn). It goes into this stage's copy of the venv only: the runtime
+# copies /opt/venv from the builder stage, which never has it.
+RUN --mount=type=cache,target=/root/.cache/pip \
+    if [ -n "$CLIP_MODEL" ] || [ -n "$CLIP_PRETRAINED" ]; then \
       if [ -z "$CLIP_MODEL" ] || [ -z "$CLIP_PRETRAINED" ]; then \
         echo "set both CLIP_MODEL and CLIP_PRETRAINED (or neither, for the embedded tiny model)" >&2; exit 2; \
       fi; \
+      pip install -r /src/requirements-train.txt; \
       zsad --store /models fetch-weights --model "$CLIP_MODEL" --pretrained "$CLIP_PRETRAINED" --timeout 120; \
       zsad --store /models train --model "$CLIP_MODEL" --pretrained "$CLIP_PRETRAINED" --name "$MODEL_NAME" \
           --n-pairs "$N_PAIRS" --seed "$TRAIN_SEED" --device cpu --quiet; \

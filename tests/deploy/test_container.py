@@ -93,7 +93,7 @@ def test_variants_pick_a_cuda_runtime_or_a_cpu_base():
     assert st["base"][0][1].split()[0] == "base-${VARIANT}"
     builder = " ".join(a for i, a in st["builder"] if i == "RUN")
     assert "download.pytorch.org/whl/cpu" in builder and "cpu)" in builder and "cuda)" in builder
-    assert "pip install --no-cache-dir ." in builder, "the project is installed non-editable into the image"
+    assert "pip install --no-deps ." in builder, "the project is installed non-editable into the image"
 
 
 def test_weights_are_fetched_and_the_fnn_trained_at_build_time_with_real_cli_arguments():
