@@ -16,6 +16,7 @@ import torch
 
 from . import __version__
 from .clip_backend import ClipBackend
+from .calibration import CalibrationFit
 from .constants import GENERIC_OBJECT, VIEW_COUNTS
 from .fnn import FNN_FILE, FNNConfig, TrainReport, auroc, fnn_to_bytes, pair_scores, train_fnn
 from .prompts import RandomWordConfig, Vocabulary, clean_pairs, random_word_pairs
@@ -45,6 +46,7 @@ class TrainResult:
     report: TrainReport
     clean_auroc: float
     seconds: float
+    calibration: CalibrationFit | None = None  # with calibration images: their scores as the service computes them
 
 
 def train_fnn_model(
@@ -105,6 +107,7 @@ def train_fnn_model(
         manifest["windows"] = {"scales": list(cfg.window_scales)}
     if cfg.tta_views > 1:
         manifest["tta"] = {"views": cfg.tta_views}
+    fit = None
     if calibration_images:
         from .calibration import fit_detector_calibration
         from .detector import Detector
@@ -120,4 +123,4 @@ def train_fnn_model(
     if store is not None:
         result_version = store.publish(name, {FNN_FILE: fnn_to_bytes(fnn)}, manifest, version, make_current)
         manifest = store.manifest(name, result_version)
-    return TrainResult(result_version, manifest, report, clean_auroc, time.perf_counter() - t0)
+    return TrainResult(result_version, manifest, report, clean_auroc, time.perf_counter() - t0, fit)
