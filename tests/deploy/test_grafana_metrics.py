@@ -1,76 +1,17 @@
-"""Every metric (and label) the Grafana dashboard queries is one the service really exports.
-
-The exported names come from a real `/metrics` scrape of an app serving a tiny real model after a detection with a
-`line` and a model reload (labelled series only appear once observed), plus the GPU-memory gauges, which the service exports only on a
-CUDA device: those are collected through the same collector with torch.cuda's memory counters stubbed.
+"""Every metric (and label) the Grafana dashboard queries is one the service really exports (the `exported` fixture in
+conftest.py: a real `/metrics` scrape), and the panels show what operators need: traffic without health checks,
+scrapes and dashboard polling, and detect latency apart from batch latency.
 """
 from __future__ import annotations
 
 import json
 import re
-import time
-from types import SimpleNamespace
 
-import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
-from .conftest import REPO, png_bytes
+from .conftest import REPO
 
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "zsad.json"
 PROMETHEUS_LABELS = {"instance", "job", "le", "__name__"}  # added by Prometheus, or the histogram bucket label
 METRIC = re.compile(r"\bzsad_[a-zA-Z0-9_]+")
-
-
-def _samples(text: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, set()).update(s.labels)
-    return out
-
-
-@pytest.fixture(scope="module")
-def exported(deploy_store, tmp_path_factory) -> dict[str, set[str]]:
-    """sample name -> label names, as scraped from the service."""
-    from fastapi.testclient import TestClient
-
-    from service.api.app import create_app
-    from service.api.metrics import Metrics
-    from service.settings import Settings
-
-    tmp = tmp_path_factory.mktemp("metrics-app")
-    settings = Settings(model_store=deploy_store, device="cpu", precision="fp32", results_path=tmp / "r.sqlite",
-                        thresholds_path=tmp / "t.json", max_batch_wait_ms=2.0)
-    with TestClient(create_app(settings)) as client:
-        deadline = time.time() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.time() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
-        r = client.post("/v1/detect", files={"file": ("a.png", png_bytes(0), "image/png")},
-                        data={"line": "line-1", "product": "widget", "heatmap": "png"})
-        assert r.status_code == 200, r.text
-        r = client.post("/v1/models/reload", json={})  # zsad_model_reloads_total{outcome} appears with a reload
-        assert r.status_code == 200, r.text
-        scrape = client.get("/metrics")
-        assert scrape.status_code == 200
-        names = _samples(scrape.text)
-
-    import torch
-
-    fake_cuda = SimpleNamespace(type="cuda", __str__=lambda self: "cuda:0")
-    gpu = Metrics(device_fn=lambda: fake_cuda)
-    mp = pytest.MonkeyPatch()
-    try:
-        for fn in ("memory_allocated", "memory_reserved", "max_memory_allocated"):
-            mp.setattr(torch.cuda, fn, lambda device=None: 1024)
-        gpu_names = {k: v for k, v in _samples(generate_latest(gpu.registry).decode()).items()
-                     if k.startswith("zsad_gpu_")}
-    finally:
-        mp.undo()
-    assert gpu_names, "the GPU collector exported nothing"
-    names.update(gpu_names)
-    return names
 
 
 def _queries() -> list[tuple[str, str]]:
