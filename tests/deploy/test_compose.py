@@ -109,7 +109,8 @@ def test_published_ports_listen_on_localhost_unless_asked():
     for name, ports in closed.items():
         for port in ports:
             assert port[0] == "127.0.0.1", (name, port)
-    opened = _published(yaml.safe_load(_compose(COMPOSE, env={"ZSAD_BIND": "0.0.0.0", "ZSAD_HTTP_PORT": "8080"}).stdout))
+    opened_env = {"ZSAD_BIND": "0.0.0.0", "ZSAD_HTTP_PORT": "8080"}
+    opened = _published(yaml.safe_load(_compose(COMPOSE, env=opened_env).stdout))
     assert opened["zsad"] == [("0.0.0.0", "8080", "8000")]
     assert all(p[0] == "127.0.0.1" for p in opened["prometheus"] + opened["grafana"])
 

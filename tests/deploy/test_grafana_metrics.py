@@ -76,7 +76,7 @@ def test_the_checks_above_would_catch_a_typo(exported):
     assert "lines" not in exported["zsad_predictions_total"] and "line" in exported["zsad_predictions_total"]
 
 
-# --- what the traffic and latency panels show ------------------------------------------------------------------------------
+# --- what the traffic and latency panels show -------------------------------------------------------------------------
 # Not client traffic: health checks, scrapes, the built-in dashboard's page and its polling (GET-only route templates).
 NOT_TRAFFIC = {"/metrics", "/healthz", "/readyz", "/v1/results", "/v1/stats", "/v1/models", "/v1/thresholds"}
 NOT_TRAFFIC_PREFIXES = ("/v2/health/", "/dashboard")

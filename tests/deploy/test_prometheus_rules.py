@@ -10,7 +10,6 @@ from __future__ import annotations
 
 import re
 import subprocess
-from pathlib import Path
 
 import pytest
 import yaml
@@ -43,7 +42,7 @@ def _alerts() -> dict[str, dict]:
     return {r["alert"]: r for r in _rules() if "alert" in r}
 
 
-# --- promtool ----------------------------------------------------------------------------------------------------------
+# --- promtool ---------------------------------------------------------------------------------------------------------
 def test_rules_file_is_valid():
     r = _promtool("check", "rules", str(RULES))
     assert r.returncode == 0, r.stdout + r.stderr
@@ -80,7 +79,7 @@ def test_promtool_unit_tests_really_test(tmp_path):
     assert r.returncode != 0 and "ZsadModelNotReady" in r.stdout + r.stderr, r.stdout + r.stderr
 
 
-# --- structure ---------------------------------------------------------------------------------------------------------
+# --- structure --------------------------------------------------------------------------------------------------------
 def test_the_required_alerts_exist_with_severity_and_annotations():
     alerts = _alerts()
     required = {"ZsadModelNotReady", "ZsadMixedModelVersions", "ZsadQueueRejections", "ZsadDetectLatencyHigh",
