@@ -1,7 +1,8 @@
 """Deployment tests: Docker/compose/Grafana/Kubernetes files, the container scripts and the built-in dashboard.
 
 `deploy_store` is one tiny real model (a seeded tiny CLIP + an FNN trained for 3 epochs) in a session temp store,
-the same kind the service tests use; it is only built when a test asks for it.
+the same kind the service tests use; it is only built when a test asks for it. `exported` is what a real `/metrics`
+scrape of the service holds (sample names and their labels), for the Grafana dashboard and Prometheus rules checks.
 """
 from __future__ import annotations
 
@@ -9,11 +10,15 @@ import io
 import os
 import shutil
 import sys
+import time
 from pathlib import Path
+from types import SimpleNamespace
 
 import numpy as np
 import pytest
 from PIL import Image
+from prometheus_client import generate_latest
+from prometheus_client.parser import text_string_to_metric_families
 
 from service.settings import Settings
 from tests.api.helpers import Server
@@ -67,3 +72,57 @@ class EntrypointServer(Server):
                          "ZSAD_HOST": "127.0.0.1", "ZSAD_PORT": str(self.port), "ZSAD_LOG_LEVEL": "warning", **env})
 
 
+def _samples(text: str) -> dict[str, set[str]]:
+    out: dict[str, set[str]] = {}
+    for family in text_string_to_metric_families(text):
+        for s in family.samples:
+            out.setdefault(s.name, set()).update(s.labels)
+    return out
+
+
+@pytest.fixture(scope="session")
+def exported(deploy_store, tmp_path_factory) -> dict[str, set[str]]:
+    """sample name -> label names, as scraped from the service.
+
+    A real `/metrics` scrape of an app serving a tiny real model after a detection with a `line` and a model reload
+    (labelled series only appear once observed), plus the GPU-memory gauges, which the service exports only on a CUDA
+    device: those are collected through the same collector with torch.cuda's memory counters stubbed.
+    """
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from service.api.metrics import Metrics
+    from service.settings import Settings
+
+    tmp = tmp_path_factory.mktemp("metrics-app")
+    settings = Settings(model_store=deploy_store, device="cpu", precision="fp32", results_path=tmp / "r.sqlite",
+                        thresholds_path=tmp / "t.json", max_batch_wait_ms=2.0)
+    with TestClient(create_app(settings)) as client:
+        deadline = time.time() + 120
+        while client.get("/readyz").status_code != 200:
+            assert time.time() < deadline, client.get("/readyz").text
+            time.sleep(0.05)
+        r = client.post("/v1/detect", files={"file": ("a.png", png_bytes(0), "image/png")},
+                        data={"line": "line-1", "product": "widget", "heatmap": "png"})
+        assert r.status_code == 200, r.text
+        r = client.post("/v1/models/reload", json={})  # zsad_model_reloads_total{outcome} appears with a reload
+        assert r.status_code == 200, r.text
+        scrape = client.get("/metrics")
+        assert scrape.status_code == 200
+        names = _samples(scrape.text)
+
+    import torch
+
+    fake_cuda = SimpleNamespace(type="cuda", __str__=lambda self: "cuda:0")
+    gpu = Metrics(device_fn=lambda: fake_cuda)
+    mp = pytest.MonkeyPatch()
+    try:
+        for fn in ("memory_allocated", "memory_reserved", "max_memory_allocated"):
+            mp.setattr(torch.cuda, fn, lambda device=None: 1024)
+        gpu_names = {k: v for k, v in _samples(generate_latest(gpu.registry).decode()).items()
+                     if k.startswith("zsad_gpu_")}
+    finally:
+        mp.undo()
+    assert gpu_names, "the GPU collector exported nothing"
+    names.update(gpu_names)
+    return names

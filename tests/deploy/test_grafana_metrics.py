@@ -1,76 +1,20 @@
-"""Every metric (and label) the Grafana dashboard queries is one the service really exports.
-
-The exported names come from a real `/metrics` scrape of an app serving a tiny real model after a detection with a
-`line` and a model reload (labelled series only appear once observed), plus the GPU-memory gauges, which the service exports only on a
-CUDA device: those are collected through the same collector with torch.cuda's memory counters stubbed.
+"""Every metric (and label) the Grafana dashboard queries is one the service really exports (the `exported` fixture in
+conftest.py: a real `/metrics` scrape), and the panels show what operators need: traffic without health checks,
+scrapes and dashboard polling, and detect latency apart from batch latency.
 """
 from __future__ import annotations
 
 import json
 import re
-import time
-from types import SimpleNamespace
+import shutil
+import tempfile
+from pathlib import Path
 
-import pytest
-from prometheus_client import generate_latest
-from prometheus_client.parser import text_string_to_metric_families
-
-from .conftest import REPO, png_bytes
+from .conftest import REPO
 
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "zsad.json"
 PROMETHEUS_LABELS = {"instance", "job", "le", "__name__"}  # added by Prometheus, or the histogram bucket label
 METRIC = re.compile(r"\bzsad_[a-zA-Z0-9_]+")
-
-
-def _samples(text: str) -> dict[str, set[str]]:
-    out: dict[str, set[str]] = {}
-    for family in text_string_to_metric_families(text):
-        for s in family.samples:
-            out.setdefault(s.name, set()).update(s.labels)
-    return out
-
-
-@pytest.fixture(scope="module")
-def exported(deploy_store, tmp_path_factory) -> dict[str, set[str]]:
-    """sample name -> label names, as scraped from the service."""
-    from fastapi.testclient import TestClient
-
-    from service.api.app import create_app
-    from service.api.metrics import Metrics
-    from service.settings import Settings
-
-    tmp = tmp_path_factory.mktemp("metrics-app")
-    settings = Settings(model_store=deploy_store, device="cpu", precision="fp32", results_path=tmp / "r.sqlite",
-                        thresholds_path=tmp / "t.json", max_batch_wait_ms=2.0)
-    with TestClient(create_app(settings)) as client:
-        deadline = time.time() + 120
-        while client.get("/readyz").status_code != 200:
-            assert time.time() < deadline, client.get("/readyz").text
-            time.sleep(0.05)
-        r = client.post("/v1/detect", files={"file": ("a.png", png_bytes(0), "image/png")},
-                        data={"line": "line-1", "product": "widget", "heatmap": "png"})
-        assert r.status_code == 200, r.text
-        r = client.post("/v1/models/reload", json={})  # zsad_model_reloads_total{outcome} appears with a reload
-        assert r.status_code == 200, r.text
-        scrape = client.get("/metrics")
-        assert scrape.status_code == 200
-        names = _samples(scrape.text)
-
-    import torch
-
-    fake_cuda = SimpleNamespace(type="cuda", __str__=lambda self: "cuda:0")
-    gpu = Metrics(device_fn=lambda: fake_cuda)
-    mp = pytest.MonkeyPatch()
-    try:
-        for fn in ("memory_allocated", "memory_reserved", "max_memory_allocated"):
-            mp.setattr(torch.cuda, fn, lambda device=None: 1024)
-        gpu_names = {k: v for k, v in _samples(generate_latest(gpu.registry).decode()).items()
-                     if k.startswith("zsad_gpu_")}
-    finally:
-        mp.undo()
-    assert gpu_names, "the GPU collector exported nothing"
-    names.update(gpu_names)
-    return names
 
 
 def _queries() -> list[tuple[str, str]]:
@@ -130,3 +74,83 @@ def test_the_checks_above_would_catch_a_typo(exported):
     q = 'sum by (lines) (rate(zsad_prediction_total{line=~"$line"}[5m]))'
     assert METRIC.findall(q) == ["zsad_prediction_total"] and "zsad_prediction_total" not in exported
     assert "lines" not in exported["zsad_predictions_total"] and "line" in exported["zsad_predictions_total"]
+
+
+# --- what the traffic and latency panels show -------------------------------------------------------------------------
+# Not client traffic: health checks, scrapes, the built-in dashboard's page and its polling (GET-only route templates).
+NOT_TRAFFIC = {"/metrics", "/healthz", "/readyz", "/v1/results", "/v1/stats", "/v1/models", "/v1/thresholds"}
+NOT_TRAFFIC_PREFIXES = ("/v2/health/", "/dashboard")
+
+
+def _routes() -> list[tuple[str, set[str]]]:
+    """(route template, methods) of every route of the app (its `endpoint` label values)."""
+    from fastapi.routing import APIRoute
+    from starlette.routing import Route
+
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    tmp = Path(tempfile.mkdtemp())
+    try:
+        app = create_app(Settings(model_store=tmp / "empty", device="cpu", results_path=tmp / "r.sqlite",
+                                  thresholds_path=tmp / "t.json"))
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+    out: list[tuple[str, set[str]]] = []
+
+    def walk(routes):
+        for r in routes:
+            if isinstance(r, (APIRoute, Route)):
+                out.append((r.path, set(r.methods or ())))
+            for inner in (getattr(r, "routes", None), getattr(getattr(r, "original_router", None), "routes", None)):
+                if inner:
+                    walk(inner)
+
+    walk(app.routes)
+    assert {"/v1/detect", "/v1/detect/batch", "/metrics", "/dashboard"} <= {p for p, _ in out}, out
+    return out
+
+
+def _endpoint_exclusion(expr: str) -> re.Pattern:
+    found = re.findall(r'endpoint!~"([^"]+)"', expr)
+    assert len(found) == 1, f"no single endpoint!~ exclusion in {expr}"
+    return re.compile(found[0])  # PromQL regex matchers are anchored: use fullmatch
+
+
+def _traffic_queries() -> list[tuple[str, str]]:
+    return [(t, q) for t, q in _queries() if "request rate" in t.lower() and "zsad_requests_total" in q]
+
+
+def test_traffic_panels_exclude_health_checks_scrapes_and_dashboard_polling():
+    queries = _traffic_queries()
+    assert len(queries) >= 2, "the request-rate stat and the per-endpoint panel"
+    polled = set(re.findall(r"""\bapi\(\s*'(/[^'?]+)""", (REPO / "service/api/static/dashboard.js").read_text()))
+    assert {"/v1/results", "/v1/stats", "/v1/models", "/v1/thresholds"} <= polled, polled
+    routes = _routes()
+    for title, q in queries:
+        exclusion = _endpoint_exclusion(q)
+        for path, methods in routes:
+            expected = path in NOT_TRAFFIC or path.startswith(NOT_TRAFFIC_PREFIXES)
+            assert bool(exclusion.fullmatch(path)) == expected, (title, path)
+            if methods - {"GET", "HEAD"}:
+                assert not exclusion.fullmatch(path), f"{title}: excludes {path}, which clients call with {methods}"
+        for path in polled:
+            assert exclusion.fullmatch(path), f"{title}: counts the built-in dashboard's polling of {path}"
+        assert not exclusion.fullmatch("unmatched"), "requests to unknown paths are client traffic"
+
+
+def test_detect_and_batch_latency_have_their_own_panels():
+    dashboard = json.loads(DASHBOARD.read_text())
+    by_endpoint: dict[str, list[str]] = {}
+    for p in dashboard["panels"]:
+        exprs = [t["expr"] for t in p.get("targets", []) if "zsad_request_duration_seconds_bucket" in t["expr"]]
+        for expr in exprs:
+            endpoints = re.findall(r'endpoint\s*(=~|!~|!=|=)\s*"([^"]*)"', expr)
+            assert [op for op, _ in endpoints] == ["="], f"{p['title']}: one endpoint per latency query: {expr}"
+        panel_endpoints = {re.search(r'endpoint="([^"]*)"', e).group(1) for e in exprs}
+        assert len(panel_endpoints) <= 1, f"{p['title']} mixes {panel_endpoints}"
+        if panel_endpoints and p["type"] == "timeseries":
+            by_endpoint.setdefault(panel_endpoints.pop(), []).append(p["title"])
+    assert set(by_endpoint) == {"/v1/detect", "/v1/detect/batch"}, by_endpoint
+    for endpoint, titles in by_endpoint.items():
+        assert len(titles) == 1 and endpoint in titles[0] and "latency" in titles[0].lower(), titles
