@@ -11,13 +11,18 @@ $(STAMP): pyproject.toml
 	$(VENV)/bin/pip install -q -e ".[test]"
 	touch $(STAMP)
 
-.PHONY: install serve test bench
+.PHONY: install serve test lint bench
 install: $(STAMP)
 
 serve: $(STAMP)
-	$(VENV)/bin/zsad serve --host $${ZSAD_HOST:-0.0.0.0} --port $${ZSAD_PORT:-8000}
+	$(VENV)/bin/zsad serve --host $${ZSAD_HOST:-127.0.0.1} --port $${ZSAD_PORT:-8000}
 
-test: $(STAMP)
+# Lint and the architecture contracts first (seconds): a broken layer contract fails before the suite runs.
+lint: $(STAMP)
+	$(VENV)/bin/ruff check .
+	$(VENV)/bin/lint-imports
+
+test: lint
 	$(VENV)/bin/python -m pytest
 
 bench: $(STAMP)

@@ -23,6 +23,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _random_clip import random_clip_spec
 from PIL import Image
 
 from service.clip_backend import load_clip
@@ -31,8 +32,6 @@ from service.fnn import FNN
 from service.prompts import RandomWordConfig, Vocabulary, random_word_pairs
 from service.settings import Settings
 from service.text_encoding import encode_prompts
-from _random_clip import random_clip_spec
-
 
 DEV = "cuda"
 
@@ -167,7 +166,7 @@ def main() -> None:
         print(f"5. embedded model {gpu.name}@{gpu.version}: cuda fp16 vs cpu fp32 score diff {diff:.2e}, heat diff {hd:.2e}")
         out["embedded_score_diff"] = f"{diff:.2e}"
         out["embedded_ips_b32"] = f"{throughput(gpu, 32, True, args.seconds / 2):.1f}"
-    except Exception as exc:  # the check must still report the rest
+    except Exception as exc:  # noqa: BLE001 - the check must still report the rest
         print(f"5. embedded model: skipped ({exc})")
     print("RESULT name=gpu_check " + " ".join(f"{k}={v}" for k, v in out.items()))
 

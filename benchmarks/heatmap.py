@@ -29,10 +29,10 @@ import torch.nn.functional as F
 
 sys.path.insert(0, str(Path(__file__).resolve().parent.parent))
 
-from service.aggregate import upsample_map, winclip_map  # noqa: E402
-from service.clip_backend import ClipBackend, ClipSpec  # noqa: E402
-from service.window_grid import window_boxes, window_indices  # noqa: E402
-from service.windows import crop_window_embeddings, embed_image_and_windows  # noqa: E402
+from service.aggregate import upsample_map, winclip_map
+from service.clip_backend import ClipBackend, ClipSpec
+from service.window_grid import window_boxes, window_indices
+from service.windows import crop_window_embeddings, embed_image_and_windows
 
 ARCH = "ViT-B-16-plus-240"
 
@@ -167,7 +167,7 @@ def main() -> None:
             n_windows += boxes.shape[0]
             sub = boxes[: args.crop_windows]
             crop_window_embeddings(model, pixels[:1], sub[:1], (grid, grid), 240, chunk=64)
-            t = best_time(lambda: crop_window_embeddings(model, pixels[:1], sub, (grid, grid), 240, chunk=64), 1)
+            t = best_time(lambda sub=sub: crop_window_embeddings(model, pixels[:1], sub, (grid, grid), 240, chunk=64), 1)
             crop_total += t / sub.shape[0] * boxes.shape[0]
         crop_total += t_global
     rate32 = r32["rate"]

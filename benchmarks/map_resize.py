@@ -17,6 +17,7 @@ from pathlib import Path
 
 import numpy as np
 import torch
+from _random_clip import random_clip_spec
 from PIL import Image
 
 from service.clip_backend import load_clip
@@ -25,7 +26,6 @@ from service.fnn import FNN
 from service.preprocess import Geometry
 from service.prompts import Vocabulary
 from service.settings import Settings
-from _random_clip import random_clip_spec
 
 
 def numpy_to_original(self: Geometry, heat, fill: float = 0.0) -> np.ndarray:
@@ -70,11 +70,11 @@ def main() -> None:
             t_torch, t_numpy = [], []
             for _ in range(args.reps):  # alternate; each score runs right after a forward pass, as in `detect`
                 embs = det.embed(images[:batch])
-                t_torch.append(timed_ms(lambda: det.score(embs)))
+                t_torch.append(timed_ms(lambda embs=embs: det.score(embs)))
                 embs = det.embed(images[:batch])
                 Geometry.to_original = numpy_to_original
                 try:
-                    t_numpy.append(timed_ms(lambda: det.score(embs)))
+                    t_numpy.append(timed_ms(lambda embs=embs: det.score(embs)))
                 finally:
                     Geometry.to_original = current
             out[f"b{batch}_torch_ms"], out[f"b{batch}_numpy_ms"] = float(np.median(t_torch)), float(np.median(t_numpy))

@@ -122,7 +122,8 @@ def main() -> None:
         if v.startswith("per_defect"):
             continue
         h, s = results["held_out"][v], results["seen"][v]
-        print(f"| {v} | {h['image_auroc']:.3f} | {h['pixel_auroc']:.3f} | {h['pro']:.3f} | {s['image_auroc']:.3f} | {s['pixel_auroc']:.3f} |")
+        cells = [h["image_auroc"], h["pixel_auroc"], h["pro"], s["image_auroc"], s["pixel_auroc"]]
+        print(f"| {v} | " + " | ".join(f"{c:.3f}" for c in cells) + " |")
     for group in ("held_out", "seen"):
         key = next(k for k in results[group] if k.startswith("per_defect"))
         print(f"per-defect image AUROC ({group}, {key[len('per_defect_'):]}): {results[group][key]}")

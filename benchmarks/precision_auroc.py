@@ -11,9 +11,9 @@ import tempfile
 from pathlib import Path
 
 import numpy as np
+from _synthetic_detection import detect_auroc, synthetic_set
 
 from service.synthetic.world import HELD_OUT_KINDS
-from _synthetic_detection import detect_auroc, synthetic_set
 
 
 def main() -> None:

@@ -41,8 +41,8 @@ from PIL import Image
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
-from service.settings import Settings  # noqa: E402
-from service.store import ModelStore, StoreError  # noqa: E402
+from service.settings import Settings
+from service.store import ModelStore, StoreError
 
 
 # --- model store ----------------------------------------------------------------------------------------------------

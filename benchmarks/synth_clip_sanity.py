@@ -22,12 +22,21 @@ from sklearn.metrics import roc_auc_score
 
 sys.path.insert(0, str(Path(__file__).resolve().parents[1]))
 
-from service.clip_backend import ClipSpec, load_clip  # noqa: E402
-from service.prompts import RandomWordConfig, Vocabulary, ensemble, random_word_pairs  # noqa: E402
-from service.scoring import anchors_from_embeddings, s_pr  # noqa: E402
-from service.synthetic.dataset import STREAM_DATASET  # noqa: E402
-from service.synthetic.train_clip import preprocess  # noqa: E402
-from service.synthetic.world import DEFECTS, HELD_OUT_KINDS, KINDS, Defect, render, render_twins, sample_scene, seeded_rng  # noqa: E402
+from service.clip_backend import ClipSpec, load_clip
+from service.prompts import RandomWordConfig, Vocabulary, ensemble, random_word_pairs
+from service.scoring import anchors_from_embeddings, s_pr
+from service.synthetic.dataset import STREAM_DATASET
+from service.synthetic.train_clip import preprocess
+from service.synthetic.world import (
+    DEFECTS,
+    HELD_OUT_KINDS,
+    KINDS,
+    Defect,
+    render,
+    render_twins,
+    sample_scene,
+    seeded_rng,
+)
 
 
 def make_set(kind: str, n_good: int, n_per_defect: int, size: int, seed: int) -> tuple[np.ndarray, np.ndarray, list[str]]:

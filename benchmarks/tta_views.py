@@ -5,8 +5,9 @@
 The number of views is chosen on *validation* kinds only: the random-shape `widget` and `pattern` kinds, rendered with a
 seed no training used (31337). Every widget scene has a silhouette of its own, so they stand in for objects the CLIP
 never saw; the seen kinds are printed too, but at ~0.98 they cannot rank anything. Rule: the fewest views whose
-validation AUROC is within 0.002 of the best. Held-out kinds are scored and printed, but play no part in the pick. AUROC is the mean over
-kinds of each kind's image AUROC (the MVTec convention), for the service's default score; the FNN and its calibration are the model's own. The calibration
+validation AUROC is within 0.002 of the best. Held-out kinds are scored and printed, but play no part in the pick. AUROC is
+the mean over kinds of each kind's image AUROC (the MVTec convention), for the service's default score; the FNN and its
+calibration are the model's own. The calibration
 is fitted for the model's recommended views; `combined` mixes two calibrated scores, so another calibration moves
 its AUROC a little (about 0.002 between default@v2's and default@v3's).
 Baselines in the same run: 1 view for the AUROC and the time per image; for the CPU grouping of views
@@ -25,12 +26,12 @@ import torch
 from PIL import Image
 from sklearn.metrics import roc_auc_score
 
+from service import tta
+from service.constants import VIEW_COUNTS
 from service.detector import load_detector
 from service.settings import Settings
 from service.synthetic.dataset import DatasetSpec, write_mvtec
 from service.synthetic.world import HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS
-from service import tta
-from service.constants import VIEW_COUNTS
 
 GROUPS = {"validation": (31337, tuple(RANDOM_KINDS)), "seen": (31337, tuple(TRAIN_KINDS)),
           "held_out": (20261126, tuple(HELD_OUT_KINDS))}
@@ -80,7 +81,8 @@ def main() -> None:
     grouped, one_forward = grouping_ms(base)
     print(f"4 views of 32 images on the CPU: {one_forward:.0f} ms in one forward, {grouped:.0f} ms grouped "
           f"(forwards of at most max(B, {tta.CPU_IMAGES_PER_FORWARD}) images)")
-    print("ms per image (detect without heatmap: preprocessing, views, scores; batches of 32, CPU): " + ", ".join(f"{n}: {v:.1f}" for n, v in ms.items()))
+    print("ms per image (detect without heatmap: preprocessing, views, scores; batches of 32, CPU): "
+          + ", ".join(f"{n}: {v:.1f}" for n, v in ms.items()))
     print(f"pick (fewest views within {args.tolerance} of the best validation AUROC): {pick}")
     print(f"RESULT name=tta_views model={args.model} pick={pick} "
           + " ".join(f"val_v{n}={auroc['validation'][n]:.3f}" for n in VIEW_COUNTS) + " "

@@ -12,8 +12,9 @@ import argparse
 import tempfile
 from pathlib import Path
 
-from service.synthetic.world import TRAIN_KINDS
 from _synthetic_detection import detect_auroc, synthetic_set
+
+from service.synthetic.world import TRAIN_KINDS
 
 
 def main() -> None:
@@ -36,7 +37,7 @@ def main() -> None:
               f"{r['ms_per_image']:.0f} ms/image")
     key = {"attnpool[2, 3]": "attn23", "attnpool[1, 2]": "attn12", "attnpool[1, 2, 3]": "attn123",
            "attnpool[2, 3, 4]": "attn234", "crop[1, 2, 3]": "crop123"}
-    print("RESULT name=window_modes n=%d " % len(samples) + " ".join(
+    print(f"RESULT name=window_modes n={len(samples)} " + " ".join(
         f"{key[n]}_pixel={r['pixel_auroc']:.3f} {key[n]}_ms={r['ms_per_image']:.0f}" for n, r in results.items()))
 
 

@@ -16,7 +16,7 @@ def main() -> int:
     url = os.environ.get("ZSAD_HEALTHCHECK_URL") or f"http://127.0.0.1:{os.environ.get('ZSAD_PORT', '8000')}/readyz"
     timeout = float(os.environ.get("ZSAD_HEALTHCHECK_TIMEOUT", "4"))
     try:
-        with urllib.request.urlopen(url, timeout=timeout) as response:  # noqa: S310 - a fixed local http URL
+        with urllib.request.urlopen(url, timeout=timeout) as response:
             ok = response.status == 200
     except urllib.error.HTTPError as exc:
         print(f"not ready: {url} answered {exc.code}: {exc.read(300).decode('utf-8', 'replace')}")

@@ -11,7 +11,7 @@ Scores are clamped to `eps` first, so a zero score gives a (near) zero mean inst
 """
 from __future__ import annotations
 
-from typing import Mapping
+from collections.abc import Mapping
 
 import torch
 import torch.nn.functional as F

@@ -11,9 +11,10 @@ other ones can say so (`Detector.calibration_drift`).
 """
 from __future__ import annotations
 
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import TYPE_CHECKING, Any, Sequence
+from typing import TYPE_CHECKING, Any
 
 import torch
 from PIL import Image
@@ -32,7 +33,7 @@ class CalibrationFit:
 
 
 def fit_detector_calibration(
-    detector: "Detector",
+    detector: Detector,
     images: Sequence[Path | Image.Image],
     quantile: float = CALIBRATION_QUANTILE,
     batch_size: int = 64,

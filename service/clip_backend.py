@@ -13,9 +13,10 @@ from __future__ import annotations
 import json
 import logging
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Sequence
+from typing import Any
 
 import torch
 import torch.nn.functional as F
@@ -51,7 +52,7 @@ class ClipSpec:
         return {k: v for k, v in self.__dict__.items() if v is not None}
 
     @classmethod
-    def from_manifest(cls, data: dict[str, Any]) -> "ClipSpec":
+    def from_manifest(cls, data: dict[str, Any]) -> ClipSpec:
         known = {k: data[k] for k in cls.__dataclass_fields__ if k in data}
         return cls(**known)
 

@@ -11,8 +11,9 @@ from __future__ import annotations
 
 import threading
 import time
+from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
-from typing import TYPE_CHECKING, Any, Mapping, Sequence
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import torch
@@ -52,7 +53,7 @@ class ImageEmbedding:
     global_emb: torch.Tensor  # [D]
     windows: dict[int, torch.Tensor]  # scale -> [n_windows, D]; empty without heatmap
     grid: tuple[int, int]
-    geometry: "Geometry"
+    geometry: Geometry
 
 
 @dataclass
@@ -62,7 +63,7 @@ class Prepared:
 
     image: Image.Image
     pixels: torch.Tensor  # [3, S, S]
-    geometry: "Geometry"
+    geometry: Geometry
     key: tuple  # the input spec it was made for; a reloaded model with another input re-prepares from `image`
 
 
@@ -87,7 +88,7 @@ class Detector:
         manifest: dict[str, Any] | None = None,
         vocab: Vocabulary | None = None,
         anchors: Mapping[str, PromptAnchors] | None = None,
-    ) -> "Detector":
+    ) -> Detector:
         """A detector from a loaded CLIP and an FNN, without a model store (tests, benchmarks, reference checks).
 
         `manifest` carries the serving recommendations and calibration a store model would have (default: none, so
@@ -97,12 +98,12 @@ class Detector:
                   vocab or Vocabulary.load(), settings or Settings())
         return det.with_anchors(anchors) if anchors else det
 
-    def with_anchors(self, anchors: Mapping[str, PromptAnchors]) -> "Detector":
+    def with_anchors(self, anchors: Mapping[str, PromptAnchors]) -> Detector:
         """The same detector with these prompt anchors (by object word) in place of ones from the text tower."""
         cache = {word.strip().lower(): a.to(self.backend.device) for word, a in anchors.items()}
         return replace(self, _anchors=cache, _lock=threading.Lock())
 
-    def with_calibration(self, calibration: Mapping[str, Any] | None) -> "Detector":
+    def with_calibration(self, calibration: Mapping[str, Any] | None) -> Detector:
         """The same detector scoring with another calibration (a manifest `calibration` entry, or None for raw)."""
         manifest = {k: v for k, v in self.manifest.items() if k != "calibration"}
         if calibration:
@@ -183,7 +184,7 @@ class Detector:
         pixels, geoms = to_pixels([image], b.image_size, b.mean, b.std, self.settings.resize_policy)
         return Prepared(image, pixels[0], geoms[0], self.input_key())
 
-    def _pixels(self, images: Sequence[Image.Image | Prepared]) -> tuple[torch.Tensor, list["Geometry"]]:
+    def _pixels(self, images: Sequence[Image.Image | Prepared]) -> tuple[torch.Tensor, list[Geometry]]:
         key = self.input_key()
         items = [im if isinstance(im, Prepared) and im.key == key
                  else self.prepare(im.image if isinstance(im, Prepared) else im) for im in images]
@@ -262,7 +263,7 @@ class Detector:
         timings = timings if timings is not None else {}
         return self.score(self.embed(images, heatmap, timings), object_name, timings)
 
-    def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> "Detector":
+    def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> Detector:
         """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""
         return replace(self, fnn=fnn.to(self.backend.device), manifest=manifest)
 

@@ -73,9 +73,17 @@ class TrainReport:
 
 
 def auroc(labels: torch.Tensor, scores: torch.Tensor) -> float:
-    from sklearn.metrics import roc_auc_score
+    """Area under the ROC curve from ranks (ties share their mean rank: equal to scikit-learn's roc_auc_score).
 
-    return float(roc_auc_score(labels.numpy(), scores.numpy()))
+    Rank-based here rather than scikit-learn's, so that training and serving need no scikit-learn."""
+    from scipy.stats import rankdata
+
+    y = labels.numpy().astype(bool)
+    ranks = rankdata(scores.double().numpy())
+    n_pos, n_neg = int(y.sum()), int((~y).sum())
+    if n_pos == 0 or n_neg == 0:
+        raise ValueError("AUROC needs both normal and anomalous examples")
+    return float((ranks[y].sum() - n_pos * (n_pos + 1) / 2) / (n_pos * n_neg))
 
 
 def pair_scores(fnn: FNN, normal: torch.Tensor, anomalous: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:

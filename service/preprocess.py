@@ -30,9 +30,10 @@ from __future__ import annotations
 
 import io
 import os
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Literal, Sequence
+from typing import Literal
 
 import numpy as np
 import torch
@@ -77,7 +78,7 @@ def load_image(
         raise ImageError(f"{name} is not an image in an accepted format ({accepted})") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name} is too large to decode safely: {exc}") from None
-    except Exception as exc:  # corrupt headers raise many types; all mean "unreadable"
+    except Exception as exc:  # noqa: BLE001 - corrupt headers raise many types; all mean "unreadable"
         raise ImageError(f"{name} cannot be read: {type(exc).__name__}: {exc}") from None
     with im:
         width, height = im.size
@@ -92,11 +93,11 @@ def load_image(
             if getattr(im, "n_frames", 1) > 1:
                 im.seek(0)
             im.load()
-        except Exception as exc:
+        except Exception as exc:  # noqa: BLE001
             raise ImageError(f"{name} is truncated or corrupt ({im.format}): {type(exc).__name__}: {exc}") from None
         try:
             upright = ImageOps.exif_transpose(im)
-        except Exception:  # a malformed EXIF block must not make a readable image unreadable
+        except Exception:  # noqa: BLE001 - a malformed EXIF block must not make a readable image unreadable
             upright = im
         return to_rgb(upright if upright is not None else im, background)
 
@@ -129,7 +130,7 @@ def _cmyk_to_rgb(im: Image.Image) -> Image.Image:
             out = ImageCms.profileToProfile(im, src, dst, outputMode="RGB")
             if out is not None:
                 return out
-        except Exception:  # a broken profile: fall back to the plain formula
+        except Exception:  # noqa: BLE001 - a broken profile: fall back to the plain formula
             pass
     return im.convert("RGB")
 

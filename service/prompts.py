@@ -25,7 +25,7 @@ class Vocabulary:
     templates: tuple[str, ...]
 
     @classmethod
-    def load(cls, path: str | Path | None = None) -> "Vocabulary":
+    def load(cls, path: str | Path | None = None) -> Vocabulary:
         path = Path(path) if path else DEFAULT_VOCABULARY
         try:
             data = json.loads(path.read_text())

@@ -26,7 +26,7 @@ class PromptAnchors:
     normal: torch.Tensor  # [D]
     anomalous: torch.Tensor  # [D]
 
-    def to(self, device: torch.device) -> "PromptAnchors":
+    def to(self, device: torch.device) -> PromptAnchors:
         return PromptAnchors(self.object_name, self.normal.to(device), self.anomalous.to(device))
 
 
@@ -48,7 +48,7 @@ class Calibration:
     prompt: tuple[float, float] | None = None
 
     @classmethod
-    def from_manifest(cls, data: dict | None) -> "Calibration":
+    def from_manifest(cls, data: dict | None) -> Calibration:
         data = data or {}
         return cls(*(tuple(data[k]) if data.get(k) else None for k in ("fnn", "prompt")))
 

@@ -13,8 +13,7 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .constants import (COMBINE_WEIGHT, DEFAULT_SCORE, GENERIC_OBJECT, PROMPT_TEMPERATURE, VIEW_COUNTS,
-                        ScoreName)
+from .constants import COMBINE_WEIGHT, DEFAULT_SCORE, GENERIC_OBJECT, PROMPT_TEMPERATURE, VIEW_COUNTS, ScoreName
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRETS_DIR = Path("/run/secrets")
@@ -48,7 +47,8 @@ class Settings(BaseSettings):
 
     # --- windows / heatmaps -------------------------------------------------------------------------------------
     window_scales: tuple[int, ...] | None = Field(
-        None, description="Window sizes in patches (ViT) or feature cells (CNN); None: the model manifest's, else WinCLIP's (2, 3)."
+        None, description="Window sizes in patches (ViT) or feature cells (CNN); None: the model manifest's, else "
+        "WinCLIP's (2, 3)."
     )
     window_stride: int = Field(1, ge=1, description="Window stride in patches / cells.")
     window_chunk: int = Field(1024, ge=1, description="Max windows per forward call: bounds memory.")
@@ -68,7 +68,8 @@ class Settings(BaseSettings):
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted request body.")
     max_pixels: int = Field(50_000_000, description="Largest accepted image (width x height).")
     max_batch_size: int = Field(8, ge=1, description="Dynamic micro-batching: max images per forward.")
-    max_batch_wait_ms: float = Field(5.0, ge=0.0, description="Dynamic micro-batching: max wait to fill a batch (only while other requests are arriving).")
+    max_batch_wait_ms: float = Field(5.0, ge=0.0, description="Dynamic micro-batching: max wait to fill a batch (only "
+                                     "while other requests are arriving).")
     batching: bool = Field(True, description="Turn dynamic micro-batching off (batch size 1).")
     queue_size: int = Field(64, ge=1, description="Bounded inference queue; full -> 503 with Retry-After.")
     request_timeout_s: float = Field(60.0, gt=0, description="Per-request inference timeout.")

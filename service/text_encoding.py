@@ -4,11 +4,12 @@ open_clip's `encode_text` always runs the full context (77 positions). Prompts s
 qwx object." use ~12, and the causal mask means positions after the end token never influence the pooled output.
 Cutting the sequence (and slicing the positional embedding and the causal mask to match) gives the same result up to
 float rounding, several times faster. Plain open_clip blocks run through the fused block of `fast_transformer`
-(causal SDPA, fused linears), the same code as the window pass. Sorting prompts by length before batching keeps each batch's cut tight.
+(causal SDPA, fused linears), the same code as the window pass. Sorting prompts by length before batching keeps each
+batch's cut tight.
 """
 from __future__ import annotations
 
-from typing import Sequence
+from collections.abc import Sequence
 
 import torch
 from torch import nn

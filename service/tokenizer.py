@@ -6,7 +6,7 @@ become noise the FNN overfits to. Characters are all seen in training, so any le
 """
 from __future__ import annotations
 
-from typing import Callable, Sequence
+from collections.abc import Callable, Sequence
 
 import torch
 

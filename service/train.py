@@ -12,11 +12,9 @@ from dataclasses import asdict, dataclass, field
 from pathlib import Path
 from typing import Any
 
-import torch
-
 from . import __version__
-from .clip_backend import ClipBackend
 from .calibration import CalibrationFit
+from .clip_backend import ClipBackend
 from .constants import GENERIC_OBJECT, VIEW_COUNTS
 from .fnn import FNN_FILE, FNNConfig, TrainReport, auroc, fnn_to_bytes, pair_scores, train_fnn
 from .prompts import RandomWordConfig, Vocabulary, clean_pairs, random_word_pairs
@@ -86,7 +84,8 @@ def train_fnn_model(
         "zsad_version": __version__,
         "clip": backend.spec.to_manifest(),
         "embed_dim": backend.embed_dim,
-        "fnn": {"layout": fnn.layout, "activation": "relu", "input": "l2-normalised CLIP embedding (centred if the CLIP ships centres)"},
+        "fnn": {"layout": fnn.layout, "activation": "relu",
+                "input": "l2-normalised CLIP embedding (centred if the CLIP ships centres)"},
         "training": {
             "n_pairs": cfg.prompts.n_pairs,
             "random_words": cfg.random_words,

@@ -33,8 +33,9 @@ from __future__ import annotations
 
 import math
 import time
+from collections.abc import Sequence
 from dataclasses import dataclass, field
-from typing import TYPE_CHECKING, Literal, Sequence
+from typing import TYPE_CHECKING, Literal
 
 import torch
 import torch.nn.functional as F
@@ -335,7 +336,7 @@ class Embeddings:
 
 @torch.inference_mode()
 def embed_image_and_windows(
-    backend: "ClipBackend",
+    backend: ClipBackend,
     pixels: torch.Tensor,
     scales: Sequence[int] = (2, 3),
     stride: int = 1,

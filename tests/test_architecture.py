@@ -52,7 +52,7 @@ def test_every_layer_uses_the_score_registry(tiny_backend):
 
 
 class _UnregisteredScore(FakeDetector):
-    def detect(self, images, object_name=None, heatmap=True, timings=None):  # noqa: ANN001
+    def detect(self, images, object_name=None, heatmap=True, timings=None):
         out = super().detect(images, object_name, heatmap, timings)
         for det in out:
             det.scores["new_score"] = 0.5

@@ -30,7 +30,7 @@ def test_train_store_score_end_to_end(tiny_store, tmp_path, capsys):
     heat = tmp_path / "heat"
     rc = main(["--store", str(store), "score", str(good), str(bad), "--model-ref", "cli-model@v1",
                "--heatmap", str(heat)])
-    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
+    lines = [json.loads(row) for row in capsys.readouterr().out.strip().splitlines()]
     assert rc == 1  # one unreadable file -> non-zero exit, but the other file was still scored
     assert lines[0]["path"] == str(good) and 0 <= lines[0]["s_fnn"] <= 1 and "regions" in lines[0]
     assert lines[1]["path"] == str(bad) and "error" in lines[1]
@@ -95,8 +95,8 @@ def test_train_records_a_score_calibration_from_normal_images(tiny_store, tmp_pa
     # The calibrated model puts most of its own normal reference images below 0.5.
     capsys.readouterr()
     assert main(["--store", str(store), "score", *map(str, sorted(normal.iterdir())), "--model-ref", "cal"]) == 0
-    lines = [json.loads(l) for l in capsys.readouterr().out.strip().splitlines()]
-    assert sum(l["s_fnn"] <= 0.5 for l in lines) >= 10 and sum(l["s_pr"] <= 0.5 for l in lines) >= 10
+    lines = [json.loads(row) for row in capsys.readouterr().out.strip().splitlines()]
+    assert sum(line["s_fnn"] <= 0.5 for line in lines) >= 10 and sum(line["s_pr"] <= 0.5 for line in lines) >= 10
     assert main(["--store", str(store), "train", "--clip", "tiny-clip", "--name", "x", "--quiet",
                  "--calibration-images", str(tmp_path / "nowhere")]) == 1
 

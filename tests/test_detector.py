@@ -4,11 +4,10 @@ from PIL import Image
 
 from service.clip_backend import load_clip
 from service.detector import ModelLoadError, load_detector
-from service.fnn import FNNConfig
+from service.fnn import FNN_FILE, FNNConfig
 from service.prompts import RandomWordConfig
 from service.settings import Settings
 from service.store import ModelStore
-from service.fnn import FNN_FILE
 from service.train import TrainConfig, train_fnn_model
 from tests.conftest import publish_tiny_clip
 

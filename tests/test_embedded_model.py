@@ -13,7 +13,16 @@ from sklearn.metrics import roc_auc_score
 from service.detector import load_detector
 from service.settings import REPO_ROOT, Settings
 from service.store import ModelStore
-from service.synthetic.world import DEFECTS, HELD_OUT_KINDS, KINDS, Defect, render, render_twins, sample_scene, seeded_rng
+from service.synthetic.world import (
+    DEFECTS,
+    HELD_OUT_KINDS,
+    KINDS,
+    Defect,
+    render,
+    render_twins,
+    sample_scene,
+    seeded_rng,
+)
 
 TEST_STREAM = 99  # a stream id no training or dataset command uses
 

@@ -52,3 +52,16 @@ def test_fnn_serialisation_round_trip_and_layout_check():
 def test_unpaired_inputs_are_refused():
     with pytest.raises(ValueError, match="paired"):
         train_fnn(torch.randn(10, 4), torch.randn(9, 4))
+
+
+def test_rank_auroc_equals_scikit_learn_with_ties():
+    import numpy as np
+    import torch
+    from sklearn.metrics import roc_auc_score
+
+    from service.fnn import auroc
+
+    rng = np.random.default_rng(0)
+    labels = torch.tensor(rng.integers(0, 2, 200))
+    scores = torch.tensor(np.round(rng.normal(size=200) + 0.5 * labels.numpy(), 1))  # rounded: many ties
+    assert auroc(labels, scores) == pytest.approx(roc_auc_score(labels.numpy(), scores.numpy()), abs=1e-12)

@@ -102,7 +102,8 @@ def test_exif_rotation_applied():
 
 def test_webp_bmp_gif_accepted_gif_first_frame():
     for fmt in ("WEBP", "BMP"):
-        assert load_image(_encode(Image.new("RGB", (5, 4), (0, 128, 255)), fmt, **({"lossless": True} if fmt == "WEBP" else {}))).size == (5, 4)
+        options = {"lossless": True} if fmt == "WEBP" else {}
+        assert load_image(_encode(Image.new("RGB", (5, 4), (0, 128, 255)), fmt, **options)).size == (5, 4)
     frames = [Image.new("RGB", (6, 6), c) for c in ((255, 0, 0), (0, 0, 255))]
     buf = io.BytesIO()
     frames[0].save(buf, format="GIF", save_all=True, append_images=frames[1:], duration=50)

@@ -1,7 +1,8 @@
 import json
 
 import pytest
-from hypothesis import given, settings, strategies as st
+from hypothesis import given, settings
+from hypothesis import strategies as st
 
 from service.prompts import RandomWordConfig, Vocabulary, clean_pairs, ensemble, random_word_pairs
 from service.tokenizer import CharTokenizer

@@ -4,8 +4,17 @@ import torch
 import torch.nn.functional as F
 
 from service.fnn import FNN
-from service.scoring import (Calibration, all_scores, anchors_from_embeddings, combine, fit_calibration, fnn_logit,
-                             prompt_logit, s_fnn, s_pr)
+from service.scoring import (
+    Calibration,
+    all_scores,
+    anchors_from_embeddings,
+    combine,
+    fit_calibration,
+    fnn_logit,
+    prompt_logit,
+    s_fnn,
+    s_pr,
+)
 
 
 def test_prompt_score_matches_the_formula():

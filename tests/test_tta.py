@@ -3,9 +3,9 @@ import pytest
 import torch
 from PIL import Image
 
+from service.constants import VIEW_COUNTS
 from service.detector import load_detector
 from service.settings import Settings
-from service.constants import VIEW_COUNTS
 from service.tta import average_embeddings, dihedral_views, encode_global
 from tests.conftest import publish_tiny_model
 

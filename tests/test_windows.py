@@ -29,7 +29,8 @@ def test_window_counts_winclip_grid():
     assert window_indices(15, 15, 3, 1).shape == (169, 9)
 
 
-@pytest.mark.parametrize("h,w,scale,stride", [(15, 15, 2, 1), (15, 15, 3, 1), (6, 6, 3, 2), (5, 7, 2, 2), (4, 9, 3, 3), (3, 3, 3, 1)])
+@pytest.mark.parametrize("h,w,scale,stride",
+                         [(15, 15, 2, 1), (15, 15, 3, 1), (6, 6, 3, 2), (5, 7, 2, 2), (4, 9, 3, 3), (3, 3, 3, 1)])
 def test_coverage_counts(h, w, scale, stride):
     idx = window_indices(h, w, scale, stride)
     cov = coverage(h, w, idx)

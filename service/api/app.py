@@ -90,7 +90,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     install_error_handlers(app)
 
     @app.exception_handler(BodyTooLarge)
-    async def _too_large(request, exc: BodyTooLarge):  # noqa: ANN001
+    async def _too_large(request, exc: BodyTooLarge):
         return error_response(413, "payload_too_large", str(exc), {"Connection": "close"})
 
     for router in (*ROUTERS, dashboard.router, apidocs.router):

@@ -23,7 +23,7 @@ class BodyTooLarge(Exception):
 class BodyLimitMiddleware:
     """Refuse request bodies over `max_bytes` (or a path prefix's own limit) with 413, counting bytes as they arrive."""
 
-    def __init__(self, app: "ASGIApp", max_bytes: int, overrides: dict[str, int] | None = None):
+    def __init__(self, app: ASGIApp, max_bytes: int, overrides: dict[str, int] | None = None):
         self.app = app
         self.default_max = max_bytes
         self.overrides = sorted((overrides or {}).items(), key=lambda kv: -len(kv[0]))
@@ -34,7 +34,7 @@ class BodyLimitMiddleware:
                 return limit
         return self.default_max
 
-    async def __call__(self, scope: "Scope", receive: "Receive", send: "Send") -> None:
+    async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:
         if scope["type"] != "http":
             await self.app(scope, receive, send)
             return
@@ -50,7 +50,7 @@ class BodyLimitMiddleware:
                     return
         seen = 0
 
-        async def _receive() -> "Message":
+        async def _receive() -> Message:
             nonlocal seen
             message = await receive()
             if message["type"] == "http.request":
@@ -62,7 +62,7 @@ class BodyLimitMiddleware:
         await self.app(scope, _receive, send)
 
 
-async def _send_413(send: "Send", limit: int) -> None:
+async def _send_413(send: Send, limit: int) -> None:
     body = json.dumps({"error": {"code": "payload_too_large", "message": f"request body exceeds {limit} bytes"}}).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),

@@ -20,8 +20,24 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import (JSON, Column, Float, ForeignKey, Index, Integer, LargeBinary, MetaData, String, Table,
-                        create_engine, delete, event, func, insert, select)
+from sqlalchemy import (
+    JSON,
+    Column,
+    Float,
+    ForeignKey,
+    Index,
+    Integer,
+    LargeBinary,
+    MetaData,
+    String,
+    Table,
+    create_engine,
+    delete,
+    event,
+    func,
+    insert,
+    select,
+)
 from sqlalchemy.engine import Engine
 
 metadata = MetaData()
@@ -90,7 +106,7 @@ class _Ticket:
 
     __slots__ = ("items", "ids", "error", "done")
 
-    def __init__(self, items: list["NewResult"]):
+    def __init__(self, items: list[NewResult]):
         self.items = items
         self.ids: list[int] = []
         self.error: BaseException | None = None
@@ -165,7 +181,7 @@ class ResultsStore:
             engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
             @event.listens_for(engine, "connect")
-            def _pragmas(dbapi_conn, _record):  # noqa: ANN001
+            def _pragmas(dbapi_conn, _record):
                 cur = dbapi_conn.cursor()
                 cur.execute("PRAGMA journal_mode=WAL")
                 cur.execute("PRAGMA synchronous=FULL")
@@ -207,7 +223,7 @@ class ResultsStore:
             raise ticket.error
         return ticket.ids
 
-    def _commit_group(self, group: list["_Ticket"]) -> None:
+    def _commit_group(self, group: list[_Ticket]) -> None:
         try:
             with self.engine.begin() as conn:
                 stored_heatmap = False

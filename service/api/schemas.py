@@ -30,7 +30,7 @@ class Readiness(BaseModel):
     )
     ready: bool
     status: Literal["loading", "ready", "failed", "stopping"]
-    model: "ModelRef | None" = None
+    model: ModelRef | None = None
     error: str | None = None
 
 

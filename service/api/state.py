@@ -8,7 +8,8 @@ from __future__ import annotations
 import logging
 import threading
 import time
-from typing import Any, Callable
+from collections.abc import Callable
+from typing import Any
 
 from PIL import Image
 
@@ -119,7 +120,7 @@ class AppState:
             self.status, self.error = "failed", str(exc)
             log.error("MODEL NOT LOADED, service is not ready: %s. Fix the model store (%s) and POST "
                       "/v1/models/reload, or restart.", exc, self.settings.model_store)
-        except Exception as exc:  # noqa: BLE001 - a broken model must not kill the process, only readiness
+        except Exception as exc:
             self.status, self.error = "failed", f"cannot load model {name!r}: {type(exc).__name__}: {exc}"
             log.exception("MODEL NOT LOADED, service is not ready: %s", self.error)
         else:
@@ -149,7 +150,7 @@ class AppState:
                 raise ApiError(422, "model_invalid", text + keeps) from None
             except ApiError:
                 raise
-            except Exception as exc:  # noqa: BLE001
+            except Exception as exc:
                 self.metrics.reloads.labels(outcome="failed").inc()
                 log.exception("model reload failed%s", keeps)
                 raise ApiError(500, "model_load_failed",

@@ -4,7 +4,8 @@ Torch never runs on the event loop: request handlers `submit` decoded images and
 them from a bounded queue. With batching on it takes the first waiting image, then keeps collecting until
 `max_batch_size` images or `max_batch_wait_ms` have passed (a backlog fills a batch at once). It only waits while
 other requests are on their way (inside a handler, reading or decoding, announced by `arrival()`): a lone request on
-a quiet line runs at once instead of paying the wait for company that is not coming. Images that need different work (another object word for s_pr, heatmap or not) are run as
+a quiet line runs at once instead of paying the wait for company that is not coming. Images that need different work
+(another object word for s_pr, heatmap or not) are run as
 separate `Detector.detect` calls from the same batch. A full queue raises `QueueFull` at once (the API turns it into
 503 + Retry-After) instead of letting latency grow without bound.
 
@@ -18,9 +19,10 @@ import math
 import queue
 import threading
 import time
+from collections.abc import Callable
 from concurrent.futures import Future
 from dataclasses import dataclass, field
-from typing import Any, Callable
+from typing import Any
 
 from PIL import Image
 
@@ -60,7 +62,7 @@ class JobResult:
 class Arrival:
     """A request's announcement to the batcher; `done()` (idempotent) when its images are queued or it failed."""
 
-    def __init__(self, worker: "InferenceWorker"):
+    def __init__(self, worker: InferenceWorker):
         self._worker, self._open = worker, True
 
     def done(self) -> None:
@@ -68,7 +70,7 @@ class Arrival:
             self._open = False
             self._worker._arrived()
 
-    def __enter__(self) -> "Arrival":
+    def __enter__(self) -> Arrival:
         return self
 
     def __exit__(self, *exc: object) -> None:
@@ -117,7 +119,7 @@ class InferenceWorker:
         return self._thread is not None and self._thread.is_alive()
 
     # --- submitting -----------------------------------------------------------------------------------------------------
-    def arrival(self) -> "Arrival":
+    def arrival(self) -> Arrival:
         """Announce a request that will submit soon (use as a context manager around read + decode + submit)."""
         with self._arriving_lock:
             self._arriving += 1
@@ -150,7 +152,7 @@ class InferenceWorker:
         return job.future
 
     def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                    arrival: "Arrival | None" = None) -> list[Future]:
+                    arrival: Arrival | None = None) -> list[Future]:
         """All or nothing: when the queue cannot take every image, the ones already queued are cancelled.
 
         `arrival` (from `arrival()`) is settled once the images are queued, so the batcher stops waiting for them.

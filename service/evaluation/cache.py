@@ -60,7 +60,7 @@ class EmbeddingCache:
             tensors = load_file(str(path))
             geometry = Geometry(**{k: tuple(v) if isinstance(v, list) else v for k, v in json.loads(meta["geometry"]).items()})
             grid = tuple(json.loads(meta["grid"]))
-        except Exception:  # a torn or foreign file is a miss, never an error
+        except Exception:  # noqa: BLE001 - a torn or foreign file is a miss, never an error
             self.misses += 1
             return None
         self.hits += 1

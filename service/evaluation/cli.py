@@ -50,8 +50,8 @@ def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..detector import load_detector
-    from ..preprocess import load_image
     from ..fnn import load_fnn
+    from ..preprocess import load_image
     from ..store import ModelStore
     from .cache import EmbeddingCache, cached_embed, model_key
     from .readers import detect_layout, read_dataset
@@ -84,7 +84,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                        "set ZSAD_TTA_VIEWS to compare them on the same embeddings")
     suffix = len(versions) > 1
 
-    def variant(spec, version: str) -> str:  # noqa: ANN001 - a constants.ScoreSpec
+    def variant(spec, version: str) -> str:
         return spec.alias + (f"@{version}" if suffix and spec.uses_fnn else "")
 
     # Scores that do not depend on the FNN once, then each version's FNN scores (the last is the reference variant).

@@ -6,8 +6,8 @@ The detector is not imported here: the caller passes `score_fn(paths) -> [{"scor
 """
 from __future__ import annotations
 
+from collections.abc import Callable, Iterable, Sequence
 from pathlib import Path
-from typing import Callable, Iterable, Sequence
 
 import numpy as np
 from tqdm.auto import tqdm

@@ -93,7 +93,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
         _fail(args, f"--resume: checkpoint {args.resume} does not exist")
     if args.max_minutes is not None and args.max_minutes <= 0:
         _fail(args, "--max-minutes must be > 0")
-    from ..store import ModelStore, validate_name, StoreError
+    from ..store import ModelStore, StoreError, validate_name
 
     store_root = _store_root(args)
     init, lineage = None, None
@@ -123,7 +123,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
 
     ckpt = args.ckpt or Path("runs") / cfg.out_name / "ckpt.pt"
     try:
-        log(f"train-clip config: {json.dumps({k: v for k, v in vars(args).items() if not k.startswith('_') and k != 'func'}, default=str)}")
+        config = {k: v for k, v in vars(args).items() if not k.startswith("_") and k != "func"}
+        log(f"train-clip config: {json.dumps(config, default=str)}")
         result = train(cfg, ckpt_path=ckpt, resume=args.resume, log=log, progress=not args.quiet, init_from=init)
         log(f"trained {result.steps_done}/{result.total_steps} steps in {result.wall_time_s:.0f} s on {result.device}")
         out = {"steps": result.steps_done, "wall_time_s": round(result.wall_time_s, 1), "checkpoint": str(ckpt)}

@@ -17,9 +17,10 @@ import math
 import os
 import sys
 import time
+from collections.abc import Callable
 from dataclasses import asdict, dataclass, field
 from pathlib import Path
-from typing import Any, Callable
+from typing import Any
 
 import numpy as np
 import torch
@@ -33,7 +34,6 @@ from ..tokenizer import CHAR_ALPHABET, CharTokenizer
 from .captions import CaptionConfig
 from .data import TwinBatches, check_training_kinds, clean_reference_images, reference_captions, worker_init
 from .world import DEFECTS, HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS
-
 
 
 @dataclass
@@ -382,10 +382,10 @@ def publish(result: TrainResult, cfg: TrainClipConfig, store_root: str | Path, d
     `init_from` ("name@version") records the published model this run started from, so the manifest tells the
     whole lineage (steps and wall time add up over it).
     """
+    import open_clip
+
     from ..clip_backend import CLIP_WEIGHTS_FILE, save_store_clip
     from ..store import ModelStore
-
-    import open_clip
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     assert result.model is not None

@@ -20,8 +20,8 @@ same whatever batch it lands in and whatever was drawn before it.
 from __future__ import annotations
 
 import math
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, replace
-from typing import Callable, Sequence
 
 import numpy as np
 

@@ -102,7 +102,7 @@ class FakeDetector:
     def window_scales(self) -> tuple[int, ...]:
         return tuple(self.manifest.get("windows", {}).get("scales", (2, 3)))
 
-    def detect(self, images, object_name=None, heatmap=True, timings=None):  # noqa: ANN001
+    def detect(self, images, object_name=None, heatmap=True, timings=None):
         self.entered.set()
         if self.gate is not None:
             self.gate.wait(30)
@@ -149,7 +149,7 @@ class Server:
         except OSError:
             return ""
 
-    def start(self, timeout: float = 90.0) -> "Server":
+    def start(self, timeout: float = 90.0) -> Server:
         import httpx
 
         self._log = open(self.log_path, "ab")

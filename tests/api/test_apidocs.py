@@ -5,8 +5,8 @@ import re
 
 from fastapi.testclient import TestClient
 
-from service.api.app import create_app
 from service.api.apidocs import SWAGGER_DIR, SWAGGER_UI_VERSION
+from service.api.app import create_app
 
 from .helpers import FakeDetector, make_settings, wait_ready
 

@@ -156,7 +156,7 @@ def test_thresholds_put_changes_label_and_persists(tmp_path):
 
 def test_error_shape_everywhere(tmp_path):
     class Broken(FakeDetector):
-        def detect(self, images, object_name=None, heatmap=True, timings=None):  # noqa: ANN001
+        def detect(self, images, object_name=None, heatmap=True, timings=None):
             if len(images) == 1 and images[0].size == (7, 7):
                 raise RuntimeError("secret internals")
             return super().detect(images, object_name, heatmap, timings)
@@ -194,7 +194,7 @@ def test_missing_model_is_not_ready_then_reload_recovers(tmp_path):
 
     state = {"ok": False}
 
-    def loader(settings, name=None, version=None):  # noqa: ANN001
+    def loader(settings, name=None, version=None):
         if not state["ok"]:
             raise ModelLoadError("cannot load model 'default': model 'default' has no current version in store")
         return FakeDetector(version=version or "v2")

@@ -17,7 +17,6 @@ from pathlib import Path
 import pytest
 
 from service.cli import build_parser
-
 from tests.api.helpers import free_port
 
 from .conftest import REPO, VENV_BIN, known_zsad_var, which

@@ -12,7 +12,7 @@ import json
 import os
 import re
 import subprocess
-from functools import lru_cache
+from functools import cache, lru_cache
 from pathlib import Path
 
 import pytest
@@ -69,7 +69,7 @@ def _render_dir(path: Path) -> list[dict]:
     return [d for d in yaml.safe_load_all(done.stdout) if d]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _rendered(name: str) -> tuple[dict, ...]:
     """`base`, an overlay name, or `cpu+model-store` (the cpu overlay with the optional model-store component)."""
     if name == "base":

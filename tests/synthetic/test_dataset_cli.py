@@ -39,7 +39,7 @@ def test_dataset_is_reproducible_and_seed_dependent(tmp_path):
     args = ["--kinds", "wood", "--n-train", "1", "--n-good", "1", "--n-defect", "1", "--size", "32", "--defects", "hole"]
     for name, seed in (("a", "1"), ("b", "1"), ("c", "2")):
         assert main(["synth", "dataset", "--out", str(tmp_path / name), "--seed", seed, *args]) == 0
-    read = lambda n: np.asarray(Image.open(tmp_path / n / "wood" / "test" / "hole" / "000.png"))  # noqa: E731
+    read = lambda n: np.asarray(Image.open(tmp_path / n / "wood" / "test" / "hole" / "000.png"))
     assert np.array_equal(read("a"), read("b"))
     assert not np.array_equal(read("a"), read("c"))
 

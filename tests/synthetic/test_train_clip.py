@@ -1,7 +1,6 @@
 """The tiny-CLIP trainer: the loss falls, resume continues the same run, the published CLIP loads back unchanged."""
 from __future__ import annotations
 
-
 import numpy as np
 import pytest
 import torch
