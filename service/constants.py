@@ -50,6 +50,20 @@ WINDOW_SCALES: tuple[int, ...] = (2, 3)  # WinCLIP's window sizes, in patches, w
 VIEW_COUNTS: tuple[int, ...] = (1, 2, 4, 8)  # test-time views: prefixes of the dihedral group that are groups
 GENERIC_OBJECT = "object"  # object word for s_pr when none is given
 
+# --- labels, thresholds, localisation -----------------------------------------------------------------------------
+LABELS: tuple[str, ...] = ("anomalous", "normal", "review")  # review: an uncalibrated product under ZSAD_UNCALIBRATED=review
+UNCALIBRATED_POLICIES: tuple[str, ...] = ("label", "review")  # what an uncalibrated product's images get as label
+FALLBACK_THRESHOLD = 0.5  # image threshold when neither a product, the settings nor the model give one
+FALLBACK_PIXEL_THRESHOLD = 0.5  # pixel (heat) threshold likewise
+# Regions: connected areas of heat above the pixel threshold of at least this fraction of the image (chosen on seen
+# kinds by benchmarks/localisation.py; a 64 x 64 image: 20 pixels).
+MIN_REGION_AREA = 0.005
+MAX_REGIONS = 32  # hottest regions reported per image (the mask is their union)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # product and line names (API and CLI)
+# The pixel threshold of a calibration: the heat that at most this share of the normal images exceed anywhere (the
+# per-image maximum of the heat, thresholded like the image scores; chosen on seen kinds by benchmarks/localisation.py).
+PIXEL_CALIBRATION_FRR = 0.01
+
 # --- images -----------------------------------------------------------------------------------------------------------
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

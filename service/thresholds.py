@@ -1,0 +1,327 @@
+"""Per-product (and per-line) decision thresholds: resolution (pure), and their store (a JSON file replaced atomically).
+
+Method-level (no FastAPI): the service (`service/api`) and the CLI (`zsad score --product`) resolve thresholds and
+decide labels with this one module, so the same image and product get the same label from both.
+
+File shape (`settings.thresholds_path`):
+
+    {"version": 1,
+     "products": {"widget": {"threshold": 0.61, "score": "combined", "pixel_threshold": 0.42, "source": "calibration",
+                             "updated_at": "...", "calibration": {...},
+                             "lines": {"line-3": {"threshold": 0.7, "score": "combined", "source": "manual", ...}}}}}
+
+Each entry's threshold belongs to one score (`fnn`, `prompt` or `combined`): the scores live on different scales,
+so a threshold set for one is never applied to another. Resolution for (product, line, score):
+line entry -> product entry -> `settings.default_threshold` -> the model manifest's `threshold_advice` -> 0.5,
+and the answer says which source it used and whether it is `calibrated` (a line or product entry: a calibration or an
+admin's explicit setting for that product). When a request names no score, the entry's score is used, so a product
+calibrated on `fnn` is judged on `fnn` unless a request asks otherwise.
+
+The pixel threshold (heat above it forms the mask and the regions) resolves alongside, for the same score: the entry
+that gave the image threshold (then the product entry) -> `settings.mask_threshold` -> the manifest's
+`pixel_threshold_advice` -> 0.5.
+
+The store is anything with `load / all / get / put / delete` (`ThresholdBackend`); resolution only needs `get`, so a
+database store can replace the JSON file without touching the rules. Writes to the file go to a temporary file in the
+same folder, are fsynced, then `os.replace`d over the old file: a crash leaves either the old or the new file, never
+half of one.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import math
+import os
+import threading
+import uuid
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any, Protocol
+
+import numpy as np
+
+from .constants import FALLBACK_PIXEL_THRESHOLD, FALLBACK_THRESHOLD, UNCALIBRATED_POLICIES
+from .store import utc_now
+
+log = logging.getLogger("zsad.api")
+CALIBRATED_SOURCES = ("line", "product")  # a threshold set for this product or line (calibration or admin)
+
+
+class ThresholdFileError(Exception):
+    """The thresholds file exists but cannot be read."""
+
+
+@dataclass(frozen=True)
+class Resolved:
+    threshold: float
+    source: str  # line | product | settings | manifest | fallback
+    score: str
+    pixel_threshold: float = FALLBACK_PIXEL_THRESHOLD  # heat above it: mask and regions (same score's map)
+    pixel_source: str = "fallback"  # line | product | settings | manifest | fallback
+
+    @property
+    def calibrated(self) -> bool:
+        """True when the threshold was set for this product or line (by a calibration or an admin), not a default."""
+        return self.source in CALIBRATED_SOURCES
+
+
+def decide(score: float, resolved: Resolved, uncalibrated: str = "label") -> str:
+    """The label: `anomalous` when `score > threshold`, else `normal`; with the `review` policy an uncalibrated
+    product gets `review` instead of a verdict it cannot trust (`ZSAD_UNCALIBRATED`)."""
+    if uncalibrated not in UNCALIBRATED_POLICIES:
+        raise ValueError(f"uncalibrated policy must be one of {UNCALIBRATED_POLICIES}, got {uncalibrated!r}")
+    if uncalibrated == "review" and not resolved.calibrated:
+        return "review"
+    return "anomalous" if score > resolved.threshold else "normal"
+
+
+def _number(value: Any) -> float | None:
+    ok = isinstance(value, (int, float)) and not isinstance(value, bool) and math.isfinite(value)
+    return float(value) if ok else None
+
+
+def resolve(
+    entry: dict[str, Any] | None,
+    line: str | None,
+    score: str | None,
+    default_score: str,
+    settings_default: float | None,
+    manifest: dict[str, Any] | None,
+    settings_pixel: float | None = None,
+) -> Resolved:
+    """Threshold, pixel threshold and their sources for one request, from the product's store `entry` (or None)."""
+    candidates: list[tuple[str, dict[str, Any]]] = []
+    if entry:
+        line_entry = (entry.get("lines") or {}).get(line) if line else None
+        if line_entry and line_entry.get("threshold") is not None:
+            candidates.append(("line", line_entry))
+        if entry.get("threshold") is not None:
+            candidates.append(("product", entry))
+    used = score or (candidates[0][1].get("score") if candidates else None) or default_score
+    same = [(src, cand) for src, cand in candidates if cand.get("score", default_score) == used]
+    if same:
+        source, cand = same[0]
+        image = Resolved(float(cand["threshold"]), source, used)
+    else:
+        image = default_threshold(used, settings_default, manifest)
+    for src, cand in same:  # the entry that gave the threshold, then the product's own
+        pixel = _number(cand.get("pixel_threshold"))
+        if pixel is not None:
+            return Resolved(image.threshold, image.source, used, pixel, src)
+    pixel_default = default_pixel_threshold(used, settings_pixel, manifest)
+    return Resolved(image.threshold, image.source, used, pixel_default.pixel_threshold, pixel_default.pixel_source)
+
+
+class ThresholdBackend(Protocol):
+    """What the service and the CLI need from a thresholds store (the JSON file here; a database later)."""
+
+    def load(self) -> None: ...
+    def all(self) -> dict[str, Any]: ...
+    def get(self, product: str) -> dict[str, Any] | None: ...
+    def resolve(self, product: str | None, line: str | None, score: str | None, default_score: str,
+                settings_default: float | None, manifest: dict[str, Any] | None,
+                settings_pixel: float | None = None) -> Resolved: ...
+    def put(self, product: str, threshold: float, score: str, line: str | None = None, source: str = "manual",
+            calibration: dict[str, Any] | None = None, pixel_threshold: float | None = None) -> dict[str, Any]: ...
+    def delete(self, product: str, line: str | None = None) -> bool: ...
+
+
+class ThresholdStore:
+    def __init__(self, path: Path):
+        self.path = Path(path)
+        self._lock = threading.Lock()
+        self._data: dict[str, Any] = {"version": 1, "products": {}}
+        self._mtime: float | None = None
+
+    # --- file ---------------------------------------------------------------------------------------------------
+    def load(self) -> None:
+        """(Re)read the file; a missing file is an empty config, an unreadable one raises ThresholdFileError."""
+        with self._lock:
+            self._load_locked()
+
+    def _load_locked(self) -> None:
+        if not self.path.is_file():
+            self._data, self._mtime = {"version": 1, "products": {}}, None
+            return
+        try:
+            data = json.loads(self.path.read_text())
+            if not isinstance(data, dict) or not isinstance(data.get("products", {}), dict):
+                raise ValueError("top level must be an object with a 'products' object")
+        except (OSError, ValueError) as exc:
+            raise ThresholdFileError(f"cannot read thresholds file {self.path}: {exc}") from exc
+        data.setdefault("products", {})
+        self._data = data
+        self._mtime = self.path.stat().st_mtime
+
+    def _maybe_reload_locked(self) -> None:
+        """Pick up edits made to the file by hand (or by another replica sharing it)."""
+        try:
+            mtime = self.path.stat().st_mtime if self.path.is_file() else None
+        except OSError:
+            return
+        if mtime != self._mtime:
+            try:
+                self._load_locked()
+            except ThresholdFileError as exc:
+                log.error("%s; keeping the thresholds read before", exc)
+                self._mtime = mtime
+
+    def _write_locked(self) -> None:
+        self.path.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
+        try:
+            with open(tmp, "w") as fh:
+                json.dump(self._data, fh, indent=2, sort_keys=True)
+                fh.write("\n")
+                fh.flush()
+                os.fsync(fh.fileno())
+            os.replace(tmp, self.path)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+        try:  # make the rename itself durable
+            dir_fd = os.open(self.path.parent, os.O_RDONLY)
+            try:
+                os.fsync(dir_fd)
+            finally:
+                os.close(dir_fd)
+        except OSError:
+            pass
+        self._mtime = self.path.stat().st_mtime
+
+    # --- reading --------------------------------------------------------------------------------------------------
+    def all(self) -> dict[str, Any]:
+        with self._lock:
+            self._maybe_reload_locked()
+            return json.loads(json.dumps(self._data))
+
+    def get(self, product: str) -> dict[str, Any] | None:
+        with self._lock:
+            self._maybe_reload_locked()
+            entry = self._data["products"].get(product)
+            return json.loads(json.dumps(entry)) if entry is not None else None
+
+    def resolve(
+        self,
+        product: str | None,
+        line: str | None,
+        score: str | None,
+        default_score: str,
+        settings_default: float | None,
+        manifest: dict[str, Any] | None,
+        settings_pixel: float | None = None,
+    ) -> Resolved:
+        entry = self.get(product) if product else None
+        return resolve(entry, line, score, default_score, settings_default, manifest, settings_pixel)
+
+    # --- writing --------------------------------------------------------------------------------------------------
+    def put(
+        self,
+        product: str,
+        threshold: float,
+        score: str,
+        line: str | None = None,
+        source: str = "manual",
+        calibration: dict[str, Any] | None = None,
+        pixel_threshold: float | None = None,
+    ) -> dict[str, Any]:
+        """Set the product's (or one line's) threshold and persist atomically. Returns the product entry.
+
+        `pixel_threshold` None keeps the one stored for the same slot and score (an admin adjusting the image
+        threshold does not drop the calibrated pixel threshold)."""
+        record: dict[str, Any] = {"threshold": float(threshold), "score": score, "source": source,
+                                  "updated_at": utc_now()}
+        if calibration is not None:
+            record["calibration"] = calibration
+        with self._lock:
+            self._maybe_reload_locked()
+            products = self._data["products"]
+            entry = products.setdefault(product, {"threshold": None, "lines": {}})
+            old = (entry.get("lines") or {}).get(line) if line else entry
+            if pixel_threshold is not None:
+                record["pixel_threshold"] = float(pixel_threshold)
+            elif old and old.get("score") == score and _number(old.get("pixel_threshold")) is not None:
+                record["pixel_threshold"] = float(old["pixel_threshold"])
+            if line:
+                entry.setdefault("lines", {})[line] = record
+            else:
+                lines = entry.get("lines", {})
+                entry.clear()
+                entry.update(record, lines=lines)
+            self._write_locked()
+            return json.loads(json.dumps(entry))
+
+    def delete(self, product: str, line: str | None = None) -> bool:
+        with self._lock:
+            self._maybe_reload_locked()
+            products = self._data["products"]
+            if product not in products:
+                return False
+            if line:
+                if line not in products[product].get("lines", {}):
+                    return False
+                del products[product]["lines"][line]
+            else:
+                del products[product]
+            self._write_locked()
+            return True
+
+
+def _advice(manifest: dict[str, Any] | None, key: str, score: str) -> float | None:
+    advice = (manifest or {}).get(key)
+    if isinstance(advice, dict):
+        advice = advice.get(score)
+    return _number(advice)
+
+
+def default_threshold(score: str, settings_default: float | None, manifest: dict[str, Any] | None) -> Resolved:
+    if settings_default is not None:
+        return Resolved(float(settings_default), "settings", score)
+    advice = _advice(manifest, "threshold_advice", score)
+    if advice is not None:
+        return Resolved(advice, "manifest", score)
+    return Resolved(FALLBACK_THRESHOLD, "fallback", score)
+
+
+def default_pixel_threshold(score: str, settings_pixel: float | None, manifest: dict[str, Any] | None) -> Resolved:
+    """The pixel threshold where no product or line sets one (only `pixel_threshold` / `pixel_source` are meaningful)."""
+    if settings_pixel is not None:
+        return Resolved(FALLBACK_THRESHOLD, "fallback", score, float(settings_pixel), "settings")
+    advice = _advice(manifest, "pixel_threshold_advice", score)
+    if advice is not None:
+        return Resolved(FALLBACK_THRESHOLD, "fallback", score, advice, "manifest")
+    return Resolved(FALLBACK_THRESHOLD, "fallback", score, FALLBACK_PIXEL_THRESHOLD, "fallback")
+
+
+# --- calibration ------------------------------------------------------------------------------------------------------
+def calibrate(scores: list[float], target_frr: float) -> tuple[float, dict[str, Any]]:
+    """Threshold at a target false-reject rate on normal images, and the score distribution.
+
+    A result is anomalous when `score > threshold`. The threshold is the smallest observed normal score with at most
+    `target_frr` of the normal scores above it, i.e. the ceil((1 - frr) * N)-th smallest score. With N normal images
+    the finest reachable rate is 1/N, so fewer than 1/frr images give a threshold at (or near) the maximum: the reply
+    says so in `note`.
+    """
+    arr = np.sort(np.asarray(scores, dtype=np.float64))
+    n = len(arr)
+    k = min(n, max(1, math.ceil((1.0 - target_frr) * n - 1e-9)))
+    threshold = float(arr[k - 1])
+    achieved = float(np.mean(arr > threshold))
+    hist, edges = np.histogram(arr, bins=20, range=(0.0, 1.0))
+    pct = {f"p{q:g}": float(np.percentile(arr, q)) for q in (1, 5, 25, 50, 75, 95, 99)}
+    info: dict[str, Any] = {
+        "n": n,
+        "target_frr": target_frr,
+        "achieved_frr": achieved,
+        "min": float(arr[0]),
+        "max": float(arr[-1]),
+        "mean": float(arr.mean()),
+        "std": float(arr.std()),
+        "percentiles": pct,
+        "histogram": {"edges": [round(float(e), 4) for e in edges], "counts": [int(c) for c in hist]},
+        "scores": [float(s) for s in scores],
+    }
+    if n * target_frr < 1.0:
+        info["note"] = (f"{n} images cannot resolve a {target_frr:.2%} false-reject rate (finest step 1/{n}); "
+                        f"the threshold is the highest normal score. Use at least {math.ceil(1 / target_frr)} images.")
+    return threshold, info
