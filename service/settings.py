@@ -13,7 +13,15 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .constants import COMBINE_WEIGHT, DEFAULT_SCORE, GENERIC_OBJECT, PROMPT_TEMPERATURE, VIEW_COUNTS, ScoreName
+from .constants import (
+    COMBINE_WEIGHT,
+    DEFAULT_SCORE,
+    GENERIC_OBJECT,
+    MIN_REGION_AREA,
+    PROMPT_TEMPERATURE,
+    VIEW_COUNTS,
+    ScoreName,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRETS_DIR = Path("/run/secrets")
@@ -58,7 +66,18 @@ class Settings(BaseSettings):
     resize_policy: Literal["letterbox", "stretch", "center_crop"] = Field(
         "letterbox", description="Non-square images: letterbox keeps the whole image visible."
     )
-    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Heat above this is in the binary mask/regions.")
+    mask_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Pixel threshold where no product or line threshold sets one: heat above it "
+        "forms the mask and the regions; None: the model manifest's `pixel_threshold_advice`, else 0.5."
+    )
+    min_region_area: float = Field(
+        MIN_REGION_AREA, ge=0.0, lt=1.0, description="Smallest reported region, as a fraction of the image's pixels "
+        "(smaller areas above the pixel threshold are dropped; an anomalous image's hottest spot is grown to this size)."
+    )
+    uncalibrated: Literal["label", "review"] = Field(
+        "label", description="Images of a product without a calibrated (or admin-set) threshold: 'label' decides on the "
+        "default threshold anyway; 'review' labels them 'review' instead of a verdict. `calibrated` says which it was."
+    )
 
     # --- service --------------------------------------------------------------------------------------------------
     host: str = "127.0.0.1"
