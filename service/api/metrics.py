@@ -2,7 +2,7 @@
 
 Each app owns its own `CollectorRegistry` (tests build several apps in one process). Label cardinality is bounded:
 `endpoint` is the route template (or `unmatched`), `stage` a fixed set, `line` the first `max_lines` distinct line
-names seen and `other` after that, `label` anomalous/normal.
+names seen and `other` after that, `label` anomalous/normal/review, `calibrated` true/false.
 """
 from __future__ import annotations
 
@@ -75,8 +75,9 @@ class Metrics:
         self.queue_depth = Gauge("zsad_queue_depth", "Images waiting in the inference queue.", registry=r)
         self.queue_rejections = Counter("zsad_queue_rejections", "Images refused because the queue was full.",
                                         registry=r)
-        self.predictions = Counter("zsad_predictions", "Scored images by line and label.", ["line", "label"],
-                                   registry=r)
+        self.predictions = Counter("zsad_predictions", "Scored images by line, label and whether the threshold was "
+                                   "calibrated for the product (calibrated=\"false\": a default threshold).",
+                                   ["line", "label", "calibrated"], registry=r)
         self.image_score = Histogram("zsad_image_score", "Image anomaly scores (the score used for the label).",
                                      ["line"], buckets=SCORE_BUCKETS, registry=r)
         self.model_info = Gauge("zsad_model_info", "The model serving now (value 1).", ["model", "version", "clip"],
@@ -105,9 +106,10 @@ class Metrics:
         self.model_info.clear()
         self.model_info.labels(model=name, version=version, clip=clip).set(1)
 
-    def observe_prediction(self, line: str | None, label: str, score: float) -> None:
+    def observe_prediction(self, line: str | None, product: str | None, label: str, score: float,
+                           calibrated: bool = False) -> None:
         ll = self.line_label(line)
-        self.predictions.labels(line=ll, label=label).inc()
+        self.predictions.labels(line=ll, label=label, calibrated="true" if calibrated else "false").inc()
         self.image_score.labels(line=ll).observe(score)
 
     def observe_stages(self, timings: dict[str, float]) -> None:

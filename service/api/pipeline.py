@@ -17,16 +17,15 @@ from typing import Any
 from anyio import to_thread
 from PIL import Image
 
-from ..constants import ALLOWED_FORMATS  # one allow-list for the CLI and the service
+from ..constants import ALLOWED_FORMATS, MAX_REGIONS  # one allow-list and region cap for the CLI and the service
 from .errors import ApiError
 from .limits import describe_format, sniff_format
 from .results import NewResult, record
 from .state import AppState
-from .thresholds import calibrate
+from .thresholds import Resolved, calibrate, decide
 from .worker import Arrival, JobResult, QueueFull, WorkerStopped
 
 MODEL_STAGES = ("preprocess", "embed", "windows", "aggregate")
-MAX_REGIONS = 32  # hottest regions reported per image
 
 
 @dataclass
@@ -130,24 +129,35 @@ async def infer(state: AppState, images: list[Image.Image], object_name: str | N
         raise
 
 
-def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptions, score_name: str,
+def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptions, resolved: Resolved,
                 want_png_for_store: bool) -> tuple[dict[str, Any] | None, list[dict] | None, bytes | None, float]:
-    """Heatmap payload, regions and the PNG to keep; runs in a worker thread."""
-    from ..heatmap import overlay_png, regions
+    """Heatmap payload, regions and the PNG to keep; runs in a worker thread.
+
+    Regions and the mask agree with the verdict (`score > threshold`, also under the `review` policy): an anomalous
+    image has at least one region holding the heat's maximum, a normal one none (`heatmap.localise`), at the pixel
+    threshold resolved with the image threshold and at least `ZSAD_MIN_REGION_AREA` of the map."""
+    from ..heatmap import localise, mask_png, min_area_pixels, overlay_png
 
     t = time.perf_counter()
     det = res.detection
+    score_name = resolved.score
     if opts.heatmap == "none" or score_name not in det.heat:
         return None, None, None, time.perf_counter() - t
     heat = det.heat[score_name]
-    found = [r.to_dict() for r in regions(heat, state.settings.mask_threshold)[:MAX_REGIONS]]
+    anomalous = float(det.scores[score_name]) > resolved.threshold
+    found_regions, mask = localise(heat, resolved.pixel_threshold, min_area_pixels(heat.shape, state.settings.min_region_area),
+                                   anomalous, MAX_REGIONS)
+    found = [r.to_dict() for r in found_regions]
     png = overlay_png(dec.image, heat) if (opts.heatmap == "png" or want_png_for_store) else None
     if opts.heatmap == "png":
-        payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii")}
+        payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii"),
+                   "mask_png_base64": base64.b64encode(mask_png(mask)).decode("ascii"),
+                   "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     else:
         grid = det.grid[score_name]
         payload = {"format": "json", "score": score_name, "rows": int(grid.shape[0]), "cols": int(grid.shape[1]),
-                   "grid": [[round(float(v), 4) for v in row] for row in grid]}
+                   "grid": [[round(float(v), 4) for v in row] for row in grid],
+                   "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     return payload, found, png, time.perf_counter() - t
 
 
@@ -170,21 +180,22 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
 
     def _post() -> tuple[Any, list[tuple]]:  # file reads (thresholds) and encoding stay off the event loop
         resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                            settings.default_threshold, manifest)
-        return resolved, [_encode_one(state, d, r, opts, resolved.score, keep_png) for d, r in zip(decoded, results)]
+                                            settings.default_threshold, manifest, settings.mask_threshold)
+        return resolved, [_encode_one(state, d, r, opts, resolved, keep_png) for d, r in zip(decoded, results)]
 
     resolved, encoded = await to_thread.run_sync(_post)
     records: list[NewResult] = []
     extras: list[dict[str, Any]] = []
     for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):
         score = float(res.detection.scores[resolved.score])
-        label = "anomalous" if score > resolved.threshold else "normal"
+        label = decide(score, resolved, settings.uncalibrated)
         stage_s = {k: res.timings.get(k) for k in MODEL_STAGES}
         latency = time.perf_counter() - start
         records.append(NewResult(
             line=opts.line, product=opts.product, model_name=res.model_name, model_version=res.model_version,
             score_name=resolved.score, score=score, label=label, threshold=resolved.threshold,
-            threshold_source=resolved.source, scores={k: float(v) for k, v in res.detection.scores.items()},
+            threshold_source=resolved.source, calibrated=resolved.calibrated,
+            scores={k: float(v) for k, v in res.detection.scores.items()},
             latency_ms=latency * 1000.0, object_name=opts.object_name, filename=(dec.filename or None) and dec.filename[:255],
             width=dec.image.size[0], height=dec.image.size[1], heatmap_png=png,
         ))
@@ -212,35 +223,52 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
         body["timings_ms"]["persist"] = _ms(persist_s)
         body["timings_ms"]["total"] = _ms(total)
         bodies.append(body)
-        state.metrics.observe_prediction(rec.line, rec.label, rec.score)
+        state.metrics.observe_prediction(rec.line, rec.product, rec.label, rec.score, calibrated=rec.calibrated)
     return bodies
 
 
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
-                            store: bool) -> dict[str, Any]:
-    """Score normal images exactly as /v1/detect would (no heatmap), fit the threshold at `target_frr` and store it.
+                            store: bool, pixel: bool = True) -> dict[str, Any]:
+    """Score normal images exactly as /v1/detect would, fit the threshold at `target_frr` and store it; with `pixel`
+    the images also run with heatmaps and each one's heat peak (`calibration.heat_peak`) fits the pixel threshold by
+    the same rule.
 
-    Decoded and scored a micro-batch at a time, each upload's bytes released once scored: memory stays bounded by
-    the batch, not by the (up to `calibration_max_images`) images of the request."""
+    Decoded and scored a micro-batch at a time, each upload's bytes released once scored and only the peaks kept of
+    the maps: memory stays bounded by the batch, not by the (up to `calibration_max_images`) images of the request."""
+    from ..calibration import heat_peak
+
     s = state.settings
     deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
     scores: list[float] = []
+    peaks: list[float] = []
     model = None
     chunk = max(1, s.max_batch_size)
     for i in range(0, len(uploads), chunk):
         part = uploads[i: i + chunk]
         decoded = await decode_in_pool(state, part)
-        results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline)
+        inputs = [d.model_input for d in decoded]
+        results = await infer(state, inputs, object_name, False, deadline)  # the scores of /v1/detect?heatmap=none
         scores.extend(float(r.detection.scores[score_name]) for r in results)
+        if pixel:  # a second pass with heatmaps; the scores above stay those of the global-only path
+            mapped = await infer(state, inputs, object_name, True, deadline)
+            peaks.extend(heat_peak(r.detection.heat[score_name]) for r in mapped)
+            del mapped
         model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
         for u in part:
             u.data = b""
+        del decoded, results, inputs
     threshold, dist = calibrate(scores, target_frr)
+    pixel_threshold, pixel_dist = calibrate(peaks, target_frr) if pixel else (None, None)
+    if pixel_dist is not None:
+        pixel_dist.pop("scores")
     if store:
         summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
         summary["model"] = model
+        if pixel_dist is not None:
+            summary["pixel"] = {k: v for k, v in pixel_dist.items() if k != "histogram"}
         await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
-                                                              summary))
+                                                              summary, pixel_threshold=pixel_threshold))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
-            "target_frr": target_frr, "stored": store, "model": model, "distribution": dist}
+            "target_frr": target_frr, "pixel_threshold": pixel_threshold, "stored": store, "model": model,
+            "distribution": dist, "pixel_distribution": pixel_dist}

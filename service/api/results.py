@@ -22,6 +22,7 @@ from typing import Any
 import numpy as np
 from sqlalchemy import (
     JSON,
+    Boolean,
     Column,
     Float,
     ForeignKey,
@@ -62,6 +63,9 @@ results_table = Table(
     Column("filename", String(255)),
     Column("width", Integer),
     Column("height", Integer),
+    # True when the threshold was set for the product or line (calibration or admin); NULL in rows stored before
+    # the column existed (added to an older table by `ResultsStore.open`).
+    Column("calibrated", Boolean),
     Index("ix_results_created_at", "created_at"),
     Index("ix_results_product_id", "product", "id"),
     Index("ix_results_line_id", "line", "id"),
@@ -76,6 +80,7 @@ heatmaps_table = Table(
 )
 
 STATS_SAMPLE = 100_000  # percentiles over at most this many newest rows of the window
+UNCALIBRATED_PRODUCTS = 50  # products listed by /v1/stats as scored without a calibrated threshold (most images first)
 
 
 @dataclass
@@ -97,6 +102,7 @@ class NewResult:
     filename: str | None = None
     width: int | None = None
     height: int | None = None
+    calibrated: bool | None = None
     heatmap_png: bytes | None = field(default=None, repr=False)
     created_at: float = field(default_factory=time.time)
 
@@ -126,6 +132,7 @@ def record(row: dict[str, Any]) -> dict[str, Any]:
         "score": row["score"], "label": row["label"], "threshold": row["threshold"],
         "threshold_source": row["threshold_source"], "scores": row["scores"], "latency_ms": row["latency_ms"],
         "object": row["object_name"], "filename": row["filename"], "width": row["width"], "height": row["height"],
+        "calibrated": None if row.get("calibrated") is None else bool(row["calibrated"]),
         "heatmap_url": heatmap_url(row["id"]) if row.get("has_heatmap") else None,
     }
 
@@ -196,6 +203,22 @@ class ResultsStore:
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
         metadata.create_all(self.engine)
+        self._add_missing_columns()
+
+    ADDED_COLUMNS = ("calibrated",)  # columns added after the first release: nullable, added to older tables in place
+
+    def _add_missing_columns(self) -> None:
+        """`create_all` leaves an existing table as it is: add the nullable columns it predates (old rows get NULL)."""
+        from sqlalchemy import inspect, text
+
+        have = {c["name"] for c in inspect(self.engine).get_columns("results")}
+        missing = [name for name in self.ADDED_COLUMNS if name not in have]
+        if not missing:
+            return
+        with self.engine.begin() as conn:
+            for name in missing:
+                column = results_table.c[name]
+                conn.execute(text(f"ALTER TABLE results ADD COLUMN {name} {column.type.compile(self.engine.dialect)}"))
 
     def close(self) -> None:
         self.engine.dispose()
@@ -302,17 +325,27 @@ class ResultsStore:
     def stats(self, line: str | None, product: str | None, since: float | None) -> dict[str, Any]:
         c = results_table.c
         where = self._filters(line, product, None, since)
+        uncal = c.calibrated.is_not(None) & (c.calibrated == False)  # noqa: E712 - SQL comparison, not Python
         with self.engine.connect() as conn:
-            total, anomalous = conn.execute(
-                select(func.count(), func.coalesce(func.sum((c.label == "anomalous").cast(Integer)), 0)).where(*where)
+            total, anomalous, review, uncalibrated = conn.execute(
+                select(func.count(), func.coalesce(func.sum((c.label == "anomalous").cast(Integer)), 0),
+                       func.coalesce(func.sum((c.label == "review").cast(Integer)), 0),
+                       func.coalesce(func.sum(uncal.cast(Integer)), 0)).where(*where)
             ).one()
             sample = conn.execute(
                 select(c.score, c.latency_ms).where(*where).order_by(c.id.desc()).limit(STATS_SAMPLE)
+            ).all()
+            products = conn.execute(
+                select(c.product, func.count()).where(*where, uncal).group_by(c.product)
+                .order_by(func.count().desc(), c.product).limit(UNCALIBRATED_PRODUCTS)
             ).all()
         out: dict[str, Any] = {
             "count": int(total),
             "anomalous": int(anomalous),
             "anomaly_rate": (int(anomalous) / int(total)) if total else None,
+            "review": int(review),
+            "uncalibrated": int(uncalibrated),
+            "uncalibrated_products": [{"product": prod, "count": int(n)} for prod, n in products],
             "score": None,
             "latency_ms": None,
             "sampled": len(sample),

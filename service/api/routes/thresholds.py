@@ -12,7 +12,7 @@ from ..deps import ADMIN, READ, StateDep
 from ..errors import ApiError, error_responses
 from ..pipeline import calibrate_uploads
 from ..schemas import NAME_PATTERN, CalibrationResult, ThresholdConfig, ThresholdEntry, ThresholdIn
-from ..thresholds import default_threshold
+from ..thresholds import default_pixel_threshold, default_threshold
 from ..uploads import read_uploads, upload_body
 
 router = APIRouter(tags=["thresholds"])
@@ -26,9 +26,11 @@ async def list_thresholds(state: StateDep):
     s = state.settings
     manifest = state.detector.manifest if state.detector is not None else None
     d = default_threshold(s.default_score, s.default_threshold, manifest)
+    px = default_pixel_threshold(s.default_score, s.mask_threshold, manifest)
     data = await to_thread.run_sync(state.thresholds.all)
     return {"products": data.get("products", {}),
-            "default": {"threshold": d.threshold, "source": d.source, "score": d.score}}
+            "default": {"threshold": d.threshold, "source": d.source, "score": d.score, "calibrated": False,
+                        "pixel_threshold": px.pixel_threshold, "pixel_threshold_source": px.pixel_source}}
 
 
 @router.get("/v1/thresholds/{product}", response_model=ThresholdEntry, dependencies=READ,
@@ -45,7 +47,8 @@ async def get_threshold(state: StateDep, product: ProductPath):
             responses=error_responses(401, 403, 422))
 async def put_threshold(state: StateDep, product: ProductPath, body: ThresholdIn, line: LineQuery = None):
     score = body.score or state.settings.default_score
-    entry = await to_thread.run_sync(lambda: state.thresholds.put(product, body.threshold, score, line, "manual"))
+    entry = await to_thread.run_sync(lambda: state.thresholds.put(product, body.threshold, score, line, "manual",
+                                                                  pixel_threshold=body.pixel_threshold))
     return {"product": product, "entry": entry}
 
 
@@ -70,8 +73,10 @@ async def calibrate_product(
     score: Annotated[ScoreName | None, Query(description="Score to calibrate (default: settings).")] = None,
     object: Annotated[str | None, Query(max_length=64, description="Object word for s_pr.")] = None,  # noqa: A002
     store: Annotated[bool, Query(description="Store the threshold (false: only propose it).")] = True,
+    pixel: Annotated[bool, Query(description="Also fit the pixel threshold of the regions and the mask from the same "
+                                             "images (computes their heatmaps: slower).")] = True,
 ):
     uploads, _ = await read_uploads(request, state.settings.calibration_max_images)
     obj = (object or "").strip().lower() or None
     return await calibrate_uploads(state, uploads, product, line, score or state.settings.default_score, target_frr,
-                                   obj, store)
+                                   obj, store, pixel)
