@@ -7,11 +7,14 @@ from __future__ import annotations
 import argparse
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from .constants import IMAGE_EXTENSIONS, SCORE_ALIASES, SCORE_NAMES, VIEW_COUNTS
+from .constants import IMAGE_EXTENSIONS, MAX_REGIONS, NAME_PATTERN, SCORE_ALIASES, SCORE_NAMES, VIEW_COUNTS
 from .settings import Settings
+
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 class CliError(Exception):
@@ -25,6 +28,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "device", None):
         overrides["device"] = args.device
     return Settings(**overrides)
+
+
+def _name(value: str) -> str:
+    """A product or line name, as the service accepts them (1-64 letters, digits, '.', '_', ':', '-')."""
+    if not NAME_RE.match(value):
+        raise argparse.ArgumentTypeError(f"invalid name {value!r}: use 1-64 letters, digits, '.', '_', ':' or '-'")
+    return value
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:
@@ -107,13 +117,22 @@ def _images_in(folders: list[str]) -> list[Path]:
 
 # --- score ------------------------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
+    """Score images as the service would for `--product` / `--line`: the same thresholds file, the same resolution
+    (`service.thresholds`), the same label rule and the same regions (`heatmap.localise`)."""
     from .detector import load_detector
-    from .heatmap import binary_mask, overlay_png, regions
+    from .heatmap import localise, mask_png, min_area_pixels, overlay_png
     from .preprocess import ImageError, load_image
+    from .thresholds import ThresholdStore, decide
 
     settings = _settings(args)
+    if args.thresholds:
+        settings = settings.model_copy(update={"thresholds_path": Path(args.thresholds)})
+    thresholds = ThresholdStore(settings.thresholds_path)
+    thresholds.load()  # an unreadable file is an error here, as it keeps the service from being ready
     name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
     detector = load_detector(settings, name, version)
+    resolved = thresholds.resolve(args.product, args.line, args.score, settings.default_score,
+                                  settings.default_threshold, detector.manifest, settings.mask_threshold)
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -126,15 +145,21 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(json.dumps({"path": path, "error": str(exc)}))
             continue
         det = detector.detect([image], args.object, heatmap=heat_dir is not None)[0]
-        line = {"path": path, **{SCORE_ALIASES[k]: round(v, 6) for k, v in det.scores.items()}}
+        score = float(det.scores[resolved.score])
+        line = {"path": path, **{SCORE_ALIASES[k]: round(v, 6) for k, v in det.scores.items()},
+                "product": args.product, "line": args.line, "score_name": resolved.score, "score": round(score, 6),
+                "label": decide(score, resolved, settings.uncalibrated), "threshold": resolved.threshold,
+                "threshold_source": resolved.source, "calibrated": resolved.calibrated}
         if heat_dir is not None:
-            heat = det.heat[args.score or settings.default_score]
+            heat = det.heat[resolved.score]
+            found, mask = localise(heat, resolved.pixel_threshold, min_area_pixels(heat.shape, settings.min_region_area),
+                                   score > resolved.threshold, MAX_REGIONS)
             stem = Path(path).stem
             (heat_dir / f"{stem}_overlay.png").write_bytes(overlay_png(image, heat))
-            from PIL import Image
-
-            Image.fromarray(binary_mask(heat, settings.mask_threshold)).save(heat_dir / f"{stem}_mask.png")
-            line["regions"] = [r.to_dict() for r in regions(heat, settings.mask_threshold)]
+            (heat_dir / f"{stem}_mask.png").write_bytes(mask_png(mask))
+            line["pixel_threshold"] = resolved.pixel_threshold
+            line["pixel_threshold_source"] = resolved.pixel_source
+            line["regions"] = [r.to_dict() for r in found]
         print(json.dumps(line), flush=True)
     if failures:
         print(f"{failures} of {len(args.images)} images could not be scored", file=sys.stderr)
@@ -229,8 +254,12 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--model-ref", help="FNN model NAME[@VERSION] (default: settings / current)")
     s.add_argument("--object", help="object name for the prompt score (default: generic 'object')")
+    s.add_argument("--product", type=_name, help="product: its threshold from the thresholds file, as the service")
+    s.add_argument("--line", type=_name, help="production line: its threshold, as the service")
+    s.add_argument("--thresholds", metavar="FILE", help="thresholds file (default: $ZSAD_THRESHOLDS_PATH)")
     s.add_argument("--heatmap", metavar="DIR", help="write <stem>_overlay.png and <stem>_mask.png into DIR")
-    s.add_argument("--score", choices=SCORE_NAMES, default=None, help="map for --heatmap (default: settings)")
+    s.add_argument("--score", choices=SCORE_NAMES, default=None,
+                   help="score the label is decided on, and its map (default: the product threshold's, else settings)")
     s.add_argument("--device", help="cpu, cuda or auto")
     s.set_defaults(func=cmd_score)
 
@@ -281,10 +310,11 @@ def main(argv: list[str] | None = None) -> int:
     from .clip_backend import ClipLoadError
     from .detector import ModelLoadError
     from .store import StoreError
+    from .thresholds import ThresholdFileError
 
     try:
         return int(args.func(args) or 0)
-    except (CliError, ClipLoadError, ModelLoadError, StoreError, ValueError) as exc:
+    except (CliError, ClipLoadError, ModelLoadError, StoreError, ThresholdFileError, ValueError) as exc:
         print(f"zsad {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:
