@@ -66,8 +66,11 @@ def test_threshold_advice():
     a = threshold_advice(labels, scores, false_reject_rate=0.01)
     assert a.fr_threshold == pytest.approx(np.percentile(normal, 99))
     assert a.fr_observed == pytest.approx(0.01, abs=0.002)
-    assert a.recall_at_fr == pytest.approx(np.mean(anomalous >= a.fr_threshold))
-    assert (a.f1, a.f1_threshold) == image_f1max(labels, scores)
+    assert a.recall_at_fr == pytest.approx(np.mean(anomalous > a.fr_threshold))
+    # the service's rule `score > threshold`: the advised F1 threshold is just below the F1-optimal score
+    f1, best = image_f1max(labels, scores)
+    assert a.f1 == f1 and a.f1_threshold < best and a.f1_threshold == np.nextafter(best, -np.inf)
+    assert np.mean(scores[labels == 1] > a.f1_threshold) == np.mean(scores[labels == 1] >= best)
     # only normal parts: the false-reject threshold still exists, the F1 threshold does not
     b = threshold_advice(np.zeros(1000), normal)
     assert b.fr_threshold == a.fr_threshold and math.isnan(b.f1_threshold) and math.isnan(b.recall_at_fr)
