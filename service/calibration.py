@@ -9,10 +9,9 @@ same image and settings (tests/test_calibration.py checks the three paths agains
 The fitted entry (see `scoring.Calibration`) records the settings it was fitted with, so a service that runs with
 other ones can say so (`Detector.calibration_drift`).
 
-The pixel threshold (heat above it forms the mask and the regions) is fitted from the same normal images by the rule
-`heat_peak`: each normal image contributes the maximum of its heat map, and the threshold is the peak that at most
-the target share of normal images exceed, exactly as the image threshold is fitted on their scores. So at the image
-threshold's false-reject rate a normal part also has no pixel above the pixel threshold.
+The pixel threshold (heat above it forms the mask and the regions) is fitted from the same normal images: the
+`PIXEL_QUANTILE` (0.99) quantile of the heat of all their pixels (`NormalHeat`, a fixed-size histogram, so memory does
+not grow with the number of images), i.e. at most 1% of normal pixels lie above it.
 """
 from __future__ import annotations
 
@@ -25,16 +24,47 @@ import numpy as np
 import torch
 from PIL import Image
 
-from .constants import CALIBRATION_QUANTILE
+from .constants import CALIBRATION_QUANTILE, PIXEL_QUANTILE
 from .scoring import fit_calibration
 
 if TYPE_CHECKING:  # pragma: no cover
     from .detector import Detector
 
 
-def heat_peak(heat: np.ndarray) -> float:
-    """What one normal image contributes to the pixel threshold: the maximum of its heat map (see the module doc)."""
-    return float(np.max(heat))
+class NormalHeat:
+    """The heat of normal images, streamed into a histogram of `BINS` bins over [0, 1]: their pixel threshold is a
+    quantile of it (`threshold`), with O(BINS) memory however many images are added."""
+
+    BINS = 4096
+
+    def __init__(self) -> None:
+        self.counts = np.zeros(self.BINS, dtype=np.int64)
+        self.n_images = 0
+        self.peaks: list[float] = []
+
+    def add(self, heat: np.ndarray) -> None:
+        heat = np.nan_to_num(np.asarray(heat, dtype=np.float64), nan=0.0)
+        idx = np.clip((heat * self.BINS).astype(np.int64), 0, self.BINS - 1)
+        self.counts += np.bincount(idx.ravel(), minlength=self.BINS)
+        self.n_images += 1
+        self.peaks.append(float(heat.max()))
+
+    def threshold(self, quantile: float = PIXEL_QUANTILE) -> float:
+        """The upper edge of the bin holding the quantile: at most 1 - `quantile` of the pixels lie above it."""
+        if self.n_images == 0:
+            raise ValueError("no normal heat maps added")
+        cum = np.cumsum(self.counts)
+        k = int(np.searchsorted(cum, quantile * cum[-1] - 1e-9))
+        return min(1.0, (k + 1) / self.BINS)
+
+    def summary(self, quantile: float = PIXEL_QUANTILE) -> dict[str, Any]:
+        t = self.threshold(quantile)
+        n = int(self.counts.sum())
+        above = int(self.counts[min(self.BINS, round(t * self.BINS)):].sum()) if t < 1.0 else 0
+        peaks = np.asarray(self.peaks)
+        return {"n": self.n_images, "pixels": n, "quantile": quantile, "threshold": t, "pixels_above": above / n,
+                "images_with_pixels_above": float(np.mean(peaks > t)),
+                "peak_percentiles": {f"p{q:g}": float(np.percentile(peaks, q)) for q in (50, 95, 99)}}
 
 
 @dataclass
@@ -42,8 +72,7 @@ class CalibrationFit:
     entry: dict[str, Any]  # the manifest's `calibration` entry
     threshold_advice: dict[str, float]  # per score: the same false-reject rate on the reference images
     scores: list[dict[str, float]]  # each reference image's calibrated scores, as the service will compute them
-    pixel_threshold_advice: dict[str, float] | None = None  # per score: the same quantile of the images' heat peaks
-    peaks: list[dict[str, float]] | None = None  # each reference image's heat peak per score
+    pixel_threshold_advice: dict[str, float] | None = None  # per score: PIXEL_QUANTILE of the images' heat
 
 
 def fit_detector_calibration(
@@ -56,8 +85,8 @@ def fit_detector_calibration(
 ) -> CalibrationFit:
     """Fit the calibration on unlabeled *normal* images (paths or decoded images) with `detector`'s settings.
 
-    With `pixel`, a second pass computes each image's heat map with the fitted calibration (a batch at a time: only
-    the peaks are kept) and advises a pixel threshold per score at the same quantile of the peaks."""
+    With `pixel`, a second pass computes each image's heat map with the fitted calibration (a batch at a time, folded
+    into a `NormalHeat` per score) and advises a pixel threshold per score (`PIXEL_QUANTILE` of the normal heat)."""
     from .preprocess import load_image
 
     if not images:
@@ -80,8 +109,9 @@ def fit_detector_calibration(
               for name in scores[0]}
     if not pixel:
         return CalibrationFit(entry, advice, scores)
-    peaks = [{name: heat_peak(heat) for name, heat in d.heat.items()}
-             for batch in batches() for d in calibrated.detect(batch, heatmap=True)]
-    pixel_advice = {name: float(torch.quantile(torch.tensor([p[name] for p in peaks], dtype=torch.float64), quantile))
-                    for name in peaks[0]}
-    return CalibrationFit(entry, advice, scores, pixel_advice, peaks)
+    heat: dict[str, NormalHeat] = {}
+    for batch in batches():
+        for d in calibrated.detect(batch, heatmap=True):
+            for name, h in d.heat.items():
+                heat.setdefault(name, NormalHeat()).add(h)
+    return CalibrationFit(entry, advice, scores, {name: acc.threshold() for name, acc in heat.items()})

@@ -55,9 +55,11 @@ LABELS: tuple[str, ...] = ("anomalous", "normal", "review")  # review: an uncali
 UNCALIBRATED_POLICIES: tuple[str, ...] = ("label", "review")  # what an uncalibrated product's images get as label
 FALLBACK_THRESHOLD = 0.5  # image threshold when neither a product, the settings nor the model give one
 FALLBACK_PIXEL_THRESHOLD = 0.5  # pixel (heat) threshold likewise
-# Regions: connected areas of heat above the pixel threshold of at least this fraction of the image (chosen on seen
-# kinds by benchmarks/localisation.py; a 64 x 64 image: 20 pixels).
-MIN_REGION_AREA = 0.005
+# Regions: connected areas of heat above the pixel threshold of at least this fraction of the image (a 64 x 64 image:
+# 41 pixels). The pixel threshold of a calibration: this quantile of the heat of all pixels of the normal images. Both
+# chosen on the validation kinds by benchmarks/localisation.py (best region F1 of 6 rules x 5 areas).
+MIN_REGION_AREA = 0.01
+PIXEL_QUANTILE = 0.99
 MAX_REGIONS = 32  # hottest regions reported per image (the mask is their union)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # product and line names (API and CLI)
 # The pixel threshold of a calibration: the heat that at most this share of the normal images exceed anywhere (the

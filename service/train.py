@@ -118,7 +118,7 @@ def train_fnn_model(
         manifest["threshold_advice"] = {**fit.threshold_advice, "basis": "1% false rejects on the calibration images"}
         if fit.pixel_threshold_advice:
             manifest["pixel_threshold_advice"] = {**fit.pixel_threshold_advice,
-                                                  "basis": "heat peak of at most 1% of the calibration images"}
+                                                  "basis": "0.99 quantile of the heat of the calibration images"}
         manifest["calibration"] = {**fit.entry,
                                    "reference": calibration_reference or f"{len(calibration_images)} normal images"}
     result_version = None

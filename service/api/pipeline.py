@@ -231,17 +231,17 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
                             score_name: str, target_frr: float, object_name: str | None,
                             store: bool, pixel: bool = True) -> dict[str, Any]:
     """Score normal images exactly as /v1/detect would, fit the threshold at `target_frr` and store it; with `pixel`
-    the images also run with heatmaps and each one's heat peak (`calibration.heat_peak`) fits the pixel threshold by
-    the same rule.
+    the images also run with heatmaps and the pixel threshold is `PIXEL_QUANTILE` of their heat
+    (`calibration.NormalHeat`).
 
-    Decoded and scored a micro-batch at a time, each upload's bytes released once scored and only the peaks kept of
-    the maps: memory stays bounded by the batch, not by the (up to `calibration_max_images`) images of the request."""
-    from ..calibration import heat_peak
+    Decoded and scored a micro-batch at a time, each upload's bytes released once scored and the maps folded into a
+    fixed-size histogram: memory stays bounded by the batch, not by the (up to `calibration_max_images`) images of the request."""
+    from ..calibration import NormalHeat
 
     s = state.settings
     deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
     scores: list[float] = []
-    peaks: list[float] = []
+    normal_heat = NormalHeat()
     model = None
     chunk = max(1, s.max_batch_size)
     for i in range(0, len(uploads), chunk):
@@ -252,21 +252,21 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
         scores.extend(float(r.detection.scores[score_name]) for r in results)
         if pixel:  # a second pass with heatmaps; the scores above stay those of the global-only path
             mapped = await infer(state, inputs, object_name, True, deadline)
-            peaks.extend(heat_peak(r.detection.heat[score_name]) for r in mapped)
+            for r in mapped:
+                normal_heat.add(r.detection.heat[score_name])
             del mapped
         model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
         for u in part:
             u.data = b""
         del decoded, results, inputs
     threshold, dist = calibrate(scores, target_frr)
-    pixel_threshold, pixel_dist = calibrate(peaks, target_frr) if pixel else (None, None)
-    if pixel_dist is not None:
-        pixel_dist.pop("scores")
+    pixel_dist = normal_heat.summary() if pixel else None
+    pixel_threshold = pixel_dist["threshold"] if pixel_dist else None
     if store:
         summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
         summary["model"] = model
         if pixel_dist is not None:
-            summary["pixel"] = {k: v for k, v in pixel_dist.items() if k != "histogram"}
+            summary["pixel"] = pixel_dist
         await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
                                                               summary, pixel_threshold=pixel_threshold))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,

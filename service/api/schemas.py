@@ -238,12 +238,14 @@ class CalibrationResult(BaseModel):
     threshold: float
     target_frr: float
     pixel_threshold: float | None = Field(
-        None, description="Heat that at most target_frr of the normal images exceed anywhere (regions and mask).")
+        None, description="The 0.99 quantile of the normal images' heat (at most 1% of their pixels lie above it): heat "
+        "above it forms the regions and the mask.")
     stored: bool
     model: ModelRef
     distribution: dict[str, Any]
     pixel_distribution: dict[str, Any] | None = Field(
-        None, description="The normal images' per-image heat maxima the pixel threshold was fitted on (same shape).")
+        None, description="How the pixel threshold was fitted: images, pixels, quantile, the share of pixels and of "
+        "images above it, percentiles of the images' heat maxima.")
 
 
 class ModelsInfo(BaseModel):

@@ -6,7 +6,7 @@ embedding cache). `--known-object` gives s_pr the category name ("known-object" 
 
 Thresholds of the label variant (the `ZSAD_DEFAULT_SCORE` score of the last version), per category: fitted on up to
 `--calibrate N` of the category's train/good images (MVTec layout) at `--target-frr`, by the rules of
-`POST /v1/calibrate` (image threshold on their scores, pixel threshold on their heat peaks); without such images, the
+`POST /v1/calibrate` (image threshold on their scores, pixel threshold a quantile of their heat); without such images, the
 model's advice, as an uncalibrated product gets. They decide the regions of the localisation metrics and the labels in
 the panels' captions (`--worst K`, `--best K`).
 """
@@ -186,7 +186,7 @@ def _category_thresholds(det, base, score_name: str, settings: Settings, args, r
                          load, cache, heatmap: bool) -> dict:
     """The category's image and pixel thresholds: POST /v1/calibrate's rules on its train/good images, else the
     model's advice (what an uncalibrated product gets)."""
-    from ..calibration import heat_peak
+    from ..calibration import NormalHeat
     from ..thresholds import calibrate, default_pixel_threshold, default_threshold
     from .cache import cached_embed
 
@@ -196,16 +196,16 @@ def _category_thresholds(det, base, score_name: str, settings: Settings, args, r
         px = default_pixel_threshold(score_name, settings.mask_threshold, det.manifest)
         return {"threshold": d.threshold, "pixel_threshold": px.pixel_threshold,
                 "source": f"{d.source} / {px.pixel_source} (no train/good images)"}
-    scores, peaks = [], []
+    scores, normal_heat = [], NormalHeat()
     for start in range(0, len(paths), args.batch_size):
         embs = cached_embed(base, paths[start:start + args.batch_size], load, cache, heatmap)
         for d in det.score(embs):
             scores.append(float(d.scores[score_name]))
             if heatmap:
-                peaks.append(heat_peak(d.heat[score_name]))
+                normal_heat.add(d.heat[score_name])
     threshold, _ = calibrate(scores, args.target_frr)
-    if peaks:
-        pixel, _ = calibrate(peaks, args.target_frr)
+    if normal_heat.n_images:
+        pixel = normal_heat.threshold()
     else:
         pixel = default_pixel_threshold(score_name, settings.mask_threshold, det.manifest).pixel_threshold
     return {"threshold": threshold, "pixel_threshold": pixel,
