@@ -154,10 +154,8 @@ async def _infer(request: Request, state: AppState, model_name: str, model_versi
                                               state.settings.batch_max_images)
         except TensorError as exc:
             raise ApiError(400, exc.code, str(exc)) from None
-        del body
         opts = _options(parsed.options)
         uploads = [Upload(data) for data in parsed.images]
-        parsed.images = []
         results = await detect_uploads(state, uploads, opts, arrival)
     first = results[0]
     tensors = result_tensors(results, [name for name, _ in parsed.outputs])
