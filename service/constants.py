@@ -62,9 +62,11 @@ MIN_REGION_AREA = 0.01
 PIXEL_QUANTILE = 0.99
 MAX_REGIONS = 32  # hottest regions reported per image (the mask is their union)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # product and line names (API and CLI)
-# The pixel threshold of a calibration: the heat that at most this share of the normal images exceed anywhere (the
-# per-image maximum of the heat, thresholded like the image scores; chosen on seen kinds by benchmarks/localisation.py).
-PIXEL_CALIBRATION_FRR = 0.01
+
+# --- operations: metrics, service-level objectives, the Open Inference Protocol ---------------------------------------
+SLO_DETECT_P95_S = 1.0  # objective for the p95 latency of POST /v1/detect (exported; the alert rule compares to it)
+METRICS_MAX_PRODUCTS = 20  # distinct `product` metric label values (first seen) before `other`
+OIP_MODEL_NAME = "zsad"  # the model name under /v2/models/ (KServe / Triton clients)
 
 # --- images -----------------------------------------------------------------------------------------------------------
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
