@@ -5,7 +5,7 @@ chosen on validation kinds, then measured on held-out kinds.
 
 Per kind, a product is calibrated as `POST /v1/calibrate/{product}?target_frr=0.05` does, from 30 good parts
 (`train/good` of a synthetic set): the image threshold on their scores, the pixel threshold on their heat peaks
-(`service.calibration.NormalHeat`: the 0.99 quantile of their heat). Then on the kind's test images:
+(`service.calibration.NormalHeat`: the 0.98 quantile of their heat). Then on the kind's test images:
 
 - false rejects (good parts scored above the threshold) and the catch rate (defective parts above it), per defect;
 - hit@1: defective images whose hottest pixel lies in the defect mask dilated by one feature-grid cell, against the
@@ -166,7 +166,7 @@ def main() -> None:
         print(f"{rule[0]:>6} {rule[1]:<8g} " + "".join(f"{table[(rule, a)]:9.3f}" for a in AREAS))
     best = max(table.values())
     chosen_rule, chosen_area = min((k for k, v in table.items() if v == best), key=lambda k: (k[1], k[0]))
-    print(f"chosen: {chosen_rule[0]} {chosen_rule[1]:g}, min area {chosen_area:g} (region F1 {best:.3f}); "
+    print(f"chosen: {chosen_rule[0]} {chosen_rule[1]:g}, min area {chosen_area:g} (region F1 {best:.4f}); "
           f"shipped: pixels {PIXEL_QUANTILE:g}, min area {MIN_REGION_AREA:g}")
 
     print(f"\nheld-out kinds (seed 20261126), calibrated from {args.n_cal} good parts at target_frr {TARGET_FRR}, "

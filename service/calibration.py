@@ -10,8 +10,8 @@ The fitted entry (see `scoring.Calibration`) records the settings it was fitted 
 other ones can say so (`Detector.calibration_drift`).
 
 The pixel threshold (heat above it forms the mask and the regions) is fitted from the same normal images: the
-`PIXEL_QUANTILE` (0.99) quantile of the heat of all their pixels (`NormalHeat`, a fixed-size histogram, so memory does
-not grow with the number of images), i.e. at most 1% of normal pixels lie above it.
+`PIXEL_QUANTILE` (0.98) quantile of the heat of all their pixels (`NormalHeat`, a fixed-size histogram, so memory does
+not grow with the number of images), i.e. at most 2% of normal pixels lie above it.
 """
 from __future__ import annotations
 

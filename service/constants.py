@@ -57,9 +57,9 @@ FALLBACK_THRESHOLD = 0.5  # image threshold when neither a product, the settings
 FALLBACK_PIXEL_THRESHOLD = 0.5  # pixel (heat) threshold likewise
 # Regions: connected areas of heat above the pixel threshold of at least this fraction of the image (a 64 x 64 image:
 # 41 pixels). The pixel threshold of a calibration: this quantile of the heat of all pixels of the normal images. Both
-# chosen on the validation kinds by benchmarks/localisation.py (best region F1 of 6 rules x 5 areas).
+# chosen on the validation kinds by benchmarks/localisation.py (best region F1 of 8 rules x 5 areas).
 MIN_REGION_AREA = 0.01
-PIXEL_QUANTILE = 0.99
+PIXEL_QUANTILE = 0.98
 MAX_REGIONS = 32  # hottest regions reported per image (the mask is their union)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # product and line names (API and CLI)
 

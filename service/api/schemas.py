@@ -238,7 +238,7 @@ class CalibrationResult(BaseModel):
     threshold: float
     target_frr: float
     pixel_threshold: float | None = Field(
-        None, description="The 0.99 quantile of the normal images' heat (at most 1% of their pixels lie above it): heat "
+        None, description="The 0.98 quantile of the normal images' heat (at most 2% of their pixels lie above it): heat "
         "above it forms the regions and the mask.")
     stored: bool
     model: ModelRef
