@@ -38,12 +38,24 @@ class ModelLoadError(Exception):
 
 @dataclass
 class Detection:
-    """Result for one image. `heat` maps are float32 [H, W] in [0, 1] at the image's own size."""
+    """Result for one image. `heat` maps are float32 [H, W] in [0, 1] at the image's own size.
+
+    A detector with `full_maps=False` (the service) leaves `heat` empty and keeps only the patch-level `grid` maps
+    and the image's `geometry`: `heat_map(name)` then makes the one map a caller needs, when it needs it."""
 
     scores: dict[str, float]
     size: tuple[int, int]  # (width, height) of the input image
     heat: dict[str, np.ndarray] = field(default_factory=dict)
     grid: dict[str, np.ndarray] = field(default_factory=dict)  # patch-level maps before upsampling
+    geometry: Geometry | None = None
+
+    def heat_map(self, name: str) -> np.ndarray:
+        """The float32 [H, W] map of score `name` at the input image's size (computed from the grid if needed)."""
+        if name in self.heat:
+            return self.heat[name]
+        if name not in self.grid or self.geometry is None:
+            raise KeyError(f"no map for score {name!r} (detected without a heatmap?)")
+        return self.geometry.to_original(self.grid[name])
 
 
 @dataclass
@@ -76,6 +88,7 @@ class Detector:
     settings: Settings
     _anchors: dict[str, PromptAnchors] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    full_maps: bool = True  # False: Detection.heat stays empty, maps on demand (`Detection.heat_map`)
 
     MAX_CACHED_WORDS = 256  # object words come from requests: the anchor cache is bounded
 
@@ -102,6 +115,11 @@ class Detector:
         """The same detector with these prompt anchors (by object word) in place of ones from the text tower."""
         cache = {word.strip().lower(): a.to(self.backend.device) for word, a in anchors.items()}
         return replace(self, _anchors=cache, _lock=threading.Lock())
+
+    def with_full_maps(self, full_maps: bool) -> Detector:
+        """The same detector; with False, detections carry grid maps and geometry only, not every score's map at
+        the image's size (the service makes one map per answer, and the evaluation asks for them all)."""
+        return replace(self, full_maps=full_maps)
 
     def with_calibration(self, calibration: Mapping[str, Any] | None) -> Detector:
         """The same detector scoring with another calibration (a manifest `calibration` entry, or None for raw)."""
@@ -248,7 +266,9 @@ class Detector:
                 maps = winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, indices, grid)
                 for i, (e, det) in enumerate(zip(embs, results)):
                     det.grid[name] = maps[i].cpu().numpy()
-                    det.heat[name] = e.geometry.to_original(maps[i])
+                    det.geometry = e.geometry
+                    if self.full_maps:
+                        det.heat[name] = e.geometry.to_original(maps[i])
         lap(timings, "aggregate", t)
         return results
 
@@ -276,13 +296,17 @@ def load_detector(
     name = name or settings.model_name
     version = version or settings.model_version
     try:
-        manifest = store.manifest(name, version)
+        # Resolve the folder once and load exactly that one: the manifest inside must say it is this version
+        # (`store.verify`), so a copied folder whose manifest names another version is refused, not served.
+        version = store.path(name, version).name
+        manifest = store.verify(name, version)[1]
         spec = ClipSpec.from_manifest(manifest["clip"])
         backend = load_clip(
             spec, settings.model_store, device or settings.device, settings.precision, settings.hub_cache
         )
-        fnn, manifest = load_fnn(store, name, manifest["version"], backend.embed_dim)
+        fnn, manifest = load_fnn(store, name, version, backend.embed_dim)
         vocab = Vocabulary(**{k: tuple(v) for k, v in manifest["training"]["vocabulary"].items()})
-    except (StoreError, ClipLoadError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load model {name!r}{'@' + version if version else ''}: {exc}") from exc
+    except (StoreError, ClipLoadError, KeyError, TypeError, ValueError) as exc:
+        what = f"{exc.args[0]!r} missing from the manifest" if isinstance(exc, KeyError) else str(exc)
+        raise ModelLoadError(f"cannot load model {name!r}{'@' + version if version else ''}: {what}") from exc
     return Detector(backend, fnn.to(backend.device), manifest, vocab, settings)
