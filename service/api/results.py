@@ -40,6 +40,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.engine import Engine
 
+from ..private_files import private_sqlite
+
 metadata = MetaData()
 
 results_table = Table(
@@ -193,9 +195,11 @@ class ResultsStore:
         return create_engine(url, pool_pre_ping=True)
 
     def open(self) -> None:
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path is not None:  # results and heatmap overlays of camera images: readable by this user only
+            private_sqlite(self.path)
         metadata.create_all(self.engine)
+        if self.path is not None:
+            private_sqlite(self.path)  # the -wal / -shm files SQLite has just made
 
     def close(self) -> None:
         self.engine.dispose()

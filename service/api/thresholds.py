@@ -30,6 +30,7 @@ from typing import Any
 
 import numpy as np
 
+from ..private_files import open_private, private_dir
 from ..store import utc_now
 
 log = logging.getLogger("zsad.api")
@@ -89,10 +90,10 @@ class ThresholdStore:
                 self._mtime = mtime
 
     def _write_locked(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(self.path.parent)
         tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
         try:
-            with open(tmp, "w") as fh:
+            with open_private(tmp) as fh:  # 0600 from the start; the rename keeps it
                 json.dump(self._data, fh, indent=2, sort_keys=True)
                 fh.write("\n")
                 fh.flush()
