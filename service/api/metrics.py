@@ -85,6 +85,8 @@ class Metrics:
         self.model_load_seconds = Gauge("zsad_model_load_duration_seconds", "Time the last successful load took.",
                                         registry=r)
         self.reloads = Counter("zsad_model_reloads", "Model reload attempts by outcome.", ["outcome"], registry=r)
+        self.client_disconnects = Counter("zsad_client_disconnects", "Requests whose client went away before the "
+                                          "request was read (not server errors).", registry=r)
         if device_fn is not None:
             r.register(_GpuCollector(device_fn))
 
