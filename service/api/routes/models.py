@@ -46,7 +46,7 @@ async def models(state: StateDep):
 
 @router.post("/v1/models/reload", response_model=ReloadOut, dependencies=ADMIN,
              summary="Load a model version fully, then swap it in; on failure the old one keeps serving",
-             responses=error_responses(401, 403, 404, 409, 422, 500))
+             responses=error_responses(400, 401, 403, 404, 409, 422, 500))
 async def reload_model(state: StateDep, body: Annotated[ReloadIn | None, Body()] = None):
     body = body or ReloadIn()
     return await to_thread.run_sync(state.reload, body.name, body.version)

@@ -42,7 +42,7 @@ async def get_threshold(state: StateDep, product: ProductPath):
 
 @router.put("/v1/thresholds/{product}", response_model=ThresholdEntry, dependencies=ADMIN,
             summary="Set a product's (or, with ?line=, one line's) threshold; persisted atomically",
-            responses=error_responses(401, 403, 422))
+            responses=error_responses(400, 401, 403, 422))
 async def put_threshold(state: StateDep, product: ProductPath, body: ThresholdIn, line: LineQuery = None):
     score = body.score or state.settings.default_score
     entry = await to_thread.run_sync(lambda: state.thresholds.put(product, body.threshold, score, line, "manual"))
