@@ -148,6 +148,10 @@ class Server:
                 self.proc.kill()
 
     def metric_5xx(self) -> float:
+        return self.metric(lambda name, labels: name == "zsad_requests_total" and re.search(r'status="5\d\d"', labels))
+
+    def metric(self, want) -> float:
+        """Sum of the /metrics samples for which want(name, labels) is true."""
         import httpx
 
         for attempt in range(10):  # an overwhelmed server may not answer at once: that is reported elsewhere
@@ -159,9 +163,9 @@ class Server:
                     raise
                 time.sleep(5)
         total = 0.0
-        for m in re.finditer(r'^zsad_requests_total\{([^}]*)\} (\S+)$', text, re.M):
-            if re.search(r'status="5\d\d"', m.group(1)):
-                total += float(m.group(2))
+        for m in re.finditer(r'^(zsad_\w+?)(?:\{([^}]*)\})? (\S+)$', text, re.M):
+            if want(m.group(1), m.group(2) or ""):
+                total += float(m.group(3))
         return total
 
 
@@ -199,6 +203,7 @@ def scenario_big(srv: Server, out: dict) -> None:
         t = time.perf_counter()
         r = httpx.post(srv.url + "/v1/detect", content=small, headers={"content-type": "image/jpeg"}, timeout=600)
         small_s, small_status = time.perf_counter() - t, r.status_code
+        small_stages = r.json().get("timings_ms") if r.status_code == 200 else None
         big_res = [f.result() for f in bigs]
     stop.set()
     sampler.join()
@@ -210,7 +215,7 @@ def scenario_big(srv: Server, out: dict) -> None:
     print(f"big: idle RSS {idle:.0f} MB; 4 concurrent: peak +{peak - idle:.0f} MB "
           f"({'VmHWM' if have_peak else 'sampled'}), held 3 s after: +{held:.0f} MB; statuses "
           f"{[c for c, _ in big_res]}, times {[round(s, 1) for _, s in big_res]} s; small image meanwhile: "
-          f"{small_status} in {small_s:.2f} s")
+          f"{small_status} in {small_s:.2f} s (server stages, ms: {small_stages})")
 
     time.sleep(2)
     idle = rss_mb(pid)
@@ -239,6 +244,8 @@ def scenario_aborted(srv: Server, out: dict, n: int) -> None:
 
     before_lines = len(srv.log_lines())
     before_5xx = srv.metric_5xx()
+    seen = lambda: srv.metric(lambda name, labels: name == "zsad_client_disconnects_total")
+    before_seen = seen()
     chunk = big_png(64)[:1024].ljust(1024, b"\0")
     ready_bad: list[int] = []
     ready_max = [0.0]
@@ -269,9 +276,12 @@ def scenario_aborted(srv: Server, out: dict, n: int) -> None:
     lines = srv.log_lines()[before_lines:]
     errors = [ln for ln in lines if " ERROR " in ln or ln.startswith("ERROR")]
     fivexx = srv.metric_5xx() - before_5xx
-    out.update(aborted=n, aborted_5xx=int(fivexx), aborted_log_lines=len(lines), aborted_error_lines=len(errors),
-               aborted_readyz_not_200=len(ready_bad), aborted_readyz_max_s=round(ready_max[0], 2))
-    print(f"aborted: {n} uploads in {elapsed:.1f} s: counted 5xx {fivexx:.0f}, log lines {len(lines)} "
+    reached = seen() - before_seen
+    out.update(aborted=n, aborted_reached_app=int(reached), aborted_5xx=int(fivexx), aborted_log_lines=len(lines),
+               aborted_error_lines=len(errors), aborted_readyz_not_200=len(ready_bad),
+               aborted_readyz_max_s=round(ready_max[0], 2))
+    print(f"aborted: {n} uploads in {elapsed:.1f} s, {reached:.0f} reached the app as client disconnects (uvicorn "
+          f"drops the others before a request starts): counted 5xx {fivexx:.0f}, log lines {len(lines)} "
           f"(ERROR {len(errors)}), /readyz not 200: {len(ready_bad)}, slowest /readyz {ready_max[0]:.2f} s")
 
 

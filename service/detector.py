@@ -36,26 +36,39 @@ class ModelLoadError(Exception):
     """The configured model cannot be served (missing, corrupt, mismatched)."""
 
 
+class MapsOnDemand(Mapping):
+    """`Detection.heat` of a detector with `full_maps=False`: a read-only mapping that makes a score's map at the
+    image's size from its patch grid the first time it is read (then keeps it). A detection in flight holds only
+    its grids; a caller that reads one score's map pays for one map, not for every score's."""
+
+    def __init__(self, grid: dict[str, np.ndarray], geometry: Geometry):
+        self._grid = grid
+        self._geometry = geometry
+        self._made: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._made:
+            self._made[name] = self._geometry.to_original(self._grid[name])
+        return self._made[name]
+
+    def __iter__(self):
+        return iter(self._grid)
+
+    def __len__(self) -> int:
+        return len(self._grid)
+
+
 @dataclass
 class Detection:
     """Result for one image. `heat` maps are float32 [H, W] in [0, 1] at the image's own size.
 
-    A detector with `full_maps=False` (the service) leaves `heat` empty and keeps only the patch-level `grid` maps
-    and the image's `geometry`: `heat_map(name)` then makes the one map a caller needs, when it needs it."""
+    With `Detector.full_maps` (the default, what the evaluation uses) every score's map is made at once; the
+    service's detector (`full_maps=False`) makes `heat` a `MapsOnDemand` over the patch-level `grid` maps."""
 
     scores: dict[str, float]
     size: tuple[int, int]  # (width, height) of the input image
-    heat: dict[str, np.ndarray] = field(default_factory=dict)
+    heat: Mapping[str, np.ndarray] = field(default_factory=dict)
     grid: dict[str, np.ndarray] = field(default_factory=dict)  # patch-level maps before upsampling
-    geometry: Geometry | None = None
-
-    def heat_map(self, name: str) -> np.ndarray:
-        """The float32 [H, W] map of score `name` at the input image's size (computed from the grid if needed)."""
-        if name in self.heat:
-            return self.heat[name]
-        if name not in self.grid or self.geometry is None:
-            raise KeyError(f"no map for score {name!r} (detected without a heatmap?)")
-        return self.geometry.to_original(self.grid[name])
 
 
 @dataclass
@@ -88,7 +101,7 @@ class Detector:
     settings: Settings
     _anchors: dict[str, PromptAnchors] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
-    full_maps: bool = True  # False: Detection.heat stays empty, maps on demand (`Detection.heat_map`)
+    full_maps: bool = True  # False: Detection.heat makes each map when it is read (`MapsOnDemand`)
 
     MAX_CACHED_WORDS = 256  # object words come from requests: the anchor cache is bounded
 
@@ -117,8 +130,8 @@ class Detector:
         return replace(self, _anchors=cache, _lock=threading.Lock())
 
     def with_full_maps(self, full_maps: bool) -> Detector:
-        """The same detector; with False, detections carry grid maps and geometry only, not every score's map at
-        the image's size (the service makes one map per answer, and the evaluation asks for them all)."""
+        """The same detector; with False, a detection's `heat` makes each score's map when it is first read
+        instead of all of them at once (the service reads one per answer; the evaluation reads them all)."""
         return replace(self, full_maps=full_maps)
 
     def with_calibration(self, calibration: Mapping[str, Any] | None) -> Detector:
@@ -266,9 +279,11 @@ class Detector:
                 maps = winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, indices, grid)
                 for i, (e, det) in enumerate(zip(embs, results)):
                     det.grid[name] = maps[i].cpu().numpy()
-                    det.geometry = e.geometry
                     if self.full_maps:
                         det.heat[name] = e.geometry.to_original(maps[i])
+            if not self.full_maps:
+                for e, det in zip(embs, results):
+                    det.heat = MapsOnDemand(det.grid, e.geometry)
         lap(timings, "aggregate", t)
         return results
 

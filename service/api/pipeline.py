@@ -208,10 +208,9 @@ def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptio
 
     t = time.perf_counter()
     det = res.detection
-    if opts.heatmap == "none" or (score_name not in det.heat and score_name not in det.grid):
+    if opts.heatmap == "none" or score_name not in det.heat:
         return None, None, None, time.perf_counter() - t
-    # the one map this answer needs, at the decoded image's size (at most max_heatmap_pixels)
-    heat = det.heat[score_name] if score_name in det.heat else det.heat_map(score_name)
+    heat = det.heat[score_name]  # the one map this answer needs, at the decoded size (<= max_heatmap_pixels)
     found = [r.to_dict() for r in scale_regions(regions(heat, state.settings.mask_threshold)[:MAX_REGIONS],
                                                 dec.image.size, (dec.width, dec.height))]
     png = overlay_png(dec.image, heat) if (opts.heatmap == "png" or want_png_for_store) else None
