@@ -173,12 +173,14 @@ def decode_image(
         if factor == 1:
             full = _decode_full(im, name, background)
             return DecodedImage(full, full.width, full.height, str(im.format))
-        orientation = _orientation(im)
         fmt = str(im.format)
         try:
             if fmt == "JPEG":
                 im.draft(None, (math.ceil(width / factor), math.ceil(height / factor)))
             im.load()
+            # What is left to apply after loading: Pillow's TIFF plugin reports the upright size from the header
+            # and rotates while loading (its orientation then reads 1); JPEG, PNG and WebP leave it to us.
+            orientation = _orientation(im)
             rest = reduction_factor(im.width, im.height, max_decoded_pixels)
             small = _reduce(im, rest) if rest > 1 else im.copy()
         except Exception as exc:  # noqa: BLE001
