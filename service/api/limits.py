@@ -13,6 +13,8 @@ import json
 import time
 from typing import TYPE_CHECKING
 
+from .errors import error_content
+
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -49,7 +51,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > max_bytes:
-                    await _send_413(send, max_bytes)
+                    await _send_413(send, max_bytes, scope.get("path", ""))
                     return
         seen = 0
 
@@ -98,7 +100,7 @@ class UploadGuardMiddleware:
         chunked = any(k == b"transfer-encoding" for k, _ in scope.get("headers", ()))
         if (lengths and chunked) or len(lengths) > 1:
             await _send_error(send, 400, "bad_request", "conflicting Content-Length and Transfer-Encoding headers "
-                              "(RFC 9112 section 6.3); the connection is closed")
+                              "(RFC 9112 section 6.3); the connection is closed", scope.get("path", ""))
             return
         if not chunked and (not lengths or lengths == {b"0"}):
             await self.app(scope, receive, send)
@@ -111,7 +113,7 @@ class UploadGuardMiddleware:
             await asyncio.wait_for(self._slots.acquire(), self.timeout_s)
         except asyncio.TimeoutError:
             await _send_error(send, 503, "too_many_uploads", f"{self.max_uploads} uploads were being received for "
-                              f"{self.timeout_s:g} s; retry later", [(b"retry-after", b"5")])
+                              f"{self.timeout_s:g} s; retry later", scope.get("path", ""), [(b"retry-after", b"5")])
             return
         holding = True
         started = False
@@ -148,17 +150,17 @@ class UploadGuardMiddleware:
             release()
 
 
-async def _send_error(send: Send, status: int, code: str, message: str,
+async def _send_error(send: Send, status: int, code: str, message: str, path: str = "",
                       extra: list[tuple[bytes, bytes]] | None = None) -> None:
-    body = json.dumps({"error": {"code": code, "message": message}}).encode()
+    body = json.dumps(error_content(path, code, message)).encode()
     await send({"type": "http.response.start", "status": status,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close"), *(extra or [])]})
     await send({"type": "http.response.body", "body": body})
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps({"error": {"code": "payload_too_large", "message": f"request body exceeds {limit} bytes"}}).encode()
+async def _send_413(send: Send, limit: int, path: str = "") -> None:
+    body = json.dumps(error_content(path, "payload_too_large", f"request body exceeds {limit} bytes")).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})
