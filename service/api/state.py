@@ -192,6 +192,8 @@ class AppState:
             if self.status == "loading":
                 self._install(*loaded)
                 self.metrics.set_desired(self.desired, self.model_ref())
+                if self.fleet_enabled:
+                    self.heartbeat()  # the fleet sees the model now, not a poll later
         finally:
             self.loaded.set()
 
