@@ -19,7 +19,7 @@ from .. import __version__
 from ..constants import FLEET_STALE_POLLS, check_score_names
 from ..db import migrate
 from ..db.engine import database_url, is_sqlite, make_engine
-from ..db.fleet import Desired, FleetStore
+from ..db.fleet import Candidate, Desired, FleetStore
 from ..db.thresholds import ThresholdFileError, import_file
 from ..settings import Settings
 from .auth import KeyChecker
@@ -66,6 +66,9 @@ class AppState:
         self._fleet_stop = threading.Event()
         self._fleet_thread: threading.Thread | None = None
         self._fleet_log_error: str | None = None
+        self._prepared: tuple[str, str, Any, float] | None = None  # a rollout candidate loaded ahead: name, version, ...
+        self._prefetch: threading.Thread | None = None
+        self._follow_lock = threading.Lock()
         self.worker = InferenceWorker(lambda: self.detector, settings.max_batch_size, settings.max_batch_wait_ms,
                                       settings.batching, settings.queue_size, self.metrics)
         self._reload_lock = threading.Lock()
@@ -206,10 +209,13 @@ class AppState:
         if not self._reload_lock.acquire(blocking=False):
             raise ApiError(409, "reload_in_progress", "a model reload is already in progress")
         try:
+            staged = self._stage(name, version)
             try:
                 result = self._reload_locked(name, version)
             except ApiError:
                 if self.fleet_enabled:
+                    if staged:
+                        self._fleet_call(self.fleet.unstage, *staged)
                     self.heartbeat()  # GET /v1/fleet shows why at once
                 raise
             result["desired"] = None
@@ -229,7 +235,34 @@ class AppState:
         finally:
             self._reload_lock.release()
 
-    def _reload_locked(self, name: str | None, version: str | None) -> dict[str, Any]:
+    def _stage(self, name: str | None, version: str | None) -> tuple[str, str] | None:
+        """Announce the reload's target as the fleet's candidate, so the other replicas load it while this one
+        verifies it. Only a target that names a version (or a store `current` pointer to read) can be announced."""
+        if not self.fleet_enabled:
+            return None
+        name = name or self.settings.model_name
+        version = version or self.settings.model_version
+        if version is None:
+            from ..store import ModelStore, StoreError
+
+            try:
+                version = ModelStore(self.settings.model_store).current(name)
+            except (StoreError, OSError, ValueError):
+                version = None
+        if version is None:
+            return None
+        return (name, version) if self._fleet_call(self.fleet.stage, name, version) else None
+
+    def _fleet_call(self, fn: Callable[..., Any], *args: Any) -> bool:
+        try:
+            fn(*args)
+            return True
+        except Exception as exc:  # noqa: BLE001 - the fleet's bookkeeping must never break a reload
+            self._log_fleet_problem(f"{getattr(fn, '__name__', 'fleet write')} failed: {exc}")
+            return False
+
+    def _reload_locked(self, name: str | None, version: str | None,
+                       prepared: tuple[Any, float] | None = None) -> dict[str, Any]:
         from ..detector import ModelLoadError
 
         previous = self.model_ref()
@@ -237,7 +270,7 @@ class AppState:
                  else "; no model is serving")
         target = f"{name or self.settings.model_name}" + (f"@{version}" if version else "")
         try:
-            detector, seconds = self._load(name, version)
+            detector, seconds = prepared if prepared is not None else self._load(name, version)
         except ModelLoadError as exc:
             self.metrics.reloads.labels(outcome="failed").inc()
             log.error("model reload failed: %s%s", exc, keeps)
@@ -284,33 +317,79 @@ class AppState:
             self._fleet_log_error = text
 
     def follow_fleet(self) -> None:
-        """One poll: read the desired model; load it when it is new to this replica; write the heartbeat."""
+        """One poll: read the fleet's row; load a rollout's candidate ahead; swap to a new desired model (the one
+        loaded ahead, or load it now); write the heartbeat."""
+        with self._follow_lock:
+            try:
+                desired, candidate = self.fleet.read()
+            except Exception as exc:  # noqa: BLE001
+                self._log_fleet_problem(f"cannot read the desired model: {exc}")
+                desired, candidate = self.desired, None
+            else:
+                self.desired = desired
+                self._fleet_log_error = None
+            if self.loaded.is_set() and self.status in ("ready", "failed"):
+                self._follow_candidate(desired, candidate)
+                if desired is not None:
+                    self._follow_desired(desired)
+            self.metrics.set_desired(desired, self.model_ref())
+            self.heartbeat()
+
+    def _serves(self, name: str, version: str) -> bool:
+        ref = self.model_ref()
+        return ref is not None and (ref["name"], ref["version"]) == (name, version)
+
+    def _follow_candidate(self, desired: Desired | None, candidate: Candidate | None) -> None:
+        prepared = self._prepared
+        if prepared is not None and (candidate is None or (candidate.name, candidate.version) != prepared[:2]) and (
+                desired is None or (desired.name, desired.version) != prepared[:2]):
+            self._prepared = None  # the rollout was withdrawn or replaced: free the model loaded ahead
+            log.info("fleet: dropping %s@%s loaded ahead (its rollout was withdrawn)", prepared[0], prepared[1])
+        if candidate is None or self._serves(candidate.name, candidate.version) or (
+                self._prepared is not None and self._prepared[:2] == (candidate.name, candidate.version)) or (
+                self._prefetch is not None and self._prefetch.is_alive()):
+            return
+
+        def prefetch() -> None:
+            if not self._reload_lock.acquire(blocking=False):
+                return
+            try:
+                log.info("fleet: a rollout of %s@%s is being verified: loading it ahead", candidate.name,
+                         candidate.version)
+                detector, seconds = self._load(candidate.name, candidate.version)
+                self._prepared = (candidate.name, candidate.version, detector, seconds)
+            except Exception as exc:  # noqa: BLE001 - when it becomes desired, the normal path loads and reports
+                log.info("fleet: loading %s@%s ahead failed: %s", candidate.name, candidate.version, exc)
+                return
+            finally:
+                self._reload_lock.release()
+            self.follow_fleet()  # it may be desired already: swap now, not a poll later
+
+        self._prefetch = threading.Thread(target=prefetch, name="zsad-fleet-prefetch", daemon=True)
+        self._prefetch.start()
+
+    def _follow_desired(self, desired: Desired) -> None:
+        if self._serves(desired.name, desired.version):
+            if self.applied_generation != desired.generation:
+                self.applied_generation, self.fleet_error = desired.generation, None
+            return
+        if desired.generation in (self.applied_generation, self.failed_generation):
+            return
+        if not self._reload_lock.acquire(blocking=False):  # an API reload or a load ahead runs: next poll
+            return
         try:
-            desired = self.fleet.desired()
-        except Exception as exc:  # noqa: BLE001
-            self._log_fleet_problem(f"cannot read the desired model: {exc}")
-            desired = self.desired
-        else:
-            self.desired = desired
-            self._fleet_log_error = None
-        if desired is not None and self.loaded.is_set() and self.status in ("ready", "failed"):
-            ref = self.model_ref()
-            if ref is not None and (ref["name"], ref["version"]) == (desired.name, desired.version):
-                if self.applied_generation != desired.generation:
-                    self.applied_generation, self.fleet_error = desired.generation, None
-            elif desired.generation not in (self.applied_generation, self.failed_generation):
-                if self._reload_lock.acquire(blocking=False):  # else an API reload runs: next poll
-                    try:
-                        log.info("fleet: the desired model is now %s@%s (generation %d, set by %s): loading it",
-                                 desired.name, desired.version, desired.generation, desired.set_by or "?")
-                        self._reload_locked(desired.name, desired.version)
-                        self.applied_generation, self.fleet_error = desired.generation, None
-                    except ApiError:
-                        self.failed_generation = desired.generation  # fleet_error says why; not retried
-                    finally:
-                        self._reload_lock.release()
-        self.metrics.set_desired(desired, self.model_ref())
-        self.heartbeat()
+            prepared = self._prepared
+            ready = prepared[2:] if prepared is not None and prepared[:2] == (desired.name, desired.version) else None
+            log.info("fleet: the desired model is now %s@%s (generation %d, set by %s): %s", desired.name,
+                     desired.version, desired.generation, desired.set_by or "?",
+                     "swapping in the copy loaded ahead" if ready else "loading it")
+            self._reload_locked(desired.name, desired.version, ready)
+            self.applied_generation, self.fleet_error = desired.generation, None
+        except ApiError:
+            self.failed_generation = desired.generation  # fleet_error says why; not retried
+        finally:
+            self._prepared = None
+            self._reload_lock.release()
 
     def start_fleet(self) -> None:
         if not self.fleet_enabled or self._fleet_thread is not None:

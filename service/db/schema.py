@@ -9,7 +9,8 @@ upgraded to the head revision has exactly these tables, columns and indexes.
 - `calibrations`: every stored calibration (who, when, how many images, the fitted threshold, the model, the
   distribution summary), kept as history: a threshold row holds only the latest.
 - `fleet_desired`: one row (id 1), the model the whole fleet should serve, with a generation that grows on every
-  change so a replica can tell a new request from one it has already tried.
+  change so a replica can tell a new request from one it has already tried, and the candidate of a rollout in
+  progress (the version the receiving replica is verifying; the others load it ahead, and swap once it is desired).
 - `replicas`: one heartbeat row per replica (what it serves, whether it is ready, its last rollout error).
 
 A per-product few-shot reference memory fits the same pattern later: a `reference_memories` table keyed by
@@ -107,11 +108,14 @@ fleet_desired_table = Table(
     "fleet_desired",
     metadata,
     Column("id", Integer, primary_key=True, autoincrement=False),  # always 1
-    Column("model_name", String(NAME_LEN), nullable=False),
-    Column("model_version", String(NAME_LEN), nullable=False),
+    Column("model_name", String(NAME_LEN)),  # NULL until a first rollout succeeded
+    Column("model_version", String(NAME_LEN)),
     Column("generation", Integer, nullable=False),
-    Column("set_at", Float, nullable=False),
+    Column("set_at", Float),
     Column("set_by", String(128)),
+    Column("candidate_name", String(NAME_LEN)),  # a rollout in progress: loaded ahead by the others, not yet served
+    Column("candidate_version", String(NAME_LEN)),
+    Column("candidate_at", Float),
 )
 
 replicas_table = Table(

@@ -162,3 +162,51 @@ def test_a_database_behind_the_code_keeps_the_replica_not_ready(tmp_path):
     with TestClient(create_app(make_settings(tmp_path, tmp_path / "no-store", results_path=db),
                                loader=_loader(set()))) as c:  # SQLite default: migrate at start
         assert wait_ready(c)["status"] == "ready"
+
+
+def test_the_others_load_a_rollouts_candidate_ahead_and_swap_only_once_it_is_verified(tmp_path):
+    import threading
+
+    from service.detector import ModelLoadError
+
+    gate = threading.Event()
+    calls: list[tuple[str, str]] = []
+
+    def loader_for(replica: str):
+        def load(settings, name=None, version=None):
+            version = version or "v1"
+            calls.append((replica, version))
+            if replica == "A" and version in ("v2", "v8"):
+                gate.wait(10)  # A verifies slowly
+                if version == "v8":
+                    raise ModelLoadError("cannot load model 'default'@v8: dimension mismatch")
+            return FakeDetector(version=version)
+
+        return load
+
+    common = dict(results_path=tmp_path / "shared.sqlite", fleet_poll_s=POLL_S)
+    apps = [create_app(make_settings(tmp_path / r, tmp_path / "no-store", replica_id=r, **common), loader=loader_for(r))
+            for r in ("A", "B")]
+    with TestClient(apps[0]) as a, TestClient(apps[1]) as b:
+        wait_ready(a)
+        wait_ready(b)
+        for version, ok in (("v2", True), ("v8", False)):
+            gate.clear()
+            before = _version(b)
+            answer: list = []
+            t = threading.Thread(target=lambda v=version, out=answer: out.append(
+                a.post("/v1/models/reload", json={"version": v})))
+            t.start()
+            _until(lambda v=version: ("B", v) in calls)  # B loads the candidate while A still verifies it
+            time.sleep(POLL_S * 4)
+            assert _version(b) == before  # ... but does not serve it before A did
+            gate.set()
+            t.join(10)
+            assert answer[0].status_code == (200 if ok else 422)
+            if ok:
+                _until(lambda v=version: _version(b) == v)
+            else:
+                time.sleep(POLL_S * 4)
+                assert _version(b) == before and a.get("/v1/fleet").json()["desired"]["version"] == "v2"
+                assert b.app.state.zsad._prepared is None  # the copy loaded ahead was dropped
+            assert calls.count(("B", version)) == 1  # the swap used the copy loaded ahead: no second load

@@ -49,11 +49,14 @@ def upgrade() -> None:
     op.create_table(
         "fleet_desired",
         sa.Column("id", sa.Integer, primary_key=True, autoincrement=False),
-        sa.Column("model_name", sa.String(64), nullable=False),
-        sa.Column("model_version", sa.String(64), nullable=False),
+        sa.Column("model_name", sa.String(64)),
+        sa.Column("model_version", sa.String(64)),
         sa.Column("generation", sa.Integer, nullable=False),
-        sa.Column("set_at", sa.Float, nullable=False),
+        sa.Column("set_at", sa.Float),
         sa.Column("set_by", sa.String(128)),
+        sa.Column("candidate_name", sa.String(64)),
+        sa.Column("candidate_version", sa.String(64)),
+        sa.Column("candidate_at", sa.Float),
     )
     op.create_table(
         "replicas",
