@@ -113,17 +113,22 @@ class FleetStore:
 
     # --- heartbeats --------------------------------------------------------------------------------------------------
     def heartbeat(self, replica_id: str, **fields: Any) -> None:
-        """Insert or update this replica's row (`last_seen` now), and forget replicas silent for FLEET_FORGET_S."""
+        """Insert or update this replica's row (`last_seen` now; one upsert, SQLite or PostgreSQL), and forget
+        replicas silent for FLEET_FORGET_S."""
         r = replicas_table.c
         now = time.time()
         values = {**fields, "last_seen": now}
+        dialect = self.engine.dialect.name
         with self.engine.begin() as conn:
-            if conn.execute(update(replicas_table).where(r.replica_id == replica_id).values(**values)).rowcount == 0:
-                try:
-                    with conn.begin_nested():
-                        conn.execute(insert(replicas_table).values(replica_id=replica_id, **values))
-                except IntegrityError:  # inserted by a previous life of this replica id meanwhile
-                    conn.execute(update(replicas_table).where(r.replica_id == replica_id).values(**values))
+            if dialect in ("postgresql", "sqlite"):
+                if dialect == "postgresql":
+                    from sqlalchemy.dialects.postgresql import insert as upsert
+                else:
+                    from sqlalchemy.dialects.sqlite import insert as upsert
+                stmt = upsert(replicas_table).values(replica_id=replica_id, **values)
+                conn.execute(stmt.on_conflict_do_update(index_elements=[r.replica_id], set_=values))
+            elif conn.execute(update(replicas_table).where(r.replica_id == replica_id).values(**values)).rowcount == 0:
+                conn.execute(insert(replicas_table).values(replica_id=replica_id, **values))
             conn.execute(delete(replicas_table).where(r.last_seen < now - FLEET_FORGET_S))
 
     def replicas(self) -> list[dict[str, Any]]:
