@@ -194,7 +194,10 @@ def cmd_db(args: argparse.Namespace) -> int:
     from .db.engine import database_url, make_engine
 
     url = args.url or database_url(Settings())
-    engine = make_engine(url)
+    try:
+        engine = make_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise CliError(f"cannot use database URL: {type(exc).__name__}: {exc}") from None
     where = engine.url.render_as_string(hide_password=True)
     try:
         if args.db_cmd == "upgrade":
