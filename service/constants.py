@@ -50,6 +50,11 @@ WINDOW_SCALES: tuple[int, ...] = (2, 3)  # WinCLIP's window sizes, in patches, w
 VIEW_COUNTS: tuple[int, ...] = (1, 2, 4, 8)  # test-time views: prefixes of the dihedral group that are groups
 GENERIC_OBJECT = "object"  # object word for s_pr when none is given
 
+# --- operations: metrics, service-level objectives, the Open Inference Protocol ---------------------------------------
+SLO_DETECT_P95_S = 1.0  # objective for the p95 latency of POST /v1/detect (exported; the alert rule compares to it)
+METRICS_MAX_PRODUCTS = 20  # distinct `product` metric label values (first seen) before `other`
+OIP_MODEL_NAME = "zsad"  # the model name under /v2/models/ (KServe / Triton clients)
+
 # --- images -----------------------------------------------------------------------------------------------------------
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

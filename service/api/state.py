@@ -50,7 +50,7 @@ class AppState:
         self.status = "loading"  # loading | ready | failed | stopping
         self.error: str | None = None
         self.replica_id = settings.replica_id or f"{socket.gethostname()}-{os.getpid()}"
-        self.metrics = Metrics(settings.metrics_max_lines, device_fn=self._device, replica=self.replica_id)
+        self.metrics = Metrics.from_settings(settings, device_fn=self._device, replica=self.replica_id)
         self.auth = KeyChecker(settings.api_keys_read, settings.api_keys_admin)
         self.db_url = database_url(settings)
         self.engine = make_engine(self.db_url)  # one engine: results, thresholds and the fleet share its pool
