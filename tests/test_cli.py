@@ -162,3 +162,18 @@ def test_serve_on_loopback_needs_no_keys(host, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
     assert main(["serve", "--host", host]) == 0 and calls[0]["host"] == host
     assert main(["serve"]) == 0 and calls[1]["host"] == "127.0.0.1"  # the default binds loopback
+
+
+def test_db_upgrade_and_status(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ZSAD_RESULTS_PATH", str(tmp_path / "r.sqlite"))
+    monkeypatch.delenv("ZSAD_RESULTS_URL", raising=False)
+    assert main(["db", "status"]) == 1  # a fresh database is behind
+    assert json.loads(capsys.readouterr().out)["current"] is None
+    assert main(["db", "upgrade"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["before"] is None and out["after"] == out["head"] and "r.sqlite" in out["database"]
+    assert main(["db", "upgrade"]) == 0 and main(["db", "status"]) == 0  # idempotent, then at head
+    capsys.readouterr()
+    assert main(["db", "upgrade", "--url", "bogus://x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zsad db: error: cannot use database URL") and len(err.strip().splitlines()) == 1

@@ -294,7 +294,7 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
 
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
-                            store: bool) -> dict[str, Any]:
+                            store: bool, caller: str | None = None) -> dict[str, Any]:
     """Score normal images exactly as /v1/detect would (no heatmap), fit the threshold at `target_frr` and store it.
 
     Decoded and scored a micro-batch at a time, each upload's bytes released once scored: memory stays bounded by
@@ -314,10 +314,13 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
         for u in part:
             u.data = b""
     threshold, dist = calibrate(scores, target_frr)
+    summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
+    summary["model"] = model
     if store:
-        summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
-        summary["model"] = model
         await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
-                                                              summary))
+                                                              summary, updated_by=caller))
+    # every calibration is kept as a record (who, when, how many images, the fitted values; stored or proposed)
+    await to_thread.run_sync(lambda: state.thresholds.record_calibration(
+        product, line, score_name, threshold, target_frr, len(scores), model, caller, store, summary))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
             "target_frr": target_frr, "stored": store, "model": model, "distribution": dist}

@@ -397,21 +397,21 @@ def test_d7_malformed_body_without_a_key_is_401_on_every_protected_route(tmp_pat
 
 
 # --- D8: private files ---------------------------------------------------------------------------------------------------------
-def test_d8_results_database_overlays_and_thresholds_are_private(tmp_path):
+def test_d8_the_database_with_results_overlays_and_thresholds_is_private(tmp_path):
     old = os.umask(0o022)
     try:
         data = tmp_path / "data"
-        app = _app(tmp_path, results_path=data / "db" / "results.sqlite", thresholds_path=data / "t" / "thresholds.json")
+        app = _app(tmp_path, results_path=data / "db" / "results.sqlite")
         with TestClient(app) as c:
             wait_ready(c)
             r = c.post("/v1/detect", params={"heatmap": "png"}, content=image_bytes(), headers=PNG)
             assert r.status_code == 200 and r.json()["heatmap_url"]  # an overlay of the image is stored
-            assert c.put("/v1/thresholds/x", json={"threshold": 0.5}).status_code == 200
+            assert c.put("/v1/thresholds/x", json={"threshold": 0.5}).status_code == 200  # thresholds live there too
             files = [data / "db" / "results.sqlite", data / "db" / "results.sqlite-wal",
-                     data / "db" / "results.sqlite-shm", data / "t" / "thresholds.json"]
+                     data / "db" / "results.sqlite-shm"]
             modes = {p.name: oct(stat.S_IMODE(p.stat().st_mode)) for p in files}
             assert set(modes.values()) == {"0o600"}, modes
-            for folder in (data, data / "db", data / "t"):
+            for folder in (data, data / "db"):
                 assert stat.S_IMODE(folder.stat().st_mode) == 0o700, folder
     finally:
         os.umask(old)
