@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a runtime failure (message on stderr), 2 wrong argument
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import re
@@ -115,24 +116,55 @@ def _images_in(folders: list[str]) -> list[Path]:
     return found
 
 
+def _threshold_entry(args: argparse.Namespace, settings: Settings) -> dict | None:
+    """The product's threshold entry: from `--thresholds FILE` (a JSON thresholds file, the previous release's
+    format), else from the service's database (`--db URL`, default `ZSAD_RESULTS_URL` / `ZSAD_RESULTS_PATH`), read
+    only (a missing SQLite file is no thresholds, and is not created)."""
+    if not args.product:
+        return None
+    if args.thresholds:
+        from .db.thresholds import read_file
+
+        return read_file(Path(args.thresholds)).get(args.product)
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .db.engine import database_url, make_engine, sqlite_path
+    from .db.thresholds import ThresholdStore
+
+    url = args.db or database_url(settings)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        return None
+    try:
+        engine = make_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise CliError(f"cannot use database URL: {type(exc).__name__}: {exc}") from None
+    try:
+        return ThresholdStore(engine).get(args.product)
+    except SQLAlchemyError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise CliError(f"cannot read thresholds from database {where}: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+
+
 # --- score ------------------------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
-    """Score images as the service would for `--product` / `--line`: the same thresholds file, the same resolution
-    (`service.thresholds`), the same label rule and the same regions (`heatmap.localise`)."""
+    """Score images as the service would for `--product` / `--line`: the same thresholds (the service's database, or
+    a JSON thresholds file with `--thresholds`), the same resolution (`service.thresholds`), the same label rule and
+    the same regions (`heatmap.localise`)."""
     from .detector import load_detector
     from .heatmap import localise, mask_png, min_area_pixels, overlay_png
     from .preprocess import ImageError, load_image
-    from .thresholds import ThresholdStore, decide
+    from .thresholds import decide, resolve_entry
 
     settings = _settings(args)
-    if args.thresholds:
-        settings = settings.model_copy(update={"thresholds_path": Path(args.thresholds)})
-    thresholds = ThresholdStore(settings.thresholds_path)
-    thresholds.load()  # an unreadable file is an error here, as it keeps the service from being ready
+    entry = _threshold_entry(args, settings)  # read first: an unreadable store is an error before loading a model
     name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
     detector = load_detector(settings, name, version)
-    resolved = thresholds.resolve(args.product, args.line, args.score, settings.default_score,
-                                  settings.default_threshold, detector.manifest, settings.mask_threshold)
+    resolved = resolve_entry(entry, args.line, args.score, settings.default_score, settings.default_threshold,
+                             detector.manifest, settings.mask_threshold)
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -199,16 +231,59 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
 
 
 # --- serve ------------------------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost); host names are not trusted."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings(args)
     host = args.host or settings.host
     port = args.port or settings.port
+    has_keys = any(settings.api_keys_read) or any(settings.api_keys_admin)
+    if not is_loopback(host) and not has_keys and not (args.allow_open or settings.allow_open):
+        raise CliError(f"refusing to serve an open API on {host}: with no API keys anyone who can reach it may detect, "
+                       "calibrate, change thresholds and reload models. Set ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN "
+                       "(or their files in /run/secrets), bind 127.0.0.1, or pass --allow-open (ZSAD_ALLOW_OPEN=1)")
     os.environ["ZSAD_MODEL_STORE"] = str(settings.model_store)
     uvicorn.run("service.api.app:create_app", factory=True, host=host, port=port, log_level=args.log_level,
                 timeout_graceful_shutdown=30)
     return 0
+
+
+# --- db ---------------------------------------------------------------------------------------------------------
+def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .db import migrate
+    from .db.engine import database_url, make_engine
+
+    url = args.url or database_url(Settings())
+    try:
+        engine = make_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise CliError(f"cannot use database URL: {type(exc).__name__}: {exc}") from None
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        if args.db_cmd == "upgrade":
+            before, after = migrate.upgrade(engine)
+            print(json.dumps({"database": where, "before": before, "after": after, "head": migrate.head_revision()}))
+            return 0
+        st = migrate.state(engine)
+        print(json.dumps({"database": where, "current": st.current, "head": st.head, "at_head": st.at_head,
+                          "previous_release": st.legacy, "newer": st.newer}))
+        return 0 if st.at_head or st.newer else 1
+    except SQLAlchemyError as exc:
+        raise CliError(f"database {where}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    finally:
+        engine.dispose()
 
 
 def build_parser() -> argparse.ArgumentParser:
@@ -254,9 +329,11 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--model-ref", help="FNN model NAME[@VERSION] (default: settings / current)")
     s.add_argument("--object", help="object name for the prompt score (default: generic 'object')")
-    s.add_argument("--product", type=_name, help="product: its threshold from the thresholds file, as the service")
+    s.add_argument("--product", type=_name, help="product: its threshold from the service's database, as the service")
     s.add_argument("--line", type=_name, help="production line: its threshold, as the service")
-    s.add_argument("--thresholds", metavar="FILE", help="thresholds file (default: $ZSAD_THRESHOLDS_PATH)")
+    s.add_argument("--db", metavar="URL", help="database holding the thresholds (default: $ZSAD_RESULTS_URL, else "
+                   "sqlite at $ZSAD_RESULTS_PATH)")
+    s.add_argument("--thresholds", metavar="FILE", help="read thresholds from this JSON thresholds file instead")
     s.add_argument("--heatmap", metavar="DIR", help="write <stem>_overlay.png and <stem>_mask.png into DIR")
     s.add_argument("--score", choices=SCORE_NAMES, default=None,
                    help="score the label is decided on, and its map (default: the product threshold's, else settings)")
@@ -281,7 +358,18 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default: $ZSAD_HOST or 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default: $ZSAD_PORT or 8000)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--allow-open", action="store_true",
+                    help="serve on a non-loopback address with no API keys (default: refused; $ZSAD_ALLOW_OPEN)")
     sv.set_defaults(func=cmd_serve)
+
+    db = sub.add_parser("db", help="the database schema (results, thresholds, fleet): migrate or inspect it")
+    db_sub = db.add_subparsers(dest="db_cmd", required=True, metavar="ACTION")
+    for action, text in (("upgrade", "migrate to this release's schema (idempotent; replicas running it together "
+                                     "migrate once)"),
+                         ("status", "print the schema revision; exit 1 when it is behind this release")):
+        a = db_sub.add_parser(action, help=text)
+        a.add_argument("--url", help="SQLAlchemy URL (default: $ZSAD_RESULTS_URL, else SQLite at $ZSAD_RESULTS_PATH)")
+    db.set_defaults(func=cmd_db)
 
     for module in ("service.synthetic.cli", "service.evaluation.cli"):
         try:
@@ -307,14 +395,17 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .clip_backend import ClipLoadError
-    from .detector import ModelLoadError
-    from .store import StoreError
-    from .thresholds import ThresholdFileError
+    errors: tuple[type[Exception], ...] = (CliError, ValueError)
+    if args.command != "db":  # `zsad db` (run by the container entrypoint at every start) never imports torch
+        from .clip_backend import ClipLoadError
+        from .db.thresholds import ThresholdFileError
+        from .detector import ModelLoadError
+        from .store import StoreError
 
+        errors += (ClipLoadError, ModelLoadError, StoreError, ThresholdFileError)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ClipLoadError, ModelLoadError, StoreError, ThresholdFileError, ValueError) as exc:
+    except errors as exc:
         print(f"zsad {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

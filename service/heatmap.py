@@ -13,7 +13,8 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["Region", "jet", "overlay_png", "binary_mask", "regions", "localise", "min_area_pixels", "mask_png"]
+__all__ = ["Region", "jet", "overlay_png", "binary_mask", "regions", "localise", "min_area_pixels", "mask_png",
+           "scale_regions"]
 
 _STRUCTURE_8 = np.ones((3, 3), dtype=bool)
 
@@ -182,3 +183,15 @@ def mask_png(mask: np.ndarray) -> bytes:
     buf = io.BytesIO()
     Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buf, format="PNG")
     return buf.getvalue()
+
+
+def scale_regions(found: list[Region], size: tuple[int, int], original: tuple[int, int]) -> list[Region]:
+    """Regions found on the map of a reduced image (`size` = (w, h)) in the original image's pixel coordinates
+    (`original` = (W, H)): boxes scaled and widened to whole pixels within the image, areas scaled by the pixel
+    ratio. Identity when the sizes agree."""
+    if tuple(size) == tuple(original):
+        return list(found)
+    sx, sy = original[0] / size[0], original[1] / size[1]
+    return [Region(max(0, math.floor(r.x0 * sx)), max(0, math.floor(r.y0 * sy)),
+                   min(original[0], math.ceil(r.x1 * sx)), min(original[1], math.ceil(r.y1 * sy)),
+                   int(round(r.area_px * sx * sy)), r.max_score, r.mean_score) for r in found]

@@ -1,54 +1,31 @@
-"""Per-product (and per-line) decision thresholds: resolution (pure), and their store (a JSON file replaced atomically).
+"""Threshold resolution, plain and pure: which threshold (and pixel threshold) applies to a (product, line, score),
+given the product's stored entry, the label it gives, and fitting a threshold to normal images. Shared by the service
+(`service/api`) and the command line (`zsad score --product`), so the same image and product get the same label from
+both; where entries are stored is `service/db/thresholds.py`.
 
-Method-level (no FastAPI): the service (`service/api`) and the CLI (`zsad score --product`) resolve thresholds and
-decide labels with this one module, so the same image and product get the same label from both.
-
-File shape (`settings.thresholds_path`):
-
-    {"version": 1,
-     "products": {"widget": {"threshold": 0.61, "score": "combined", "pixel_threshold": 0.42, "source": "calibration",
-                             "updated_at": "...", "calibration": {...},
-                             "lines": {"line-3": {"threshold": 0.7, "score": "combined", "source": "manual", ...}}}}}
-
-Each entry's threshold belongs to one score (`fnn`, `prompt` or `combined`): the scores live on different scales,
-so a threshold set for one is never applied to another. Resolution for (product, line, score):
-line entry -> product entry -> `settings.default_threshold` -> the model manifest's `threshold_advice` -> 0.5,
-and the answer says which source it used and whether it is `calibrated` (a line or product entry: a calibration or an
-admin's explicit setting for that product). When a request names no score, the entry's score is used, so a product
-calibrated on `fnn` is judged on `fnn` unless a request asks otherwise.
+A product entry is `{"threshold": 0.61 | None, "score": "combined", "pixel_threshold": 0.42, "source": ...,
+"lines": {line: {...}}, ...}` (`pixel_threshold` rides in the database row's JSON `extra`). Each threshold belongs to
+one score (`fnn`, `prompt` or `combined` live on different scales), so a threshold set for one is never applied to
+another. Resolution for (product, line, score): line entry -> product entry -> `settings.default_threshold` -> the
+model manifest's `threshold_advice` -> 0.5, and the answer says which source it used and whether it is `calibrated`
+(a line or product entry: a calibration or an admin's explicit setting for that product). When a request names no
+score, the entry's score is used, so a product calibrated on `fnn` is judged on `fnn` unless a request asks otherwise.
 
 The pixel threshold (heat above it forms the mask and the regions) resolves alongside, for the same score: the entry
 that gave the image threshold (then the product entry) -> `settings.mask_threshold` -> the manifest's
 `pixel_threshold_advice` -> 0.5.
-
-The store is anything with `load / all / get / put / delete` (`ThresholdBackend`); resolution only needs `get`, so a
-database store can replace the JSON file without touching the rules. Writes to the file go to a temporary file in the
-same folder, are fsynced, then `os.replace`d over the old file: a crash leaves either the old or the new file, never
-half of one.
 """
 from __future__ import annotations
 
-import json
-import logging
 import math
-import os
-import threading
-import uuid
 from dataclasses import dataclass
-from pathlib import Path
-from typing import Any, Protocol
+from typing import Any
 
 import numpy as np
 
 from .constants import FALLBACK_PIXEL_THRESHOLD, FALLBACK_THRESHOLD, UNCALIBRATED_POLICIES
-from .store import utc_now
 
-log = logging.getLogger("zsad.api")
 CALIBRATED_SOURCES = ("line", "product")  # a threshold set for this product or line (calibration or admin)
-
-
-class ThresholdFileError(Exception):
-    """The thresholds file exists but cannot be read."""
 
 
 @dataclass(frozen=True)
@@ -80,7 +57,7 @@ def _number(value: Any) -> float | None:
     return float(value) if ok else None
 
 
-def resolve(
+def resolve_entry(
     entry: dict[str, Any] | None,
     line: str | None,
     score: str | None,
@@ -110,161 +87,6 @@ def resolve(
             return Resolved(image.threshold, image.source, used, pixel, src)
     pixel_default = default_pixel_threshold(used, settings_pixel, manifest)
     return Resolved(image.threshold, image.source, used, pixel_default.pixel_threshold, pixel_default.pixel_source)
-
-
-class ThresholdBackend(Protocol):
-    """What the service and the CLI need from a thresholds store (the JSON file here; a database later)."""
-
-    def load(self) -> None: ...
-    def all(self) -> dict[str, Any]: ...
-    def get(self, product: str) -> dict[str, Any] | None: ...
-    def resolve(self, product: str | None, line: str | None, score: str | None, default_score: str,
-                settings_default: float | None, manifest: dict[str, Any] | None,
-                settings_pixel: float | None = None) -> Resolved: ...
-    def put(self, product: str, threshold: float, score: str, line: str | None = None, source: str = "manual",
-            calibration: dict[str, Any] | None = None, pixel_threshold: float | None = None) -> dict[str, Any]: ...
-    def delete(self, product: str, line: str | None = None) -> bool: ...
-
-
-class ThresholdStore:
-    def __init__(self, path: Path):
-        self.path = Path(path)
-        self._lock = threading.Lock()
-        self._data: dict[str, Any] = {"version": 1, "products": {}}
-        self._mtime: float | None = None
-
-    # --- file ---------------------------------------------------------------------------------------------------
-    def load(self) -> None:
-        """(Re)read the file; a missing file is an empty config, an unreadable one raises ThresholdFileError."""
-        with self._lock:
-            self._load_locked()
-
-    def _load_locked(self) -> None:
-        if not self.path.is_file():
-            self._data, self._mtime = {"version": 1, "products": {}}, None
-            return
-        try:
-            data = json.loads(self.path.read_text())
-            if not isinstance(data, dict) or not isinstance(data.get("products", {}), dict):
-                raise ValueError("top level must be an object with a 'products' object")
-        except (OSError, ValueError) as exc:
-            raise ThresholdFileError(f"cannot read thresholds file {self.path}: {exc}") from exc
-        data.setdefault("products", {})
-        self._data = data
-        self._mtime = self.path.stat().st_mtime
-
-    def _maybe_reload_locked(self) -> None:
-        """Pick up edits made to the file by hand (or by another replica sharing it)."""
-        try:
-            mtime = self.path.stat().st_mtime if self.path.is_file() else None
-        except OSError:
-            return
-        if mtime != self._mtime:
-            try:
-                self._load_locked()
-            except ThresholdFileError as exc:
-                log.error("%s; keeping the thresholds read before", exc)
-                self._mtime = mtime
-
-    def _write_locked(self) -> None:
-        self.path.parent.mkdir(parents=True, exist_ok=True)
-        tmp = self.path.with_name(f".{self.path.name}.{uuid.uuid4().hex}.tmp")
-        try:
-            with open(tmp, "w") as fh:
-                json.dump(self._data, fh, indent=2, sort_keys=True)
-                fh.write("\n")
-                fh.flush()
-                os.fsync(fh.fileno())
-            os.replace(tmp, self.path)
-        except BaseException:
-            tmp.unlink(missing_ok=True)
-            raise
-        try:  # make the rename itself durable
-            dir_fd = os.open(self.path.parent, os.O_RDONLY)
-            try:
-                os.fsync(dir_fd)
-            finally:
-                os.close(dir_fd)
-        except OSError:
-            pass
-        self._mtime = self.path.stat().st_mtime
-
-    # --- reading --------------------------------------------------------------------------------------------------
-    def all(self) -> dict[str, Any]:
-        with self._lock:
-            self._maybe_reload_locked()
-            return json.loads(json.dumps(self._data))
-
-    def get(self, product: str) -> dict[str, Any] | None:
-        with self._lock:
-            self._maybe_reload_locked()
-            entry = self._data["products"].get(product)
-            return json.loads(json.dumps(entry)) if entry is not None else None
-
-    def resolve(
-        self,
-        product: str | None,
-        line: str | None,
-        score: str | None,
-        default_score: str,
-        settings_default: float | None,
-        manifest: dict[str, Any] | None,
-        settings_pixel: float | None = None,
-    ) -> Resolved:
-        entry = self.get(product) if product else None
-        return resolve(entry, line, score, default_score, settings_default, manifest, settings_pixel)
-
-    # --- writing --------------------------------------------------------------------------------------------------
-    def put(
-        self,
-        product: str,
-        threshold: float,
-        score: str,
-        line: str | None = None,
-        source: str = "manual",
-        calibration: dict[str, Any] | None = None,
-        pixel_threshold: float | None = None,
-    ) -> dict[str, Any]:
-        """Set the product's (or one line's) threshold and persist atomically. Returns the product entry.
-
-        `pixel_threshold` None keeps the one stored for the same slot and score (an admin adjusting the image
-        threshold does not drop the calibrated pixel threshold)."""
-        record: dict[str, Any] = {"threshold": float(threshold), "score": score, "source": source,
-                                  "updated_at": utc_now()}
-        if calibration is not None:
-            record["calibration"] = calibration
-        with self._lock:
-            self._maybe_reload_locked()
-            products = self._data["products"]
-            entry = products.setdefault(product, {"threshold": None, "lines": {}})
-            old = (entry.get("lines") or {}).get(line) if line else entry
-            if pixel_threshold is not None:
-                record["pixel_threshold"] = float(pixel_threshold)
-            elif old and old.get("score") == score and _number(old.get("pixel_threshold")) is not None:
-                record["pixel_threshold"] = float(old["pixel_threshold"])
-            if line:
-                entry.setdefault("lines", {})[line] = record
-            else:
-                lines = entry.get("lines", {})
-                entry.clear()
-                entry.update(record, lines=lines)
-            self._write_locked()
-            return json.loads(json.dumps(entry))
-
-    def delete(self, product: str, line: str | None = None) -> bool:
-        with self._lock:
-            self._maybe_reload_locked()
-            products = self._data["products"]
-            if product not in products:
-                return False
-            if line:
-                if line not in products[product].get("lines", {}):
-                    return False
-                del products[product]["lines"][line]
-            else:
-                del products[product]
-            self._write_locked()
-            return True
 
 
 def _advice(manifest: dict[str, Any] | None, key: str, score: str) -> float | None:

@@ -14,6 +14,7 @@ from PIL import Image
 
 from service.api.app import create_app
 from service.cli import main
+from service.db.engine import sqlite_url
 
 from .helpers import image_bytes, make_settings, wait_ready
 
@@ -122,7 +123,7 @@ def test_cli_gives_the_service_label_for_the_same_image_and_product(client, tmp_
     capsys.readouterr()
     for product, line in (("washer", "L2"), ("washer", None), ("unknown", None)):
         argv = ["--store", str(settings.model_store), "score", *map(str, paths), "--product", product,
-                "--thresholds", str(settings.thresholds_path), "--device", "cpu"] + (["--line", line] if line else [])
+                "--db", sqlite_url(settings.results_path), "--device", "cpu"] + (["--line", line] if line else [])
         assert main(argv) == 0
         for row in map(json.loads, capsys.readouterr().out.splitlines()):
             body = served[(row["path"].rsplit("/", 1)[1], product, line)]
