@@ -29,6 +29,7 @@ def figures(store: Path | None = None, workdir: Path | None = None) -> dict:
 
     from service.api.app import create_app
     from service.cli import main as cli
+    from service.db.engine import sqlite_url
     from service.settings import Settings
     from service.synthetic.dataset import DatasetSpec, write_mvtec
 
@@ -79,7 +80,7 @@ def figures(store: Path | None = None, workdir: Path | None = None) -> dict:
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
             cli(["--store", str(settings.model_store), "score", str(nut / "test/hole/000.png"), "--product", "hex_nut",
-                 "--thresholds", str(settings.thresholds_path), "--device", "cpu"])
+                 "--db", sqlite_url(settings.results_path), "--device", "cpu"])
         row = json.loads(buf.getvalue().splitlines()[0])
         out["cli_label"], out["cli_threshold"] = row["label"], row["threshold"]
         out["cli_agrees"] = row["label"] == bad["hole"]["label"] and row["threshold"] == bad["hole"]["threshold"]

@@ -120,12 +120,13 @@ def _threshold_entry(args: argparse.Namespace, settings: Settings) -> dict | Non
     """The product's threshold entry: from `--thresholds FILE` (a JSON thresholds file, the previous release's
     format), else from the service's database (`--db URL`, default `ZSAD_RESULTS_URL` / `ZSAD_RESULTS_PATH`), read
     only (a missing SQLite file is no thresholds, and is not created)."""
-    if not args.product:
-        return None
-    if args.thresholds:
+    if args.thresholds:  # read (and checked) even without --product, as the service reads its store
         from .db.thresholds import read_file
 
-        return read_file(Path(args.thresholds)).get(args.product)
+        products = read_file(Path(args.thresholds))
+        return products.get(args.product) if args.product else None
+    if not args.product:
+        return None
     from sqlalchemy.exc import SQLAlchemyError
 
     from .db.engine import database_url, make_engine, sqlite_path

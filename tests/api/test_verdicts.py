@@ -151,6 +151,8 @@ def test_results_store_from_before_the_calibrated_column_is_upgraded(api_store, 
                 "score_name VARCHAR(16) NOT NULL, score FLOAT NOT NULL, label VARCHAR(16) NOT NULL, threshold FLOAT NOT "
                 "NULL, threshold_source VARCHAR(16) NOT NULL, scores JSON NOT NULL, latency_ms FLOAT NOT NULL, "
                 "object_name VARCHAR(64), filename VARCHAR(255), width INTEGER, height INTEGER)")
+    con.execute("CREATE TABLE heatmaps (result_id INTEGER NOT NULL PRIMARY KEY REFERENCES results (id) ON DELETE CASCADE, "
+                "png BLOB NOT NULL)")  # the first release made both tables (revision 0001)
     con.execute("INSERT INTO results (created_at, model_name, model_version, score_name, score, label, threshold, "
                 "threshold_source, scores, latency_ms) VALUES (1.0, 'default', 'v1', 'combined', 0.2, 'normal', 0.5, "
                 "'fallback', '{\"fnn\": 0.2, \"prompt\": 0.2, \"combined\": 0.2}', 3.0)")
