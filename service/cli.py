@@ -114,6 +114,7 @@ def cmd_score(args: argparse.Namespace) -> int:
     settings = _settings(args)
     name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
     detector = load_detector(settings, name, version)
+    memory = _product_memory(detector, settings, args.product, args.line) if args.product else None
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -125,8 +126,9 @@ def cmd_score(args: argparse.Namespace) -> int:
             failures += 1
             print(json.dumps({"path": path, "error": str(exc)}))
             continue
-        det = detector.detect([image], args.object, heatmap=heat_dir is not None)[0]
-        line = {"path": path, **{SCORE_ALIASES[k]: round(v, 6) for k, v in det.scores.items()}}
+        det = detector.detect([image], args.object, heatmap=heat_dir is not None, memory=memory)[0]
+        line = {"path": path, **{SCORE_ALIASES[k]: round(v, 6) for k, v in det.scores.items()},
+                "mode": det.mode, "shots": det.shots}
         if heat_dir is not None:
             heat = det.heat[args.score or settings.default_score]
             stem = Path(path).stem
@@ -140,6 +142,25 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{failures} of {len(args.images)} images could not be scored", file=sys.stderr)
         return 1
     return 0
+
+
+def _product_memory(detector, settings: Settings, product: str, line: str | None):
+    """The product's (line's) few-shot reference memory as the service stores it, or None (zero-shot) with a note on
+    stderr when there is none or it was made by another model."""
+    from .fewshot import load_memory, model_ref
+    from .memory_store import memory_dir, store_from_settings
+
+    memory = load_memory(store_from_settings(settings), product, line)
+    if memory is None:
+        print(f"zsad score: no reference memory for product {product!r} in {memory_dir(settings)}; scoring zero-shot "
+              "(POST /v1/calibrate/{product} builds one)", file=sys.stderr)
+        return None
+    why = memory.incompatibility(model_ref(detector), detector.window_scales, settings.window_stride)
+    if why:
+        print(f"zsad score: the reference memory of {product!r} is stale ({why}); scoring zero-shot. Re-calibrate "
+              "the product to re-embed it", file=sys.stderr)
+        return None
+    return memory.to(detector.backend.device)
 
 
 # --- store ------------------------------------------------------------------------------------------------------
@@ -231,6 +252,9 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("--object", help="object name for the prompt score (default: generic 'object')")
     s.add_argument("--heatmap", metavar="DIR", help="write <stem>_overlay.png and <stem>_mask.png into DIR")
     s.add_argument("--score", choices=SCORE_NAMES, default=None, help="map for --heatmap (default: settings)")
+    s.add_argument("--product", help="score in few-shot mode against this product's reference memory (as the "
+                   "service does; made by POST /v1/calibrate/{product})")
+    s.add_argument("--line", help="with --product: the line's own memory, if it has one")
     s.add_argument("--device", help="cpu, cuda or auto")
     s.set_defaults(func=cmd_score)
 

@@ -50,6 +50,12 @@ WINDOW_SCALES: tuple[int, ...] = (2, 3)  # WinCLIP's window sizes, in patches, w
 VIEW_COUNTS: tuple[int, ...] = (1, 2, 4, 8)  # test-time views: prefixes of the dihedral group that are groups
 GENERIC_OBJECT = "object"  # object word for s_pr when none is given
 
+# --- few-shot reference memories (service/fewshot.py) ----------------------------------------------------------------
+MODES: tuple[str, ...] = ("zero_shot", "few_shot")  # how an image was scored: text prompts only, or + a memory
+REFERENCE_MAX_SHOTS = 64  # calibration images that go into a product's memory (the rest only fit the threshold)
+REFERENCE_MAX_ROWS = 4096  # rows per memory bank; above it a greedy coreset is kept
+REFERENCE_MAX_BYTES = 256 * 1024 * 1024  # largest stored memory
+
 # --- images -----------------------------------------------------------------------------------------------------------
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

@@ -13,7 +13,17 @@ from typing import Literal
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
 
-from .constants import COMBINE_WEIGHT, DEFAULT_SCORE, GENERIC_OBJECT, PROMPT_TEMPERATURE, VIEW_COUNTS, ScoreName
+from .constants import (
+    COMBINE_WEIGHT,
+    DEFAULT_SCORE,
+    GENERIC_OBJECT,
+    PROMPT_TEMPERATURE,
+    REFERENCE_MAX_BYTES,
+    REFERENCE_MAX_ROWS,
+    REFERENCE_MAX_SHOTS,
+    VIEW_COUNTS,
+    ScoreName,
+)
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
 SECRETS_DIR = Path("/run/secrets")
@@ -81,6 +91,19 @@ class Settings(BaseSettings):
     default_threshold: float | None = Field(
         None, description="Threshold when no product threshold is set; None uses the model manifest's advice."
     )
+    reference_dir: Path | None = Field(
+        None, description="Few-shot reference memories (one file per product / line); None: a `memories` folder next "
+        "to the thresholds file."
+    )
+    reference_max_shots: int = Field(
+        REFERENCE_MAX_SHOTS, ge=1, description="Most calibration images embedded into a product's reference memory "
+        "(evenly spread over the upload); the others only fit the threshold."
+    )
+    reference_max_rows: int = Field(
+        REFERENCE_MAX_ROWS, ge=16, description="Rows per reference memory bank (cells, windows of each scale); above it "
+        "a greedy coreset of this many rows is kept."
+    )
+    reference_max_bytes: int = Field(REFERENCE_MAX_BYTES, ge=1, description="Largest stored reference memory.")
     batch_max_images: int = Field(16, ge=1, description="Most images in one POST /v1/detect/batch request.")
     calibration_max_images: int = Field(1000, ge=1, description="Most images in one POST /v1/calibrate request.")
     calibration_max_bytes: int = Field(

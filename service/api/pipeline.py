@@ -103,12 +103,14 @@ async def decode_in_pool(state: AppState, uploads: list[Upload]) -> list[Decoded
                                     limiter=state.decode_limiter)
 
 
-async def infer(state: AppState, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                deadline: float, arrival: Arrival | None = None) -> list[JobResult]:
-    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time)."""
+async def infer(state: AppState, images: list[Any], object_name: str | None, heatmap: bool,
+                deadline: float, arrival: Arrival | None = None, memory: Any = None, task: Any = None) -> list[JobResult]:
+    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time).
+
+    `memory` scores them in few-shot mode; `task(detector, items)` runs instead of `detect` (see `worker.Job`)."""
     state.require_ready()
     try:
-        futures = state.worker.submit_many(images, object_name, heatmap, arrival)
+        futures = state.worker.submit_many(images, object_name, heatmap, arrival, memory=memory, task=task)
     except QueueFull as exc:
         raise ApiError(503, "queue_full", "inference queue is full, retry later",
                        {"Retry-After": str(exc.retry_after)}) from None
@@ -162,15 +164,16 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
     deadline = start + settings.request_timeout_s
     state.require_ready()  # before spending time on decoding
     decoded = await decode_in_pool(state, uploads)
+    ref = await to_thread.run_sync(state.references.lookup, opts.product, opts.line, state.detector)
     results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none", deadline,
-                          arrival)
+                          arrival, memory=ref.memory)
 
     manifest = state.detector.manifest if state.detector is not None else None
     keep_png = state.results.keep_heatmaps
 
     def _post() -> tuple[Any, list[tuple]]:  # file reads (thresholds) and encoding stay off the event loop
         resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                            settings.default_threshold, manifest)
+                                            settings.default_threshold, manifest, ref.mode)
         return resolved, [_encode_one(state, d, r, opts, resolved.score, keep_png) for d, r in zip(decoded, results)]
 
     resolved, encoded = await to_thread.run_sync(_post)
@@ -195,6 +198,8 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
             "batch_size": res.batch_size,
             "image": {"width": dec.image.size[0], "height": dec.image.size[1], "format": dec.format},
             "heatmap": payload, "regions": found,
+            "mode": getattr(res.detection, "mode", ref.mode), "shots": getattr(res.detection, "shots", ref.shots),
+            "reference": ref.info,
         })
         state.metrics.observe_stages({"decode": dec.seconds, "encode": enc_s})
 
@@ -218,11 +223,17 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
 
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
-                            store: bool) -> dict[str, Any]:
+                            store: bool, reference: bool = False) -> dict[str, Any]:
     """Score normal images exactly as /v1/detect would (no heatmap), fit the threshold at `target_frr` and store it.
 
     Decoded and scored a micro-batch at a time, each upload's bytes released once scored: memory stays bounded by
-    the batch, not by the (up to `calibration_max_images`) images of the request."""
+    the batch, not by the (up to `calibration_max_images`) images of the request.
+
+    With `reference` the images also become the product's (line's) few-shot reference memory
+    (`calibrate_few_shot`); without it, storing the threshold also removes any memory of that product (line), so the
+    product is judged zero-shot against the threshold just fitted zero-shot."""
+    if reference:
+        return await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store)
     s = state.settings
     deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
     scores: list[float] = []
@@ -241,6 +252,115 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
         summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
         summary["model"] = model
         await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
-                                                              summary))
+                                                              summary, {"mode": "zero_shot", "shots": 0}))
+        await to_thread.run_sync(_drop_memory, state, product, line)
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
-            "target_frr": target_frr, "stored": store, "model": model, "distribution": dist}
+            "target_frr": target_frr, "stored": store, "model": model, "distribution": dist,
+            "mode": "zero_shot", "shots": 0, "reference": None}
+
+
+def _drop_memory(state: AppState, product: str, line: str | None) -> None:
+    """Remove the memory of exactly this (product, line): a line's own, or the product's (lines keep theirs)."""
+    state.references.store.delete(product, line)
+    state.references.forget(product, line)
+
+
+def _shot_indices(n: int, k: int) -> list[int]:
+    """`k` of `n` upload positions spread evenly (first and last included), so a long upload of one shift does not
+    give a memory of its first minutes only."""
+    if k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+
+
+async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: str, line: str | None,
+                             score_name: str, target_frr: float, object_name: str | None,
+                             store: bool) -> dict[str, Any]:
+    """Few-shot calibration: up to `reference_max_shots` of the images become the reference memory, and the
+    threshold is fitted on few-shot scores in which no image is compared with its own embeddings: the other
+    images against the whole memory, each shot against the memory without its rows (leave-one-out; with one shot
+    that shot is left out of the fit). Everything runs on the inference thread, a micro-batch at a time."""
+    from ..fewshot import ReferenceMemoryError, build_memory
+    from ..store import utc_now
+
+    s = state.settings
+    n = len(uploads)
+    if n < 2:
+        raise ApiError(400, "bad_request", "a few-shot calibration needs at least 2 good images (the memory, and "
+                       "images to fit the threshold on without scoring them against themselves); or reference=false")
+    chunk = max(1, s.max_batch_size)
+    deadline = time.perf_counter() + s.request_timeout_s * max(1, 2 * n // chunk)
+    shots = _shot_indices(n, min(s.reference_max_shots, n))
+    shot_set = set(shots)
+
+    def embed(det: Any, items: list[Any]) -> list[Any]:
+        from ..detector import ImageEmbedding
+
+        return [ImageEmbedding(e.global_emb.cpu(), {k: w.cpu() for k, w in e.windows.items()}, e.grid, e.geometry,
+                               e.patches.cpu() if e.patches is not None else None)
+                for e in det.embed(items, heatmap=True)]
+
+    embs: list[Any] = []
+    model = None
+    for i in range(0, len(shots), chunk):
+        part = [uploads[j] for j in shots[i: i + chunk]]
+        decoded = await decode_in_pool(state, part)
+        results = await infer(state, [d.model_input for d in decoded], object_name, True, deadline, task=embed)
+        embs += [r.detection for r in results]
+        model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
+    stride = state.detector.settings.window_stride
+    meta = {"created_at": utc_now(), "product": product, "line": line}
+    try:
+        memory = await to_thread.run_sync(build_memory, embs, model, stride, s.reference_max_rows, meta)
+    except ReferenceMemoryError as exc:
+        raise ApiError(422, "validation_error", f"this model cannot build a reference memory: {exc}") from None
+    device = getattr(state.detector.backend, "device", None)
+    on_device = memory.to(device) if device is not None else memory
+
+    def loo(det: Any, items: list[Any]) -> list[Any]:
+        return det.score([e for e, _ in items], object_name, memory=on_device, exclude=[k for _, k in items],
+                         maps=False)
+
+    scores: list[float] = []
+    try:
+        if len(shots) > 1:
+            results = await infer(state, [(e, k) for k, e in enumerate(embs)], object_name, False, deadline, task=loo)
+            scores += [float(r.detection.scores[score_name]) for r in results]
+        rest = [j for j in range(n) if j not in shot_set]
+        for i in range(0, len(rest), chunk):
+            part = [uploads[j] for j in rest[i: i + chunk]]
+            decoded = await decode_in_pool(state, part)
+            results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline,
+                                  memory=on_device)
+            scores += [float(r.detection.scores[score_name]) for r in results]
+            for u in part:
+                u.data = b""
+    except ReferenceMemoryError as exc:  # the model was swapped while this ran
+        raise ApiError(503, "unavailable", f"the model changed during calibration ({exc}); retry",
+                       {"Retry-After": "5"}) from None
+    for u in uploads:
+        u.data = b""
+    threshold, dist = calibrate(scores, target_frr)
+    dist["fit"] = (f"{len(scores)} few-shot scores: {len(rest)} images against the {len(shots)}-shot memory"
+                   + (f", {len(shots)} shots each against the other {len(shots) - 1} (leave-one-out)" if len(shots) > 1
+                      else "; the one shot is not scored against itself, so it is left out of the fit"))
+    data = memory.to_bytes()
+    info = {"shots": memory.shots, "rows": memory.rows, "coreset": memory.meta.get("coreset") or {},
+            "bytes": len(data), "model": model, "line": line}
+    if store:
+        summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
+        summary["model"] = model
+
+        def _persist() -> None:
+            state.references.store.put(product, line, data)
+            state.references.forget(product, line)
+            state.thresholds.put(product, threshold, score_name, line, "calibration", summary,
+                                 {"mode": "few_shot", "shots": memory.shots})
+
+        try:
+            await to_thread.run_sync(_persist)
+        except ValueError as exc:  # MemoryStoreError: over the size limit
+            raise ApiError(413, "payload_too_large", str(exc)) from None
+    return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
+            "target_frr": target_frr, "stored": store, "model": model, "distribution": dist,
+            "mode": "few_shot", "shots": memory.shots, "reference": info}

@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from ..constants import SCORES, ScoreName
 
 Label = Literal["anomalous", "normal"]
+Mode = Literal["zero_shot", "few_shot"]  # constants.MODES
 ThresholdSource = Literal["line", "product", "settings", "manifest", "fallback"]
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 
@@ -138,6 +139,12 @@ class DetectResult(ResultRecord):
     image: ImageInfo
     heatmap: Heatmap | None = None
     regions: list[dict[str, Any]] | None = Field(None, description="Connected regions above the mask threshold.")
+    mode: Mode = Field("zero_shot", description="few_shot: scored against the product's reference memory (WinCLIP+); "
+                       "zero_shot: text prompts only (no memory, or a stale one: see `reference`).")
+    shots: int = Field(0, description="Reference images in the memory used (0 in zero-shot mode).")
+    reference: dict[str, Any] | None = Field(
+        None, description="The product's (line's) reference memory: shots, rows, model, and `stale`/`note` when it was "
+        "made by another model than the one serving (then the image was scored zero-shot). Null: none.")
 
 
 class BatchResult(BaseModel):
@@ -218,6 +225,11 @@ class CalibrationResult(BaseModel):
     stored: bool
     model: ModelRef
     distribution: dict[str, Any]
+    mode: Mode = Field("zero_shot", description="few_shot: the images also became the reference memory, and the "
+                       "threshold was fitted on few-shot scores (leave-one-out for the shots).")
+    shots: int = Field(0, description="Images in the reference memory (0 with reference=false).")
+    reference: dict[str, Any] | None = Field(None, description="The memory built: shots, rows per bank, coreset "
+                                             "subsampling (if any), size in bytes, model.")
 
 
 class ModelsInfo(BaseModel):

@@ -14,10 +14,12 @@ from typing import Any
 from PIL import Image
 
 from ..constants import check_score_names
+from ..memory_store import store_from_settings
 from ..settings import Settings
 from .auth import KeyChecker
 from .errors import ApiError
 from .metrics import Metrics
+from .references import References
 from .results import ResultsStore
 from .thresholds import ThresholdStore
 from .worker import InferenceWorker
@@ -45,6 +47,7 @@ class AppState:
         self.metrics = Metrics(settings.metrics_max_lines, device_fn=self._device)
         self.auth = KeyChecker(settings.api_keys_read, settings.api_keys_admin)
         self.thresholds = ThresholdStore(settings.thresholds_path)
+        self.references = References(store_from_settings(settings))  # few-shot memories per product / line
         self.results = ResultsStore(settings.results_url, settings.results_path, settings.keep_heatmaps,
                                     settings.heatmap_retention)
         self.worker = InferenceWorker(lambda: self.detector, settings.max_batch_size, settings.max_batch_wait_ms,

@@ -131,7 +131,10 @@ class ThresholdStore:
         default_score: str,
         settings_default: float | None,
         manifest: dict[str, Any] | None,
+        mode: str | None = None,
     ) -> Resolved:
+        """`mode` (zero_shot / few_shot): how the image was scored; an entry fitted in one mode (calibration records
+        it) is never applied to scores of the other, as a threshold is never applied to another score."""
         with self._lock:
             self._maybe_reload_locked()
             entry = self._data["products"].get(product) if product else None
@@ -142,6 +145,8 @@ class ThresholdStore:
                 candidates.append(("line", line_entry))
             if entry.get("threshold") is not None:
                 candidates.append(("product", entry))
+        if mode is not None:
+            candidates = [(src, c) for src, c in candidates if c.get("mode") in (None, mode)]
         used = score or (candidates[0][1].get("score") if candidates else None) or default_score
         for source, cand in candidates:
             if cand.get("score", default_score) == used:
@@ -157,10 +162,13 @@ class ThresholdStore:
         line: str | None = None,
         source: str = "manual",
         calibration: dict[str, Any] | None = None,
+        extra: dict[str, Any] | None = None,
     ) -> dict[str, Any]:
-        """Set the product's (or one line's) threshold and persist atomically. Returns the product entry."""
+        """Set the product's (or one line's) threshold and persist atomically. Returns the product entry.
+
+        `extra` adds fields to the entry (calibration: `mode` zero_shot/few_shot and `shots`)."""
         record: dict[str, Any] = {"threshold": float(threshold), "score": score, "source": source,
-                                  "updated_at": utc_now()}
+                                  "updated_at": utc_now(), **(extra or {})}
         if calibration is not None:
             record["calibration"] = calibration
         with self._lock:

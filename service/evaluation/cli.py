@@ -3,6 +3,9 @@
 Variants: `s_pr` (prompt score), `s_fnn` and `combined` for one FNN version; with `--versions v1,v2,...` the FNN
 variants are suffixed `@vN` (an N_p ablation is a loop over store versions, and the CLIP pass runs once thanks to the
 embedding cache). `--known-object` gives s_pr the category name ("known-object" setting); the default uses no names.
+`--shots 0,1,4` evaluates the few-shot mode (WinCLIP+) too: K normal images per category (from train/good, the VisA
+train split or `--reference-dir`, picked by `--shot-seed`, the same first K for every K) become that category's
+reference memory; each K gets its own report in `<out>/shots-K/`.
 """
 from __future__ import annotations
 
@@ -33,9 +36,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--normal-dir", default="normal", help="folder layout: name of the normal folder")
     e.add_argument("--anomalous-dir", default="anomalous", help="folder layout: name of the anomalous folder")
     e.add_argument("--label-columns", help="csv layout: comma-separated defect label columns")
+    e.add_argument("--shots", default=[0], type=_parse_shots,
+                   help="comma-separated numbers of normal reference images per category (few-shot mode; 0 = "
+                        "zero-shot), e.g. 0,1,4 (default: 0)")
+    e.add_argument("--reference-dir", help="normal reference images: <dir>/<category>/* or images for every category "
+                   "(default: <category>/train/good, or the VisA train split)")
+    e.add_argument("--shot-seed", type=int, default=0, help="which reference images are the shots (default: %(default)s)")
     e.add_argument("--device", help="cpu, cuda or auto")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
+
+
+def _parse_shots(text: str) -> list[int]:
+    try:
+        shots = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers, got {text!r}") from None
+    if not shots or any(k < 0 for k in shots):
+        raise argparse.ArgumentTypeError(f"must be numbers >= 0, got {text!r}")
+    return list(dict.fromkeys(shots))
+
+
+def pick_shots(paths: list[Path], k: int, seed: int) -> list[Path]:
+    """The first `k` of a seeded permutation of `paths`: nested (the 1-shot image is among the 4 shots)."""
+    import numpy as np
+
+    if k > len(paths):
+        raise ValueError(f"{k} shots asked, only {len(paths)} reference images in {paths[0].parent if paths else '?'}")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    return [paths[i] for i in order[:k]]
 
 
 def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
@@ -50,11 +79,12 @@ def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..detector import load_detector
+    from ..fewshot import build_memory, model_ref
     from ..fnn import load_fnn
     from ..preprocess import load_image
     from ..store import ModelStore
     from .cache import EmbeddingCache, cached_embed, model_key
-    from .readers import detect_layout, read_dataset
+    from .readers import detect_layout, read_dataset, reference_images
     from .run import evaluate
 
     overrides = {}
@@ -63,6 +93,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.device:
         overrides["device"] = args.device
     settings = Settings(**overrides)
+    shots = args.shots
     layout = args.layout or (detect_layout(args.dataset) if Path(args.dataset).is_dir() else "csv")
     dataset = read_dataset(args.dataset, layout, **_reader_options(args, layout))
     samples = dataset.samples
@@ -92,41 +123,70 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                                if s.uses_fnn]
 
     heatmap = not args.no_pixel
-    cache = EmbeddingCache(args.cache, model_key(base, heatmap)) if args.cache else None
+    few = any(k > 0 for k in shots)  # the few-shot image score needs the windows even without pixel metrics
+    cache = EmbeddingCache(args.cache, model_key(base, heatmap or few)) if args.cache else None
     category_of = {str(s.path): s.category for s in samples}
+    categories = sorted(set(category_of.values()))
+    references = reference_images(args.dataset, layout, categories, args.reference_dir) if few else {}
 
     def load(source: Path | bytes):
         return load_image(source, settings.max_pixels)
 
-    def score_fn(paths: list[Path]) -> list[dict]:
-        embs = cached_embed(base, paths, load, cache, heatmap)
-        outputs: list[dict] = [{"scores": {}, "maps": {}} for _ in paths]
-        for version, det in detectors.items():
-            # Known-object: group by category so each batch uses one object word.
-            objects = [category_of[str(p)].replace("_", " ") if args.known_object else None for p in paths]
-            for obj in dict.fromkeys(objects):
-                idx = [i for i, o in enumerate(objects) if o == obj]
-                for i, d in zip(idx, det.score([embs[i] for i in idx], obj)):
-                    for spec in SCORES:
-                        outputs[i]["scores"][variant(spec, version)] = d.scores[spec.name]
-                        if heatmap:
-                            outputs[i]["maps"][variant(spec, version)] = d.heat[spec.name]
-        return outputs
+    def memories_for(k: int) -> dict[tuple[str, str], object]:
+        """(version, category) -> the k-shot memory (embeddings through the cache, like the test images)."""
+        out: dict[tuple[str, str], object] = {}
+        for cat in categories:
+            ref_paths = pick_shots(references[cat], k, args.shot_seed)
+            embs = cached_embed(base, ref_paths, load, cache, True)
+            for version, det in detectors.items():
+                out[(version, cat)] = build_memory(embs, model_ref(det), settings.window_stride,
+                                                   settings.reference_max_rows, {"category": cat})
+        return out
 
-    metrics = evaluate(samples, score_fn, args.out, variants, limit=args.limit, progress=not args.quiet,
-                       pixel=heatmap, batch_size=args.batch_size)
-    out = Path(args.out)
+    def score_fn_for(k: int):
+        memories = memories_for(k) if k else {}
+
+        def score_fn(paths: list[Path]) -> list[dict]:
+            embs = cached_embed(base, paths, load, cache, heatmap or k > 0)
+            outputs: list[dict] = [{"scores": {}, "maps": {}} for _ in paths]
+            for version, det in detectors.items():
+                # Known-object: group by category so each batch uses one object word (and, few-shot, one memory).
+                cats = [category_of[str(p)] for p in paths]
+                objects = [c.replace("_", " ") if args.known_object else None for c in cats]
+                for obj, cat in dict.fromkeys(zip(objects, cats)):
+                    idx = [i for i, (o, c) in enumerate(zip(objects, cats)) if (o, c) == (obj, cat)]
+                    memory = memories.get((version, cat))
+                    for i, d in zip(idx, det.score([embs[i] for i in idx], obj, memory=memory, maps=heatmap)):
+                        for spec in SCORES:
+                            outputs[i]["scores"][variant(spec, version)] = d.scores[spec.name]
+                            if heatmap:
+                                outputs[i]["maps"][variant(spec, version)] = d.heat[spec.name]
+            return outputs
+
+        return score_fn
+
     setting = "known-object" if args.known_object else "unknown-object"
-    (out / "run.json").write_text(json.dumps({
-        "dataset": str(args.dataset), "layout": layout, "setting": setting, "model": base.name,
-        "versions": versions, "clip": base.backend.spec.to_manifest(), "n_images": len(samples) if not args.limit
-        else min(args.limit, len(samples)),
-        "cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
-    }, indent=2) + "\n")
-    if args.worst:
-        _write_worst(samples, out, variants[-1], args.worst, base, detectors[versions[-1]], load, cache)
-    mean = {v: metrics[v]["mean"] for v in variants}
-    print(json.dumps({"out": str(out), "setting": setting, "mean": mean}, default=float))
+    per_k: dict[str, dict] = {}
+    for k in shots:
+        out = Path(args.out) if shots == [0] else Path(args.out) / f"shots-{k}"
+        metrics = evaluate(samples, score_fn_for(k), out, variants, limit=args.limit, progress=not args.quiet,
+                           pixel=heatmap, batch_size=args.batch_size)
+        (out / "run.json").write_text(json.dumps({
+            "dataset": str(args.dataset), "layout": layout, "setting": setting, "model": base.name,
+            "versions": versions, "clip": base.backend.spec.to_manifest(), "n_images": len(samples) if not args.limit
+            else min(args.limit, len(samples)),
+            "mode": "few_shot" if k else "zero_shot", "shots": k, "shot_seed": args.shot_seed if k else None,
+            "reference": {c: [str(p) for p in pick_shots(references[c], k, args.shot_seed)] for c in categories}
+            if k else None,
+            "cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
+        }, indent=2) + "\n")
+        if args.worst and k == 0:
+            _write_worst(samples, out, variants[-1], args.worst, base, detectors[versions[-1]], load, cache)
+        per_k[str(k)] = {v: metrics[v]["mean"] for v in variants}
+    if shots == [0]:
+        print(json.dumps({"out": str(args.out), "setting": setting, "mean": per_k["0"]}, default=float))
+    else:
+        print(json.dumps({"out": str(args.out), "setting": setting, "shots": per_k}, default=float))
     return 0
 
 

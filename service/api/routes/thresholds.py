@@ -27,7 +27,9 @@ async def list_thresholds(state: StateDep):
     manifest = state.detector.manifest if state.detector is not None else None
     d = default_threshold(s.default_score, s.default_threshold, manifest)
     data = await to_thread.run_sync(state.thresholds.all)
-    return {"products": data.get("products", {}),
+    products = data.get("products", {})
+    await to_thread.run_sync(state.references.annotate, products, state.detector)
+    return {"products": products,
             "default": {"threshold": d.threshold, "source": d.source, "score": d.score}}
 
 
@@ -37,6 +39,7 @@ async def get_threshold(state: StateDep, product: ProductPath):
     entry = await to_thread.run_sync(state.thresholds.get, product)
     if entry is None:
         raise ApiError(404, "not_found", f"no thresholds set for product {product!r}")
+    await to_thread.run_sync(state.references.annotate, {product: entry}, state.detector)
     return {"product": product, "entry": entry}
 
 
@@ -53,7 +56,13 @@ async def put_threshold(state: StateDep, product: ProductPath, body: ThresholdIn
                summary="Remove a product's thresholds (or, with ?line=, one line's)",
                responses=error_responses(401, 403, 404))
 async def delete_threshold(state: StateDep, product: ProductPath, line: LineQuery = None):
-    if not await to_thread.run_sync(state.thresholds.delete, product, line):
+    def _delete() -> bool:  # the threshold and the reference memory fitted with it go together
+        store = state.references.store
+        had_memory = store.delete(product, line) if line else store.delete_all(product)
+        state.references.forget(product, line)
+        return state.thresholds.delete(product, line) or had_memory
+
+    if not await to_thread.run_sync(_delete):
         raise ApiError(404, "not_found", f"no threshold for product {product!r}" + (f" line {line!r}" if line else ""))
     return Response(status_code=204)
 
@@ -70,8 +79,10 @@ async def calibrate_product(
     score: Annotated[ScoreName | None, Query(description="Score to calibrate (default: settings).")] = None,
     object: Annotated[str | None, Query(max_length=64, description="Object word for s_pr.")] = None,  # noqa: A002
     store: Annotated[bool, Query(description="Store the threshold (false: only propose it).")] = True,
+    reference: Annotated[bool, Query(description="Also make the images the product's (line's) few-shot reference "
+                                     "memory (false: keep only a threshold, and drop any memory).")] = True,
 ):
     uploads, _ = await read_uploads(request, state.settings.calibration_max_images)
     obj = (object or "").strip().lower() or None
     return await calibrate_uploads(state, uploads, product, line, score or state.settings.default_score, target_frr,
-                                   obj, store)
+                                   obj, store, reference)
