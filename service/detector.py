@@ -239,7 +239,9 @@ class Detector:
 
         With a reference `memory` (few-shot mode, `fewshot.py`) every score and map is combined with the memory's
         few-shot map by WinCLIP+'s rule; `exclude[i]` (a shot index, or -1) leaves that shot's rows out for image i
-        (leave-one-out). `maps=False` skips the maps at image resolution (the image scores stay the same)."""
+        (leave-one-out). `maps=False` skips the maps at image resolution (the image scores stay the same; in
+        few-shot mode the zero-shot window scores are then not computed at all: the image score needs only the
+        few-shot map's maximum)."""
         from .aggregate import winclip_map
         from .window_grid import window_indices
 
@@ -251,7 +253,12 @@ class Detector:
         if memory is not None:
             fs_map = self._few_shot_map(embs, memory, exclude)
         grids: dict[str, torch.Tensor] = {}
-        if embs[0].windows:
+        if fs_map is not None and not maps:  # the image score needs only the few-shot map's maximum
+            from .fewshot import combine_few_shot
+
+            zero = torch.zeros_like(fs_map, dtype=torch.float64)
+            scores = {name: combine_few_shot(v, zero, fs_map)[0] for name, v in scores.items()}
+        elif embs[0].windows:
             grid, stride = embs[0].grid, self.settings.window_stride
             indices = {sc: window_indices(grid[0], grid[1], sc, stride) for sc in embs[0].windows}
             window_scores = {

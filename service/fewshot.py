@@ -285,9 +285,9 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
 def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
     """WinCLIP+'s rule: image = (zero-shot image score + max few-shot map) / 2, map = (zero-shot + few-shot) / 2."""
-    fs_map = fs_map.to(zero_map.device, zero_map.dtype)
-    image = (zero_image.to(zero_map.dtype) + fs_map.amax(dim=(-2, -1))) / 2
-    return image, (zero_map + fs_map) / 2
+    fs_map = fs_map.to(zero_map.device)
+    image = (zero_image.double() + fs_map.amax(dim=(-2, -1)).to(zero_image.device).double()) / 2  # scores stay fp64
+    return image, (zero_map + fs_map.to(zero_map.dtype)) / 2
 
 
 def load_memory(store: Any, product: str, line: str | None = None) -> ReferenceMemory | None:

@@ -174,7 +174,7 @@ def test_few_shot_score_and_map_match_the_slow_winclip_reference(vit, cnn, kind,
     queries = _embs(det, _pixels(backend, 3, 20))
     anchors = det.anchors()
     memory = build_memory(refs, model_ref(det), 1, 10_000)
-    got = det.score(queries, memory=memory, maps=False)
+    got = det.score(queries, memory=memory)
     if kind == "vit":  # the reference reads open_clip's own forward: the whole path is compared, not only formulas
         ref_q = _open_clip_vit_embeddings(backend, _pixels(backend, 3, 20), det.window_scales)
         ref_r = _open_clip_vit_embeddings(backend, _pixels(backend, k_shot, 10), det.window_scales)
