@@ -321,18 +321,18 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
         return det.score([e for e, _ in items], object_name, memory=on_device, exclude=[k for _, k in items],
                          maps=False)
 
-    scores: list[float] = []
+    by_upload: dict[int, float] = {}  # the distribution lists scores in upload order, as the zero-shot path does
     try:
         if len(shots) > 1:
             results = await infer(state, [(e, k) for k, e in enumerate(embs)], object_name, False, deadline, task=loo)
-            scores += [float(r.detection.scores[score_name]) for r in results]
+            by_upload.update({j: float(r.detection.scores[score_name]) for j, r in zip(shots, results)})
         rest = [j for j in range(n) if j not in shot_set]
         for i in range(0, len(rest), chunk):
             part = [uploads[j] for j in rest[i: i + chunk]]
             decoded = await decode_in_pool(state, part)
             results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline,
                                   memory=on_device)
-            scores += [float(r.detection.scores[score_name]) for r in results]
+            by_upload.update({j: float(r.detection.scores[score_name]) for j, r in zip(rest[i: i + chunk], results)})
             for u in part:
                 u.data = b""
     except ReferenceMemoryError as exc:  # the model was swapped while this ran
@@ -340,6 +340,7 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
                        {"Retry-After": "5"}) from None
     for u in uploads:
         u.data = b""
+    scores = [by_upload[j] for j in sorted(by_upload)]
     threshold, dist = calibrate(scores, target_frr)
     dist["fit"] = (f"{len(scores)} few-shot scores: {len(rest)} images against the {len(shots)}-shot memory"
                    + (f", {len(shots)} shots each against the other {len(shots) - 1} (leave-one-out)" if len(shots) > 1
