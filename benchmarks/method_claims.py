@@ -24,6 +24,7 @@ from sklearn.metrics import roc_auc_score
 
 from service.cli import main as zsad
 from service.clip_backend import ClipSpec, load_clip
+from service.constants import SCORE_ALIASES
 from service.evaluation.report import read_scores_csv
 from service.fnn import FNNConfig
 from service.prompts import RandomWordConfig
@@ -88,7 +89,7 @@ def main() -> None:
         print(f"trained {version}: {train_info[version]}", file=sys.stderr)
 
     default_score = Settings().default_score
-    default_col = {"fnn": "s_fnn", "prompt": "s_pr", "combined": "combined"}[default_score]
+    default_col = SCORE_ALIASES[default_score]
     main_version = "rw-10000" if "rw-10000" in versions else versions[0]
     col = f"{default_col}@{main_version}" if default_col != "s_pr" else "s_pr"
     results: dict[str, dict] = {}

@@ -56,6 +56,11 @@ REFERENCE_MAX_SHOTS = 64  # calibration images that go into a product's memory (
 REFERENCE_MAX_ROWS = 4096  # rows per memory bank; above it a greedy coreset is kept
 REFERENCE_MAX_BYTES = 256 * 1024 * 1024  # largest stored memory
 
+# --- operations: metrics, service-level objectives, the Open Inference Protocol ---------------------------------------
+SLO_DETECT_P95_S = 1.0  # objective for the p95 latency of POST /v1/detect (exported; the alert rule compares to it)
+METRICS_MAX_PRODUCTS = 20  # distinct `product` metric label values (first seen) before `other`
+OIP_MODEL_NAME = "zsad"  # the model name under /v2/models/ (KServe / Triton clients)
+
 # --- images -----------------------------------------------------------------------------------------------------------
 CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # OpenAI CLIP normalisation
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)

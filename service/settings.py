@@ -17,10 +17,13 @@ from .constants import (
     COMBINE_WEIGHT,
     DEFAULT_SCORE,
     GENERIC_OBJECT,
+    METRICS_MAX_PRODUCTS,
+    OIP_MODEL_NAME,
     PROMPT_TEMPERATURE,
     REFERENCE_MAX_BYTES,
     REFERENCE_MAX_ROWS,
     REFERENCE_MAX_SHOTS,
+    SLO_DETECT_P95_S,
     VIEW_COUNTS,
     ScoreName,
 )
@@ -112,10 +115,38 @@ class Settings(BaseSettings):
     metrics_max_lines: int = Field(
         20, ge=0, description="Distinct `line` values used as metric labels; later lines are counted as 'other'."
     )
+    metrics_lines: list[str] = Field(
+        default_factory=list, description="Allow-list of `line` metric label values (JSON list); when set, exactly these "
+        "are labels and every other line counts as 'other', the same on every replica (ZSAD_METRICS_MAX_LINES unused)."
+    )
+    metrics_max_products: int = Field(
+        METRICS_MAX_PRODUCTS, ge=0, description="Distinct `product` values used as metric labels (first seen); later "
+        "products are counted as 'other'."
+    )
+    metrics_products: list[str] = Field(
+        default_factory=list, description="Allow-list of `product` metric label values (JSON list); when set, exactly "
+        "these are labels and every other product counts as 'other' (ZSAD_METRICS_MAX_PRODUCTS unused)."
+    )
+    slo_detect_p95_s: float = Field(
+        SLO_DETECT_P95_S, gt=0, description="Objective for the p95 latency of POST /v1/detect in seconds, exported as "
+        "zsad_slo_detect_p95_seconds (the ZsadDetectLatencyHigh alert compares against it)."
+    )
+    oip_model_name: str = Field(
+        OIP_MODEL_NAME, pattern=r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$",
+        description="Model name of the Open Inference Protocol (v2) endpoints: /v2/models/{name}/infer."
+    )
     torch_threads: int = Field(
         0, ge=0, description="Service: torch intra-op CPU threads (0: torch's default, one per core). Set 1-2 when "
         "the CPU is shared with other processes: spinning thread pools slow down badly when oversubscribed."
     )
+
+    @field_validator("metrics_lines", "metrics_products")
+    @classmethod
+    def _label_values(cls, v: list[str]) -> list[str]:
+        bad = [x for x in v if not x or len(x) > 64]
+        if bad:
+            raise ValueError(f"metric label values must be 1-64 characters: {bad[:3]}")
+        return list(dict.fromkeys(v))
 
     @field_validator("tta_views")
     @classmethod

@@ -91,7 +91,7 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
 
     @app.exception_handler(BodyTooLarge)
     async def _too_large(request, exc: BodyTooLarge):
-        return error_response(413, "payload_too_large", str(exc), {"Connection": "close"})
+        return error_response(413, "payload_too_large", str(exc), {"Connection": "close"}, request.url.path)
 
     for router in (*ROUTERS, dashboard.router, apidocs.router):
         app.include_router(router)

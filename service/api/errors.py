@@ -3,6 +3,10 @@
 Handlers are registered for our own `ApiError`, Starlette's `HTTPException` (404/405 from routing, 400 from the
 multipart parser), FastAPI's `RequestValidationError` (422) and any other exception (500, logged with a reference,
 never a stack trace in the body).
+
+Under `/v2` (the Open Inference Protocol) errors take that protocol's shape, `{"error": "<message>"}`, plus our
+`code`: Triton's and KServe's clients read `error` as the message string (tritonclient raises
+`InferenceServerException(msg=body["error"])`), so the nested object would reach their users as a dict's repr.
 """
 from __future__ import annotations
 
@@ -52,8 +56,23 @@ def error_body(code: str, message: str) -> dict[str, Any]:
     return {"error": {"code": code, "message": message}}
 
 
-def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None) -> JSONResponse:
-    return JSONResponse(error_body(code, message), status_code=status, headers=headers)
+def is_oip(path: str) -> bool:
+    """A path of the Open Inference Protocol (v2), whose clients expect its error shape."""
+    return path == "/v2" or path.startswith("/v2/")
+
+
+def oip_error_body(code: str, message: str) -> dict[str, Any]:
+    return {"error": message, "code": code}
+
+
+def error_content(path: str, code: str, message: str) -> dict[str, Any]:
+    """The error body for a request path: OIP's shape under /v2, ours elsewhere."""
+    return oip_error_body(code, message) if is_oip(path) else error_body(code, message)
+
+
+def error_response(status: int, code: str, message: str, headers: dict[str, str] | None = None,
+                   path: str = "") -> JSONResponse:
+    return JSONResponse(error_content(path, code, message), status_code=status, headers=headers)
 
 
 # OpenAPI: the shape every error response has (referenced from the routes' `responses=`).
@@ -70,17 +89,26 @@ ERROR_SCHEMA = {
 }
 
 
-def error_responses(*statuses: int) -> dict[int | str, dict[str, Any]]:
-    """`responses=` entry for FastAPI routes: each status documented with the common error shape and an example."""
+OIP_ERROR_SCHEMA = {
+    "type": "object",
+    "properties": {"error": {"type": "string"}, "code": {"type": "string"}},
+    "required": ["error"],
+}
+
+
+def error_responses(*statuses: int, oip: bool = False) -> dict[int | str, dict[str, Any]]:
+    """`responses=` entry for FastAPI routes: each status documented with the common error shape and an example
+    (`oip`: the /v2 routes' shape)."""
     out: dict[int | str, dict[str, Any]] = {}
     for status in statuses:
         code = DEFAULT_CODES.get(status, "error")
+        message = _EXAMPLE_MESSAGES.get(status, code.replace("_", " "))
         out[status] = {
             "description": code.replace("_", " "),
             "content": {
                 "application/json": {
-                    "schema": ERROR_SCHEMA,
-                    "example": error_body(code, _EXAMPLE_MESSAGES.get(status, code.replace("_", " "))),
+                    "schema": OIP_ERROR_SCHEMA if oip else ERROR_SCHEMA,
+                    "example": oip_error_body(code, message) if oip else error_body(code, message),
                 }
             },
         }
@@ -114,7 +142,7 @@ def _format_validation(exc: RequestValidationError) -> str:
 def install_error_handlers(app: FastAPI) -> None:
     @app.exception_handler(ApiError)
     async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-        return error_response(exc.status, exc.code, exc.message, exc.headers)
+        return error_response(exc.status, exc.code, exc.message, exc.headers, request.url.path)
 
     @app.exception_handler(StarletteHTTPException)
     async def _http_error(request: Request, exc: StarletteHTTPException) -> JSONResponse:
@@ -123,14 +151,14 @@ def install_error_handlers(app: FastAPI) -> None:
         else:
             code = DEFAULT_CODES.get(exc.status_code, "error")
             message = str(exc.detail) if exc.detail else code.replace("_", " ")
-        return error_response(exc.status_code, code, message, getattr(exc, "headers", None))
+        return error_response(exc.status_code, code, message, getattr(exc, "headers", None), request.url.path)
 
     @app.exception_handler(RequestValidationError)
     async def _validation_error(request: Request, exc: RequestValidationError) -> JSONResponse:
-        return error_response(422, "validation_error", _format_validation(exc))
+        return error_response(422, "validation_error", _format_validation(exc), path=request.url.path)
 
     @app.exception_handler(Exception)
     async def _unexpected(request: Request, exc: Exception) -> JSONResponse:
         ref = uuid.uuid4().hex[:8]
         log.error("unhandled error on %s %s (reference %s)", request.method, request.url.path, ref, exc_info=exc)
-        return error_response(500, "internal_error", f"internal server error (reference {ref})")
+        return error_response(500, "internal_error", f"internal server error (reference {ref})", path=request.url.path)

@@ -10,6 +10,8 @@ from __future__ import annotations
 import json
 from typing import TYPE_CHECKING
 
+from .errors import error_content
+
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
@@ -46,7 +48,7 @@ class BodyLimitMiddleware:
                 except ValueError:
                     declared = -1
                 if declared > max_bytes:
-                    await _send_413(send, max_bytes)
+                    await _send_413(send, max_bytes, scope.get("path", ""))
                     return
         seen = 0
 
@@ -62,8 +64,8 @@ class BodyLimitMiddleware:
         await self.app(scope, _receive, send)
 
 
-async def _send_413(send: Send, limit: int) -> None:
-    body = json.dumps({"error": {"code": "payload_too_large", "message": f"request body exceeds {limit} bytes"}}).encode()
+async def _send_413(send: Send, limit: int, path: str = "") -> None:
+    body = json.dumps(error_content(path, "payload_too_large", f"request body exceeds {limit} bytes")).encode()
     await send({"type": "http.response.start", "status": 413,
                 "headers": [(b"content-type", b"application/json"), (b"content-length", str(len(body)).encode()),
                             (b"connection", b"close")]})

@@ -1,8 +1,15 @@
 """Prometheus metrics, prefix `zsad_`, base units (seconds, bytes), bounded label sets.
 
-Each app owns its own `CollectorRegistry` (tests build several apps in one process). Label cardinality is bounded:
-`endpoint` is the route template (or `unmatched`), `stage` a fixed set, `line` the first `max_lines` distinct line
-names seen and `other` after that, `label` anomalous/normal.
+Each app owns its own `CollectorRegistry` (tests build several apps in one process), with the process and platform
+collectors (`process_*`, `python_info`) registered on it. `_created` series are off (`disable_created_metrics`, a
+process-wide switch of prometheus_client read at scrape time, so it holds for our own registries too).
+
+Label cardinality is bounded: `endpoint` is the route template (or `unmatched`), `method` the HTTP method, `stage` a
+fixed set, `label` anomalous/normal, `calibrated` true/false, and `line` and `product` are `BoundedLabel`s: a
+configured allow-list (the same on every replica), else the first `max` distinct values seen, then `other`.
+
+Scrapes and probes (`PROBE_PATHS`) are counted in `zsad_requests_total` under their own `endpoint`, but not in the
+in-flight gauge: a scrape would otherwise always see itself in flight.
 """
 from __future__ import annotations
 
@@ -11,12 +18,22 @@ import time
 from collections.abc import Callable, Iterable
 from typing import TYPE_CHECKING, Any
 
-from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram
+from prometheus_client import (
+    CollectorRegistry,
+    Counter,
+    Gauge,
+    Histogram,
+    PlatformCollector,
+    ProcessCollector,
+    disable_created_metrics,
+)
 from prometheus_client.core import GaugeMetricFamily
 from prometheus_client.registry import Collector
 
 if TYPE_CHECKING:  # pragma: no cover
     from starlette.types import ASGIApp, Receive, Scope, Send
+
+    from ...settings import Settings
 
 STAGES = ("decode", "preprocess", "embed", "windows", "aggregate", "encode", "persist")
 LATENCY_BUCKETS = (0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0, 20.0, 30.0, 60.0)
@@ -25,6 +42,36 @@ BATCH_BUCKETS = (1, 2, 3, 4, 6, 8, 12, 16, 24, 32, 48, 64)
 SCORE_BUCKETS = tuple(round(0.05 * i, 2) for i in range(1, 21))
 NO_LINE = "none"
 OTHER_LINE = "other"
+# Paths of scrapes and probes: not in the in-flight gauge (their requests are still counted, by `endpoint`).
+PROBE_PATHS = frozenset({"/metrics", "/healthz", "/readyz", "/v2/health/live", "/v2/health/ready"})
+
+
+class BoundedLabel:
+    """Label values for a free-form name (line, product): `none` when missing, the name when it is in the allow-list
+    (or, without one, among the first `max_values` distinct names seen by this process), else `other`.
+
+    First-seen sets depend on the traffic each replica happened to see; an allow-list makes them the same everywhere.
+    """
+
+    def __init__(self, max_values: int, allow: Iterable[str] = ()):
+        self.allow = frozenset(v[:64] for v in allow)
+        self.max_values = max_values
+        self._seen: set[str] = set()
+        self._lock = threading.Lock()
+
+    def __call__(self, value: str | None) -> str:
+        if not value:
+            return NO_LINE
+        value = value[:64]
+        if self.allow:
+            return value if value in self.allow else OTHER_LINE
+        with self._lock:
+            if value in self._seen:
+                return value
+            if len(self._seen) < self.max_values:
+                self._seen.add(value)
+                return value
+        return OTHER_LINE
 
 
 class _GpuCollector(Collector):
@@ -55,14 +102,18 @@ class _GpuCollector(Collector):
 
 
 class Metrics:
-    def __init__(self, max_lines: int = 20, device_fn: Callable[[], Any] | None = None):
+    def __init__(self, max_lines: int = 20, device_fn: Callable[[], Any] | None = None, *, max_products: int = 20,
+                 lines: Iterable[str] = (), products: Iterable[str] = (), slo_detect_p95_s: float = 1.0):
+        disable_created_metrics()
         r = self.registry = CollectorRegistry(auto_describe=True)
+        ProcessCollector(registry=r)
+        PlatformCollector(registry=r)
         self.max_lines = max_lines
-        self._lines: set[str] = set()
-        self._lines_lock = threading.Lock()
-        self.requests = Counter("zsad_requests", "HTTP requests by route template and status code.",
-                                ["endpoint", "status"], registry=r)
-        self.request_duration = Histogram("zsad_request_duration_seconds", "HTTP request latency.", ["endpoint"],
+        self.line_label = BoundedLabel(max_lines, lines)
+        self.product_label = BoundedLabel(max_products, products)
+        self.requests = Counter("zsad_requests", "HTTP requests by route template, method and status code.",
+                                ["endpoint", "method", "status"], registry=r)
+        self.request_duration = Histogram("zsad_request_duration_seconds", "HTTP request latency.", ["endpoint", "method"],
                                           buckets=LATENCY_BUCKETS, registry=r)
         self.stage_duration = Histogram("zsad_inference_stage_duration_seconds",
                                         "Time per pipeline stage (model stages are per batch).", ["stage"],
@@ -71,12 +122,13 @@ class Metrics:
                                     buckets=STAGE_BUCKETS, registry=r)
         self.batch_size = Histogram("zsad_batch_size", "Images per model forward (dynamic micro-batching).",
                                     buckets=BATCH_BUCKETS, registry=r)
-        self.inflight = Gauge("zsad_inflight_requests", "HTTP requests being served.", registry=r)
+        self.inflight = Gauge("zsad_inflight_requests", "HTTP requests being served (scrapes and probes not counted).",
+                              registry=r)
         self.queue_depth = Gauge("zsad_queue_depth", "Images waiting in the inference queue.", registry=r)
         self.queue_rejections = Counter("zsad_queue_rejections", "Images refused because the queue was full.",
                                         registry=r)
-        self.predictions = Counter("zsad_predictions", "Scored images by line and label.", ["line", "label"],
-                                   registry=r)
+        self.predictions = Counter("zsad_predictions", "Scored images by line, product, label and whether the threshold "
+                                   "was calibrated.", ["line", "product", "label", "calibrated"], registry=r)
         self.image_score = Histogram("zsad_image_score", "Image anomaly scores (the score used for the label).",
                                      ["line"], buckets=SCORE_BUCKETS, registry=r)
         self.model_info = Gauge("zsad_model_info", "The model serving now (value 1).", ["model", "version", "clip"],
@@ -85,29 +137,27 @@ class Metrics:
         self.model_load_seconds = Gauge("zsad_model_load_duration_seconds", "Time the last successful load took.",
                                         registry=r)
         self.reloads = Counter("zsad_model_reloads", "Model reload attempts by outcome.", ["outcome"], registry=r)
+        self.slo_detect_p95 = Gauge("zsad_slo_detect_p95_seconds", "Objective for the p95 latency of POST /v1/detect "
+                                    "(ZSAD_SLO_DETECT_P95_S).", registry=r)
+        self.slo_detect_p95.set(slo_detect_p95_s)
         if device_fn is not None:
             r.register(_GpuCollector(device_fn))
 
-    def line_label(self, line: str | None) -> str:
-        """Bounded `line` label: the first `max_lines` distinct names, then `other`."""
-        if not line:
-            return NO_LINE
-        line = line[:64]
-        with self._lines_lock:
-            if line in self._lines:
-                return line
-            if len(self._lines) < self.max_lines:
-                self._lines.add(line)
-                return line
-        return OTHER_LINE
+    @classmethod
+    def from_settings(cls, settings: Settings, device_fn: Callable[[], Any] | None = None) -> Metrics:
+        return cls(settings.metrics_max_lines, device_fn, max_products=settings.metrics_max_products,
+                   lines=settings.metrics_lines, products=settings.metrics_products,
+                   slo_detect_p95_s=settings.slo_detect_p95_s)
 
     def set_model(self, name: str, version: str, clip: str) -> None:
         self.model_info.clear()
         self.model_info.labels(model=name, version=version, clip=clip).set(1)
 
-    def observe_prediction(self, line: str | None, label: str, score: float) -> None:
+    def observe_prediction(self, line: str | None, product: str | None, label: str, score: float,
+                           calibrated: bool = False) -> None:
         ll = self.line_label(line)
-        self.predictions.labels(line=ll, label=label).inc()
+        self.predictions.labels(line=ll, product=self.product_label(product), label=label,
+                                calibrated="true" if calibrated else "false").inc()
         self.image_score.labels(line=ll).observe(score)
 
     def observe_stages(self, timings: dict[str, float]) -> None:
@@ -117,7 +167,8 @@ class Metrics:
 
 
 class MetricsMiddleware:
-    """Pure ASGI middleware: request count, latency and in-flight gauge by route template."""
+    """Pure ASGI middleware: request count and latency by route template and method; the in-flight gauge (without
+    scrapes and probes)."""
 
     def __init__(self, app: ASGIApp, metrics: Metrics):
         self.app = app
@@ -135,13 +186,25 @@ class MetricsMiddleware:
             await send(message)
 
         m = self.metrics
-        m.inflight.inc()
+        counted = scope.get("path") not in PROBE_PATHS
+        if counted:
+            m.inflight.inc()
         start = time.perf_counter()
         try:
             await self.app(scope, receive, _send)
         finally:
-            m.inflight.dec()
+            if counted:
+                m.inflight.dec()
             route = scope.get("route")
             endpoint = getattr(route, "path", None) or "unmatched"
-            m.requests.labels(endpoint=endpoint, status=str(status["code"])).inc()
-            m.request_duration.labels(endpoint=endpoint).observe(time.perf_counter() - start)
+            method = _method(scope.get("method"))
+            m.requests.labels(endpoint=endpoint, method=method, status=str(status["code"])).inc()
+            m.request_duration.labels(endpoint=endpoint, method=method).observe(time.perf_counter() - start)
+
+
+KNOWN_METHODS = frozenset({"GET", "HEAD", "POST", "PUT", "DELETE", "PATCH", "OPTIONS"})
+
+
+def _method(method: str | None) -> str:
+    """The request method is the client's free text: bounded to the standard ones, else `other`."""
+    return method if method in KNOWN_METHODS else "other"

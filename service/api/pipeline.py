@@ -217,7 +217,7 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
         body["timings_ms"]["persist"] = _ms(persist_s)
         body["timings_ms"]["total"] = _ms(total)
         bodies.append(body)
-        state.metrics.observe_prediction(rec.line, rec.label, rec.score)
+        state.metrics.observe_prediction(rec.line, rec.product, rec.label, rec.score, calibrated=False)  # issue #13: per result
     return bodies
 
 

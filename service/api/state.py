@@ -44,7 +44,7 @@ class AppState:
         self.detector: Any = None
         self.status = "loading"  # loading | ready | failed | stopping
         self.error: str | None = None
-        self.metrics = Metrics(settings.metrics_max_lines, device_fn=self._device)
+        self.metrics = Metrics.from_settings(settings, device_fn=self._device)
         self.auth = KeyChecker(settings.api_keys_read, settings.api_keys_admin)
         self.thresholds = ThresholdStore(settings.thresholds_path)
         self.references = References(store_from_settings(settings))  # few-shot memories per product / line

@@ -227,7 +227,7 @@ def test_each_app_has_its_own_metrics_and_bounded_line_labels(tmp_path):
         for line in ("L1", "L2", "L3", "L4"):
             assert _detect(c1, line=line).status_code == 200
         text1, text2 = c1.get("/metrics").text, c2.get("/metrics").text
-        assert 'zsad_predictions_total{label="normal",line="other"} 2.0' in text1
+        assert 'zsad_predictions_total{calibrated="false",label="normal",line="other",product="none"} 2.0' in text1
         assert 'line="L3"' not in text1 and "zsad_predictions_total{" not in text2
         for name in ("zsad_request_duration_seconds_bucket", "zsad_inference_stage_duration_seconds_bucket",
                      "zsad_queue_wait_seconds_bucket", "zsad_batch_size_bucket", "zsad_inflight_requests",

@@ -67,9 +67,9 @@ def test_detect_persist_query_stats_metrics(served):
     assert r.json()["score_name"] == "fnn" and len(g["grid"]) == g["rows"] and len(g["grid"][0]) == g["cols"]
 
     after = c.get("/metrics").text
-    assert _metric(after, 'zsad_predictions_total{label') - _metric(before, 'zsad_predictions_total{label') == 2
-    assert _metric(after, 'zsad_requests_total{endpoint="/v1/detect",status="200"}') == \
-        _metric(before, 'zsad_requests_total{endpoint="/v1/detect",status="200"}') + 2
+    assert _metric(after, 'zsad_predictions_total{') - _metric(before, 'zsad_predictions_total{') == 2
+    assert _metric(after, 'zsad_requests_total{endpoint="/v1/detect",method="POST",status="200"}') == \
+        _metric(before, 'zsad_requests_total{endpoint="/v1/detect",method="POST",status="200"}') + 2
     assert _metric(after, 'zsad_image_score_count{line="L1"}') >= 2
     assert _metric(after, 'zsad_inference_stage_duration_seconds_count{stage="windows"}') >= 1
 

@@ -81,17 +81,12 @@ def _samples(text: str) -> dict[str, set[str]]:
 
 
 @pytest.fixture(scope="session")
-def exported(deploy_store, tmp_path_factory) -> dict[str, set[str]]:
-    """sample name -> label names, as scraped from the service.
-
-    A real `/metrics` scrape of an app serving a tiny real model after a detection with a `line` and a model reload
-    (labelled series only appear once observed), plus the GPU-memory gauges, which the service exports only on a CUDA
-    device: those are collected through the same collector with torch.cuda's memory counters stubbed.
-    """
+def scrape(deploy_store, tmp_path_factory) -> str:
+    """A real `/metrics` scrape (exposition text) of an app serving a tiny real model, after a detection with a `line`
+    and a `product` and a model reload (labelled series only appear once observed)."""
     from fastapi.testclient import TestClient
 
     from service.api.app import create_app
-    from service.api.metrics import Metrics
     from service.settings import Settings
 
     tmp = tmp_path_factory.mktemp("metrics-app")
@@ -107,10 +102,18 @@ def exported(deploy_store, tmp_path_factory) -> dict[str, set[str]]:
         assert r.status_code == 200, r.text
         r = client.post("/v1/models/reload", json={})  # zsad_model_reloads_total{outcome} appears with a reload
         assert r.status_code == 200, r.text
-        scrape = client.get("/metrics")
-        assert scrape.status_code == 200
-        names = _samples(scrape.text)
+        scraped = client.get("/metrics")
+        assert scraped.status_code == 200
+        return scraped.text
 
+
+@pytest.fixture(scope="session")
+def exported(scrape) -> dict[str, set[str]]:
+    """sample name -> label names: the `scrape` above, plus the GPU-memory gauges, which the service exports only on a
+    CUDA device: those are collected through the same collector with torch.cuda's memory counters stubbed."""
+    from service.api.metrics import Metrics
+
+    names = _samples(scrape)
     import torch
 
     fake_cuda = SimpleNamespace(type="cuda", __str__=lambda self: "cuda:0")

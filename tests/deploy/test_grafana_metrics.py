@@ -7,10 +7,13 @@ from __future__ import annotations
 import json
 import re
 import shutil
+import subprocess
 import tempfile
 from pathlib import Path
 
-from .conftest import REPO
+import pytest
+
+from .conftest import REPO, which
 
 DASHBOARD = REPO / "docker" / "grafana" / "dashboards" / "zsad.json"
 PROMETHEUS_LABELS = {"instance", "job", "le", "__name__"}  # added by Prometheus, or the histogram bucket label
@@ -44,6 +47,16 @@ def test_dashboard_covers_the_required_views():
     for word in ("request rate", "latency", "anomaly rate per line", "score distribution", "queue wait",
                  "model version"):
         assert word in titles, word
+
+
+def test_promtool_check_metrics_is_clean_on_a_real_scrape(scrape):
+    """promtool's linter (naming, units, help texts) on what the service really exports; no `_created` twins."""
+    binary = which("promtool")
+    if binary is None:
+        pytest.skip("promtool not installed (Debian package `prometheus`; .ci/run installs it)")
+    r = subprocess.run([binary, "check", "metrics"], input=scrape, capture_output=True, text=True, timeout=60)
+    assert r.returncode == 0 and not (r.stdout + r.stderr).strip(), r.stdout + r.stderr
+    assert "_created" not in scrape and "process_resident_memory_bytes" in scrape
 
 
 def test_every_metric_in_the_dashboard_is_exported(exported):

@@ -524,6 +524,20 @@ def test_kserve_inference_service_runs_the_image_as_a_v2_predictor():
     assert predictor["securityContext"]["runAsNonRoot"] is True
 
 
+def test_kserve_model_name_is_the_one_the_service_serves_under_v2(tmp_path):
+    """KServe routes /v2/models/<isvc name>/infer to the predictor: the container must serve that model name."""
+    from service.api.app import create_app
+    from service.settings import Settings
+
+    isvc = _kserve()
+    env = {e["name"]: e.get("value") for e in isvc["spec"]["predictor"]["containers"][0]["env"]}
+    assert env["ZSAD_OIP_MODEL_NAME"] == isvc["metadata"]["name"] == Settings.model_fields["oip_model_name"].default
+    app = create_app(Settings(model_store=tmp_path, results_path=tmp_path / "r.sqlite", thresholds_path=tmp_path / "t.json"))
+    paths = set(app.openapi()["paths"])
+    assert {"/v2", "/v2/models/{model_name}", "/v2/models/{model_name}/ready", "/v2/models/{model_name}/infer",
+            "/v2/health/live", "/v2/health/ready"} <= paths
+
+
 # --- docs -------------------------------------------------------------------------------------------------------------
 
 def test_docs_name_only_files_that_exist():

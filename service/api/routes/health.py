@@ -6,7 +6,7 @@ from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
 from ..deps import StateDep
-from ..errors import ApiError, error_body, error_responses
+from ..errors import ApiError, error_body, error_responses, oip_error_body
 from ..schemas import Health, Readiness
 from ..state import AppState
 
@@ -43,17 +43,19 @@ async def v2_live(state: StateDep):
 
 
 @router.get("/v2/health/ready", tags=["health"], summary="KServe v2 readiness (503 when not ready)",
-            responses={200: {"content": {"application/json": {"example": {"ready": True}}}}, **error_responses(503)})
+            responses={200: {"content": {"application/json": {"example": {"ready": True}}}},
+                       **error_responses(503, oip=True)})
 async def v2_ready(state: StateDep):
     r = _readiness(state)
     if not r.ready:
-        return JSONResponse({**error_body("not_ready", f"not ready: {r.status}"), "ready": False}, status_code=503)
+        return JSONResponse({**oip_error_body("not_ready", f"not ready: {r.status}"), "ready": False}, status_code=503)
     return {"ready": True}
 
 
 @router.get("/metrics", tags=["metrics"], summary="Prometheus metrics (text exposition format)",
             response_class=Response,
             responses={200: {"content": {"text/plain": {"example": "zsad_requests_total{endpoint=\"/v1/detect\","
-                                                                   "status=\"200\"} 42.0\nzsad_model_ready 1.0\n"}}}})
+                                                                   "method=\"POST\",status=\"200\"} 42.0\n"
+                                                                   "zsad_model_ready 1.0\n"}}}})
 async def metrics(state: StateDep):
     return Response(generate_latest(state.metrics.registry), media_type=CONTENT_TYPE_LATEST)
