@@ -207,6 +207,34 @@ def cmd_serve(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- db ---------------------------------------------------------------------------------------------------------
+def cmd_db(args: argparse.Namespace) -> int:
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .db import migrate
+    from .db.engine import database_url, make_engine
+
+    url = args.url or database_url(Settings())
+    try:
+        engine = make_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise CliError(f"cannot use database URL: {type(exc).__name__}: {exc}") from None
+    where = engine.url.render_as_string(hide_password=True)
+    try:
+        if args.db_cmd == "upgrade":
+            before, after = migrate.upgrade(engine)
+            print(json.dumps({"database": where, "before": before, "after": after, "head": migrate.head_revision()}))
+            return 0
+        st = migrate.state(engine)
+        print(json.dumps({"database": where, "current": st.current, "head": st.head, "at_head": st.at_head,
+                          "previous_release": st.legacy, "newer": st.newer}))
+        return 0 if st.at_head or st.newer else 1
+    except SQLAlchemyError as exc:
+        raise CliError(f"database {where}: {type(exc).__name__}: {str(exc).splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+
+
 def build_parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(prog="zsad", description="Zero-shot visual anomaly detection (random-word CLIP + FNN).")
     p.add_argument("--store", help="model store folder (default: $ZSAD_MODEL_STORE or ./model_store)")
@@ -278,6 +306,15 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
     sv.set_defaults(func=cmd_serve)
 
+    db = sub.add_parser("db", help="the database schema (results, thresholds, fleet): migrate or inspect it")
+    db_sub = db.add_subparsers(dest="db_cmd", required=True, metavar="ACTION")
+    for action, text in (("upgrade", "migrate to this release's schema (idempotent; replicas running it together "
+                                     "migrate once)"),
+                         ("status", "print the schema revision; exit 1 when it is behind this release")):
+        a = db_sub.add_parser(action, help=text)
+        a.add_argument("--url", help="SQLAlchemy URL (default: $ZSAD_RESULTS_URL, else SQLite at $ZSAD_RESULTS_PATH)")
+    db.set_defaults(func=cmd_db)
+
     for module in ("service.synthetic.cli", "service.evaluation.cli"):
         try:
             register = __import__(module, fromlist=["register"]).register
@@ -302,13 +339,16 @@ def build_parser() -> argparse.ArgumentParser:
 def main(argv: list[str] | None = None) -> int:
     parser = build_parser()
     args = parser.parse_args(argv)
-    from .clip_backend import ClipLoadError
-    from .detector import ModelLoadError
-    from .store import StoreError
+    errors: tuple[type[Exception], ...] = (CliError, ValueError)
+    if args.command != "db":  # `zsad db` (run by the container entrypoint at every start) never imports torch
+        from .clip_backend import ClipLoadError
+        from .detector import ModelLoadError
+        from .store import StoreError
 
+        errors += (ClipLoadError, ModelLoadError, StoreError)
     try:
         return int(args.func(args) or 0)
-    except (CliError, ClipLoadError, ModelLoadError, StoreError, ValueError) as exc:
+    except errors as exc:
         print(f"zsad {args.command}: error: {exc}", file=sys.stderr)
         return 1
     except KeyboardInterrupt:

@@ -66,3 +66,9 @@ CLIP_MEAN: tuple[float, float, float] = (0.48145466, 0.4578275, 0.40821073)  # O
 CLIP_STD: tuple[float, float, float] = (0.26862954, 0.26130258, 0.27577711)
 ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")  # the only decoders ever run
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
+
+# --- the shared database (service/db/) --------------------------------------------------------------------------------
+FLEET_POLL_S = 2.0  # how often a replica reads the fleet's desired model and writes its heartbeat
+FLEET_STALE_POLLS = 3  # a replica not seen for this many poll intervals (at least 10 s) is listed as stale
+FLEET_FORGET_S = 3600.0  # heartbeat rows not updated for this long are deleted
+DB_MIGRATION_LOCK = 0x7A736164  # PostgreSQL advisory lock key held while migrating ("zsad")

@@ -16,6 +16,7 @@ from pydantic_settings import BaseSettings, SettingsConfigDict
 from .constants import (
     COMBINE_WEIGHT,
     DEFAULT_SCORE,
+    FLEET_POLL_S,
     GENERIC_OBJECT,
     METRICS_MAX_PRODUCTS,
     OIP_MODEL_NAME,
@@ -90,7 +91,21 @@ class Settings(BaseSettings):
     results_path: Path = Field(REPO_ROOT / "data" / "results.sqlite", description="SQLite results store path.")
     keep_heatmaps: bool = Field(True, description="Keep heatmap PNGs in the results store.")
     heatmap_retention: int = Field(1000, ge=0, description="Keep at most this many heatmap PNGs (oldest dropped).")
-    thresholds_path: Path = Field(REPO_ROOT / "data" / "thresholds.json", description="Per product/line thresholds.")
+    thresholds_path: Path = Field(
+        REPO_ROOT / "data" / "thresholds.json", description="The previous release's thresholds file: imported into "
+        "the database once at start-up, then renamed to <name>.imported-<time>. Thresholds live in the database."
+    )
+    db_upgrade: bool | None = Field(
+        None, description="Migrate the database schema (`zsad db upgrade`) at start-up. None: yes on SQLite; on "
+        "PostgreSQL only check it and stay not ready when it is behind (the container entrypoint migrates)."
+    )
+    fleet_poll_s: float = Field(
+        FLEET_POLL_S, ge=0.0, description="Seconds between reads of the fleet's desired model (then loaded when it "
+        "changed) and heartbeats to the database; 0 turns both off: reloads stay on this replica."
+    )
+    replica_id: str | None = Field(
+        None, min_length=1, max_length=128, description="This replica's id in GET /v1/fleet; None: <host>-<pid>."
+    )
     default_threshold: float | None = Field(
         None, description="Threshold when no product threshold is set; None uses the model manifest's advice."
     )

@@ -127,3 +127,18 @@ def test_train_records_test_time_views_and_calibrates_with_them(tiny_store, tmp_
     with pytest.raises(SystemExit) as exit_info:  # argparse refuses a view count that is not a group
         main(["--store", str(store), "train", "--clip", "tiny-clip", "--name", "y", "--tta-views", "3"])
     assert exit_info.value.code == 2
+
+
+def test_db_upgrade_and_status(tmp_path, capsys, monkeypatch):
+    monkeypatch.setenv("ZSAD_RESULTS_PATH", str(tmp_path / "r.sqlite"))
+    monkeypatch.delenv("ZSAD_RESULTS_URL", raising=False)
+    assert main(["db", "status"]) == 1  # a fresh database is behind
+    assert json.loads(capsys.readouterr().out)["current"] is None
+    assert main(["db", "upgrade"]) == 0
+    out = json.loads(capsys.readouterr().out)
+    assert out["before"] is None and out["after"] == out["head"] and "r.sqlite" in out["database"]
+    assert main(["db", "upgrade"]) == 0 and main(["db", "status"]) == 0  # idempotent, then at head
+    capsys.readouterr()
+    assert main(["db", "upgrade", "--url", "bogus://x"]) == 1
+    err = capsys.readouterr().err
+    assert err.startswith("zsad db: error: cannot use database URL") and len(err.strip().splitlines()) == 1

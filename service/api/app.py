@@ -1,6 +1,7 @@
 """`create_app()`: the FastAPI application factory (`uvicorn --factory service.api.app:create_app`).
 
-Start-up (lifespan): open the results store, read the thresholds file, start the inference worker, then load the
+Start-up (lifespan): open the database (migrate or check its schema, import a previous release's thresholds file
+once), start the inference worker and the fleet thread (heartbeats, the desired model), then load the
 detector in a background thread (the configured name/version, else the `current` pointer; GPU when present) and
 warm it up with one dummy inference. Only then is the service ready: `/readyz` answers 503 while loading and when
 loading failed (missing or corrupt weights give one clear log line and a non-ready state, never a random model),
@@ -28,7 +29,6 @@ from .limits import BodyLimitMiddleware, BodyTooLarge
 from .metrics import MetricsMiddleware
 from .routes import ROUTERS
 from .state import AppState, Loader, default_loader
-from .thresholds import ThresholdFileError
 
 log = logging.getLogger("zsad.api")
 
@@ -50,24 +50,22 @@ async def lifespan(app: FastAPI):
         log.warning("no API keys configured (ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN): the API is OPEN to anyone "
                     "who can reach this server")
     state.decode_limiter = anyio.CapacityLimiter(max(2, os.cpu_count() or 2))
-    await asyncio.to_thread(state.results.open)
-    log.info("results store: %s", state.results.describe())
-    try:
-        state.thresholds.load()
-    except ThresholdFileError as exc:
-        state.status, state.error = "failed", str(exc)
-        log.error("THRESHOLDS NOT LOADED, service is not ready: %s", exc)
+    database_ok = await asyncio.to_thread(state.open_database)
+    log.info("database (results, thresholds, fleet): %s", state.results.describe())
     state.worker.start()
     if state.status == "loading":
         threading.Thread(target=state.initial_load, name="zsad-model-load", daemon=True).start()
     else:
         state.loaded.set()
+    if database_ok:
+        await asyncio.to_thread(state.start_fleet)
     try:
         yield
     finally:
         state.status = "stopping"
         state.metrics.model_ready.set(0)
         await asyncio.to_thread(state.worker.stop, 30.0)
+        await asyncio.to_thread(state.stop_fleet)
         await asyncio.to_thread(state.results.close)
         log.info("stopped")
 

@@ -6,6 +6,7 @@ route reaches into `request.app.state` itself, and tests can override any of the
 """
 from __future__ import annotations
 
+import hashlib
 from typing import Annotated
 
 from fastapi import Depends, Request, Security
@@ -60,3 +61,15 @@ async def require_admin(state: StateDep, api_key: ApiKey = None, bearer: Bearer 
 
 READ = [Depends(require_read)]
 ADMIN = [Depends(require_admin)]
+
+
+def get_caller(state: StateDep, api_key: ApiKey = None, bearer: Bearer = None) -> str:
+    """Who makes this request, for the records (threshold rows, calibrations, the fleet's desired model): a short
+    fingerprint of the API key (never the key), or `anonymous` on an open API."""
+    key = presented_key(api_key, bearer)
+    if not state.auth.enabled or key is None:
+        return "anonymous"
+    return "key:" + hashlib.sha256(key.encode()).hexdigest()[:12]
+
+
+CallerDep = Annotated[str, Depends(get_caller)]

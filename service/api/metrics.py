@@ -103,11 +103,13 @@ class _GpuCollector(Collector):
 
 class Metrics:
     def __init__(self, max_lines: int = 20, device_fn: Callable[[], Any] | None = None, *, max_products: int = 20,
-                 lines: Iterable[str] = (), products: Iterable[str] = (), slo_detect_p95_s: float = 1.0):
+                 lines: Iterable[str] = (), products: Iterable[str] = (), slo_detect_p95_s: float = 1.0,
+                 replica: str = ""):
         disable_created_metrics()
         r = self.registry = CollectorRegistry(auto_describe=True)
         ProcessCollector(registry=r)
         PlatformCollector(registry=r)
+        self.replica = replica  # the fleet id (GET /v1/fleet), a label of zsad_model_info
         self.max_lines = max_lines
         self.line_label = BoundedLabel(max_lines, lines)
         self.product_label = BoundedLabel(max_products, products)
@@ -131,8 +133,12 @@ class Metrics:
                                    "was calibrated.", ["line", "product", "label", "calibrated"], registry=r)
         self.image_score = Histogram("zsad_image_score", "Image anomaly scores (the score used for the label).",
                                      ["line"], buckets=SCORE_BUCKETS, registry=r)
-        self.model_info = Gauge("zsad_model_info", "The model serving now (value 1).", ["model", "version", "clip"],
-                                registry=r)
+        self.model_info = Gauge("zsad_model_info", "The model serving now (value 1), and the replica's fleet id.",
+                                ["model", "version", "clip", "replica"], registry=r)
+        self.model_desired_info = Gauge("zsad_model_desired_info", "The fleet's desired model as this replica last "
+                                        "read it (value 1; absent when none is set).", ["model", "version"], registry=r)
+        self.model_in_sync = Gauge("zsad_model_in_sync", "1 when this replica serves the fleet's desired model (or none "
+                                   "is set), 0 while it does not (loading it, or it failed here).", registry=r)
         self.model_ready = Gauge("zsad_model_ready", "1 when a model is loaded and warmed up.", registry=r)
         self.model_load_seconds = Gauge("zsad_model_load_duration_seconds", "Time the last successful load took.",
                                         registry=r)
@@ -144,14 +150,24 @@ class Metrics:
             r.register(_GpuCollector(device_fn))
 
     @classmethod
-    def from_settings(cls, settings: Settings, device_fn: Callable[[], Any] | None = None) -> Metrics:
+    def from_settings(cls, settings: Settings, device_fn: Callable[[], Any] | None = None, replica: str = "") -> Metrics:
         return cls(settings.metrics_max_lines, device_fn, max_products=settings.metrics_max_products,
                    lines=settings.metrics_lines, products=settings.metrics_products,
-                   slo_detect_p95_s=settings.slo_detect_p95_s)
+                   slo_detect_p95_s=settings.slo_detect_p95_s, replica=replica)
 
     def set_model(self, name: str, version: str, clip: str) -> None:
         self.model_info.clear()
-        self.model_info.labels(model=name, version=version, clip=clip).set(1)
+        self.model_info.labels(model=name, version=version, clip=clip, replica=self.replica).set(1)
+
+    def set_desired(self, desired: Any, serving: dict[str, str] | None) -> None:
+        """`desired`: a `service.db.fleet.Desired` or None; `serving`: the model reference being served."""
+        self.model_desired_info.clear()
+        if desired is None:
+            self.model_in_sync.set(1)
+            return
+        self.model_desired_info.labels(model=desired.name, version=desired.version).set(1)
+        same = serving is not None and (serving["name"], serving["version"]) == (desired.name, desired.version)
+        self.model_in_sync.set(1 if same else 0)
 
     def observe_prediction(self, line: str | None, product: str | None, label: str, score: float,
                            calibrated: bool = False) -> None:

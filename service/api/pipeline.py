@@ -223,7 +223,7 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
 
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
-                            store: bool, reference: bool = False) -> dict[str, Any]:
+                            store: bool, reference: bool = False, caller: str | None = None) -> dict[str, Any]:
     """Score normal images exactly as /v1/detect would (no heatmap), fit the threshold at `target_frr` and store it.
 
     Decoded and scored a micro-batch at a time, each upload's bytes released once scored: memory stays bounded by
@@ -233,7 +233,8 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
     (`calibrate_few_shot`); without it, storing the threshold also removes any memory of that product (line), so the
     product is judged zero-shot against the threshold just fitted zero-shot."""
     if reference:
-        return await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store)
+        return await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
+                                        caller)
     s = state.settings
     deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
     scores: list[float] = []
@@ -248,12 +249,16 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
         for u in part:
             u.data = b""
     threshold, dist = calibrate(scores, target_frr)
+    summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
+    summary["model"] = model
     if store:
-        summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
-        summary["model"] = model
         await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
-                                                              summary, {"mode": "zero_shot", "shots": 0}))
+                                                              summary, updated_by=caller, mode="zero_shot", shots=0))
         await to_thread.run_sync(_drop_memory, state, product, line)
+    # every calibration is kept as a record (who, when, how many images, the fitted values; stored or proposed)
+    await to_thread.run_sync(lambda: state.thresholds.record_calibration(
+        product, line, score_name, threshold, target_frr, len(scores), model, caller, store,
+        {**summary, "mode": "zero_shot", "shots": 0}))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
             "target_frr": target_frr, "stored": store, "model": model, "distribution": dist,
             "mode": "zero_shot", "shots": 0, "reference": None}
@@ -275,7 +280,7 @@ def _shot_indices(n: int, k: int) -> list[int]:
 
 async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: str, line: str | None,
                              score_name: str, target_frr: float, object_name: str | None,
-                             store: bool) -> dict[str, Any]:
+                             store: bool, caller: str | None = None) -> dict[str, Any]:
     """Few-shot calibration: up to `reference_max_shots` of the images become the reference memory, and the
     threshold is fitted on few-shot scores in which no image is compared with its own embeddings: the other
     images against the whole memory, each shot against the memory without its rows (leave-one-out; with one shot
@@ -348,20 +353,23 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     data = memory.to_bytes()
     info = {"shots": memory.shots, "rows": memory.rows, "coreset": memory.meta.get("coreset") or {},
             "bytes": len(data), "model": model, "line": line}
+    summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
+    summary["model"] = model
     if store:
-        summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
-        summary["model"] = model
 
         def _persist() -> None:
             state.references.store.put(product, line, data)
             state.references.forget(product, line)
-            state.thresholds.put(product, threshold, score_name, line, "calibration", summary,
-                                 {"mode": "few_shot", "shots": memory.shots})
+            state.thresholds.put(product, threshold, score_name, line, "calibration", summary, updated_by=caller,
+                                 mode="few_shot", shots=memory.shots)
 
         try:
             await to_thread.run_sync(_persist)
         except ValueError as exc:  # MemoryStoreError: over the size limit
             raise ApiError(413, "payload_too_large", str(exc)) from None
+    await to_thread.run_sync(lambda: state.thresholds.record_calibration(
+        product, line, score_name, threshold, target_frr, len(scores), model, caller, store,
+        {**summary, "mode": "few_shot", "shots": memory.shots}))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
             "target_frr": target_frr, "stored": store, "model": model, "distribution": dist,
             "mode": "few_shot", "shots": memory.shots, "reference": info}

@@ -20,60 +20,11 @@ from pathlib import Path
 from typing import Any
 
 import numpy as np
-from sqlalchemy import (
-    JSON,
-    Column,
-    Float,
-    ForeignKey,
-    Index,
-    Integer,
-    LargeBinary,
-    MetaData,
-    String,
-    Table,
-    create_engine,
-    delete,
-    event,
-    func,
-    insert,
-    select,
-)
+from sqlalchemy import Integer, delete, func, insert, select
 from sqlalchemy.engine import Engine
 
-metadata = MetaData()
-
-results_table = Table(
-    "results",
-    metadata,
-    Column("id", Integer, primary_key=True, autoincrement=True),
-    Column("created_at", Float, nullable=False),
-    Column("line", String(64)),
-    Column("product", String(64)),
-    Column("model_name", String(64), nullable=False),
-    Column("model_version", String(64), nullable=False),
-    Column("score_name", String(16), nullable=False),
-    Column("score", Float, nullable=False),
-    Column("label", String(16), nullable=False),
-    Column("threshold", Float, nullable=False),
-    Column("threshold_source", String(16), nullable=False),
-    Column("scores", JSON, nullable=False),
-    Column("latency_ms", Float, nullable=False),
-    Column("object_name", String(64)),
-    Column("filename", String(255)),
-    Column("width", Integer),
-    Column("height", Integer),
-    Index("ix_results_created_at", "created_at"),
-    Index("ix_results_product_id", "product", "id"),
-    Index("ix_results_line_id", "line", "id"),
-    sqlite_autoincrement=True,
-)
-
-heatmaps_table = Table(
-    "heatmaps",
-    metadata,
-    Column("result_id", Integer, ForeignKey("results.id", ondelete="CASCADE"), primary_key=True),
-    Column("png", LargeBinary, nullable=False),
-)
+from ..db.engine import make_engine, sqlite_url
+from ..db.schema import heatmaps_table, metadata, results_table  # noqa: F401 - the tables live in service/db/schema.py
 
 STATS_SAMPLE = 100_000  # percentiles over at most this many newest rows of the window
 
@@ -163,39 +114,28 @@ def parse_window(value: str) -> float:
 
 
 class ResultsStore:
-    def __init__(self, url: str | None, path: Path, keep_heatmaps: bool = True, heatmap_retention: int = 1000):
+    def __init__(self, url: str | None, path: Path, keep_heatmaps: bool = True, heatmap_retention: int = 1000,
+                 engine: Engine | None = None):
         self.is_sqlite = url is None or url.startswith("sqlite")
         self.path = Path(path) if url is None else None
         if url is None:
-            url = f"sqlite:///{Path(path).resolve()}"
+            url = sqlite_url(path)
         self.url = url
         self.keep_heatmaps = keep_heatmaps and heatmap_retention > 0
         self.heatmap_retention = heatmap_retention
         self._write_lock = threading.Lock()
         self._pending_lock = threading.Lock()
         self._pending: list[_Ticket] = []
-        self.engine = self._make_engine(url)
-
-    def _make_engine(self, url: str) -> Engine:
-        if self.is_sqlite:
-            engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
-
-            @event.listens_for(engine, "connect")
-            def _pragmas(dbapi_conn, _record):
-                cur = dbapi_conn.cursor()
-                cur.execute("PRAGMA journal_mode=WAL")
-                cur.execute("PRAGMA synchronous=FULL")
-                cur.execute("PRAGMA foreign_keys=ON")
-                cur.execute("PRAGMA busy_timeout=30000")
-                cur.close()
-
-            return engine
-        return create_engine(url, pool_pre_ping=True)
+        self.engine = engine if engine is not None else make_engine(url)  # the app shares one engine (AppState)
 
     def open(self) -> None:
+        """Bring the schema to the newest revision (`service.db.migrate.upgrade`); the service's start-up does this
+        itself, behind ZSAD_DB_UPGRADE (`AppState.open_database`)."""
+        from ..db.migrate import upgrade
+
         if self.path is not None:
             self.path.parent.mkdir(parents=True, exist_ok=True)
-        metadata.create_all(self.engine)
+        upgrade(self.engine)
 
     def close(self) -> None:
         self.engine.dispose()

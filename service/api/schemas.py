@@ -232,6 +232,27 @@ class CalibrationResult(BaseModel):
                                              "subsampling (if any), size in bytes, model.")
 
 
+class CalibrationRecord(BaseModel):
+    model_config = _examples({
+        "id": 12, "product": "widget", "line": None, "score": "combined", "threshold": 0.583, "target_frr": 0.01,
+        "n_images": 200, "created_at": "2025-11-26T17:00:00+00:00", "created_by": "key:3f9a0c1b2d4e",
+        "model": {"name": "default", "version": "v3"}, "stored": True,
+        "details": {"n": 200, "achieved_frr": 0.01, "percentiles": {"p50": 0.28, "p99": 0.58}, "...": "..."},
+    })
+    id: int
+    product: str
+    line: str | None
+    score: str
+    threshold: float
+    target_frr: float
+    n_images: int
+    created_at: str
+    created_by: str | None = Field(description="A fingerprint of the admin key that calibrated (never the key).")
+    model: dict[str, Any]
+    stored: bool
+    details: dict[str, Any] = Field(description="The distribution summary: n, achieved rate, percentiles, ...")
+
+
 class ModelsInfo(BaseModel):
     model_config = _examples({
         "ready": True, "status": "ready",
@@ -262,6 +283,43 @@ class ReloadOut(BaseModel):
     previous: ModelRef | None
     current: ModelRef
     load_seconds: float
+    desired: dict[str, Any] | None = Field(
+        None, description="The fleet's desired model this reload set (name, version, generation, set_at, set_by): the "
+        "other replicas load it within ZSAD_FLEET_POLL_S. None when the fleet is off (ZSAD_FLEET_POLL_S=0).")
+
+
+class FleetReplica(BaseModel):
+    id: str = Field(description="ZSAD_REPLICA_ID, default <host>-<pid>.")
+    host: str
+    pid: int
+    status: str = Field(description="loading | ready | failed | stopping | stopped, as last reported.")
+    ready: bool = Field(description="Reported ready and seen within the staleness window.")
+    stale: bool = Field(description="Not seen for max(10 s, 3 poll intervals): gone, hung or cut off the database.")
+    model: dict[str, Any] | None = Field(description="The model it serves (name, version).")
+    in_sync: bool = Field(description="It serves the desired model (true when none is set).")
+    applied_generation: int | None
+    error: str | None = Field(description="Its last rollout or load failure (cleared by the next success).")
+    started_at: str
+    last_seen: str
+    last_seen_s: float = Field(description="Seconds since its last heartbeat.")
+    package_version: str | None
+
+
+class FleetInfo(BaseModel):
+    model_config = _examples({
+        "desired": {"name": "default", "version": "v4", "generation": 7, "set_at": "2025-11-26T17:03:12.481Z",
+                    "set_by": "key:3f9a0c1b2d4e"},
+        "converged": True, "this_replica": "zsad-7d9f-abcde", "poll_s": 2.0,
+        "replicas": [{"id": "zsad-7d9f-abcde", "host": "zsad-7d9f-abcde", "pid": 1, "status": "ready", "ready": True,
+                      "stale": False, "model": {"name": "default", "version": "v4"}, "in_sync": True,
+                      "applied_generation": 7, "error": None, "started_at": "2025-11-26T16:00:00.000Z",
+                      "last_seen": "2025-11-26T17:03:13.002Z", "last_seen_s": 0.8, "package_version": "0.1.0"}],
+    })
+    desired: dict[str, Any] | None = Field(description="The model the fleet should serve; None until a reload set it.")
+    converged: bool = Field(description="Every live (not stale) replica is ready and serves the desired model.")
+    this_replica: str
+    poll_s: float
+    replicas: list[FleetReplica]
 
 
 Readiness.model_rebuild()

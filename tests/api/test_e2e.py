@@ -4,6 +4,7 @@ from __future__ import annotations
 import base64
 import io
 import json
+import re
 import shutil
 import struct
 import zlib
@@ -209,7 +210,7 @@ def test_failed_reloads_keep_the_old_model_serving(served):
     assert info["version"] == "v1" and info["tta_views"] == 1  # the effective settings, not only the manifest
     metrics = c.get("/metrics").text
     assert 'zsad_model_reloads_total{outcome="failed"} 3.0' in metrics
-    assert 'model="default",version="v1"} 1.0' in metrics
+    assert re.search(r'zsad_model_info\{[^}]*model="default",replica="[^"]+",version="v1"\} 1.0', metrics)
 
     # a good version swaps in
     ms.publish("default", {"fnn.safetensors": fnn_bytes}, {**clean, "tta": {"views": 2}}, version="v4",

@@ -39,7 +39,7 @@ def _detect(c, seed: int, **params):
 
 def test_few_shot_lifecycle(served, capsys):
     c, tmp, store, settings = served
-    r = c.post("/v1/calibrate/nut", files=_files(6), params={"target_frr": 0.2})
+    r = c.post("/v1/calibrate/nut", files=_files(6), params={"target_frr": 0.2, "reference": "true"})
     assert r.status_code == 200, r.text
     cal = r.json()
     assert cal["mode"] == "few_shot" and cal["shots"] == 6 and cal["reference"]["rows"]["patches"] > 0
@@ -87,7 +87,7 @@ def test_few_shot_lifecycle(served, capsys):
     assert c.get("/v1/thresholds").json()["products"]["nut"]["reference"]["stale"] is True
 
     # Re-calibrating re-embeds; deleting the product removes threshold and memory together.
-    assert c.post("/v1/calibrate/nut", files=_files(3)).json()["mode"] == "few_shot"
+    assert c.post("/v1/calibrate/nut", files=_files(3), params={"reference": "true"}).json()["mode"] == "few_shot"
     assert _detect(c, 1, product="nut")["mode"] == "few_shot"
     assert c.delete("/v1/thresholds/nut").status_code == 204
     assert not (tmp / "memories" / "nut").exists()
@@ -96,9 +96,26 @@ def test_few_shot_lifecycle(served, capsys):
 
 def test_few_shot_calibration_refusals(served):
     c, *_ = served
-    r = c.post("/v1/calibrate/bolt", files=_files(1))
+    r = c.post("/v1/calibrate/bolt", files=_files(1), params={"reference": "true"})
     assert r.status_code == 400 and "at least 2" in r.json()["error"]["message"]
-    r = c.post("/v1/calibrate/bolt", files=_files(2), params={"store": "false"})
+    r = c.post("/v1/calibrate/bolt", files=_files(2), params={"store": "false", "reference": "true"})
     assert r.status_code == 200 and r.json()["mode"] == "few_shot" and not r.json()["stored"]
     assert "bolt" not in c.get("/v1/thresholds").json()["products"]
     assert _detect(c, 3, product="bolt")["mode"] == "zero_shot"  # store=false stores no memory either
+
+
+def test_calibration_defaults_to_zero_shot_and_delete_honours_if_match(served):
+    c, tmp, *_ = served
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2})  # no reference=: zero-shot
+    assert r.status_code == 200 and r.json()["mode"] == "zero_shot" and r.json()["reference"] is None
+    assert not (tmp / "memories" / "gear").exists()
+    assert c.get("/v1/thresholds/gear").json()["entry"]["mode"] == "zero_shot"
+    assert c.get("/v1/thresholds/gear/calibrations").json()[0]["details"]["mode"] == "zero_shot"
+
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2, "reference": "true"})
+    assert r.status_code == 200 and r.json()["mode"] == "few_shot"
+    etag = c.get("/v1/thresholds/gear").headers["etag"]
+    assert c.delete("/v1/thresholds/gear", headers={"If-Match": '"999"'}).status_code == 409
+    assert (tmp / "memories" / "gear" / "_product.zsadmem").exists()  # a refused delete removes nothing
+    assert c.delete("/v1/thresholds/gear", headers={"If-Match": etag}).status_code == 204
+    assert not (tmp / "memories" / "gear").exists()

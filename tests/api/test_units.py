@@ -1,8 +1,6 @@
 """Unit tests of the API building blocks: thresholds, calibration, results store, worker, limits, auth."""
 from __future__ import annotations
 
-import json
-import os
 import threading
 import time
 
@@ -19,9 +17,17 @@ from .helpers import FakeDetector, image_bytes
 
 
 # --- thresholds ------------------------------------------------------------------------------------------------------
+def _threshold_store(tmp_path) -> ThresholdStore:
+    from service.db.engine import make_engine, sqlite_url
+    from service.db.migrate import upgrade
+
+    engine = make_engine(sqlite_url(tmp_path / "t.sqlite"))
+    upgrade(engine)
+    return ThresholdStore(engine)
+
+
 def test_threshold_resolution_order(tmp_path):
-    ts = ThresholdStore(tmp_path / "t.json")
-    ts.load()
+    ts = _threshold_store(tmp_path)
     r = ts.resolve("widget", "L1", None, "combined", None, None)
     assert (r.threshold, r.source, r.score) == (0.5, "fallback", "combined")
     assert ts.resolve("widget", None, None, "combined", None, {"threshold_advice": 0.42}).source == "manifest"
@@ -40,28 +46,29 @@ def test_threshold_resolution_order(tmp_path):
     ts.put("gadget", 0.2, "fnn")
     r = ts.resolve("gadget", None, None, "combined", None, None)
     assert (r.threshold, r.source, r.score) == (0.2, "product", "fnn")
+    # A line threshold alone (no product threshold) still resolves, and the product entry says it has none.
+    ts.put("solo", 0.3, "combined", line="L9")
+    assert ts.resolve("solo", "L9", None, "combined", None, None).source == "line"
+    assert ts.get("solo")["threshold"] is None and ts.get("solo")["lines"]["L9"]["threshold"] == 0.3
 
 
-def test_threshold_file_is_replaced_atomically_and_reread(tmp_path):
-    path = tmp_path / "sub" / "t.json"
-    ts = ThresholdStore(path)
-    ts.load()
-    ts.put("widget", 0.6, "combined")
-    assert json.loads(path.read_text())["products"]["widget"]["threshold"] == 0.6
-    assert not list(path.parent.glob("*.tmp"))
-    other = ThresholdStore(path)  # a second process / replica
-    other.load()
-    assert other.resolve("widget", None, None, "combined", None, None).threshold == 0.6
-    # A hand edit is picked up on the next read.
-    data = json.loads(path.read_text())
-    data["products"]["widget"]["threshold"] = 0.65
-    time.sleep(0.01)
-    path.write_text(json.dumps(data))
-    import os
-
-    os.utime(path, (time.time() + 5, time.time() + 5))
-    assert other.resolve("widget", None, None, "combined", None, None).threshold == 0.65
-    assert other.delete("widget") and not other.delete("widget")
+def test_threshold_mode_from_extra_on_the_db_store(tmp_path):
+    """Few-shot `mode`/`shots` live in the row's JSON `extra`; a threshold fitted in one mode never applies to the
+    other mode's scores, an entry without a mode applies to both."""
+    ts = _threshold_store(tmp_path)
+    entry = ts.put("nut", 0.8, "combined", source="calibration", mode="few_shot", shots=4)
+    assert (entry["mode"], entry["shots"]) == ("few_shot", 4)
+    ts.put("nut", 0.3, "combined", line="L1", source="calibration", mode="zero_shot", shots=0)
+    assert ts.resolve("nut", None, None, "combined", 0.9, None, "few_shot").threshold == 0.8
+    assert ts.resolve("nut", None, None, "combined", 0.9, None, "zero_shot").source == "settings"
+    r = ts.resolve("nut", "L1", None, "combined", 0.9, None, "few_shot")
+    assert (r.threshold, r.source) == (0.8, "product")  # the line's zero-shot threshold is skipped
+    assert ts.resolve("nut", "L1", None, "combined", 0.9, None, "zero_shot").source == "line"
+    assert ts.resolve("nut", "L1", None, "combined", 0.9, None).source == "line"  # no mode given: no filter
+    ts.put("nut", 0.5, "combined")  # a manual threshold has no mode: both modes use it
+    assert ts.get("nut").get("mode") is None
+    for mode in ("few_shot", "zero_shot"):
+        assert ts.resolve("nut", None, None, "combined", 0.9, None, mode).threshold == 0.5
 
 
 def test_calibration_threshold_meets_target_rate():
@@ -88,14 +95,15 @@ def results_store(request, tmp_path):
     """A fresh results store on SQLite, and on PostgreSQL when ZSAD_TEST_POSTGRES_URL names a server (CI starts one)."""
     if request.param == "sqlite":
         store = ResultsStore(None, tmp_path / "r.sqlite", keep_heatmaps=True, heatmap_retention=3)
-    else:
-        url = os.environ.get("ZSAD_TEST_POSTGRES_URL")
-        if not url:
-            pytest.skip("ZSAD_TEST_POSTGRES_URL is not set (no PostgreSQL server for this run)")
-        store = ResultsStore(url, tmp_path / "unused", keep_heatmaps=True, heatmap_retention=3)
-        from service.api.results import metadata
+    else:  # a private schema: other tests (and other runs on the same server) never share its tables
+        from tests.pg import private_schema
 
-        metadata.drop_all(store.engine)
+        with private_schema("results") as url:
+            store = ResultsStore(url, tmp_path / "unused", keep_heatmaps=True, heatmap_retention=3)
+            store.open()
+            yield store
+            store.close()
+        return
     store.open()
     yield store
     store.close()

@@ -198,3 +198,29 @@ def test_healthcheck_fails_when_nothing_listens():
     env = {**os.environ, "ZSAD_PORT": str(free_port()), "ZSAD_HEALTHCHECK_TIMEOUT": "2"}
     r = subprocess.run([sys.executable, str(HEALTHCHECK)], env=env, capture_output=True, text=True, timeout=30)
     assert r.returncode == 1 and "not ready" in r.stdout
+
+
+def test_entrypoint_migrates_the_database_before_serving(tmp_path):
+    """`serve` runs `zsad db upgrade` first (a fake `zsad` on PATH records the calls); ZSAD_DB_UPGRADE=false skips
+    it; a failed upgrade stops the container before the service starts."""
+    bindir = tmp_path / "bin"
+    bindir.mkdir()
+    calls = tmp_path / "calls"
+    fake = bindir / "zsad"
+    fake.write_text(f'#!/bin/sh\necho "$*" >> {calls}\n[ "$1 $2" != "db upgrade" ] || [ -z "$FAIL_UPGRADE" ]\n')
+    fake.chmod(0o755)
+    path = f"{bindir}{os.pathsep}{os.environ.get('PATH', '')}"
+
+    def run(args: list[str], **env: str) -> tuple[subprocess.CompletedProcess, list[str]]:
+        calls.unlink(missing_ok=True)
+        r = _entrypoint(args, {"PATH": path, **env})
+        return r, calls.read_text().splitlines() if calls.exists() else []
+
+    r, seen = run([])
+    assert r.returncode == 0 and seen == ["db upgrade", "serve --host 0.0.0.0 --port 8000 --log-level info"], seen
+    r, seen = run(["--log-level", "debug"], ZSAD_DB_UPGRADE="False")
+    assert r.returncode == 0 and seen == ["serve --host 0.0.0.0 --port 8000 --log-level info --log-level debug"]
+    r, seen = run(["serve"], FAIL_UPGRADE="1")
+    assert r.returncode == 1 and seen == ["db upgrade"] and "zsad db upgrade failed" in r.stderr
+    r, seen = run(["zsad", "store", "list"])  # other commands never migrate
+    assert seen == ["store list"]

@@ -7,7 +7,7 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import APIRouter, Body
 
-from ..deps import ADMIN, READ, StateDep
+from ..deps import ADMIN, READ, CallerDep, StateDep
 from ..errors import error_responses
 from ..schemas import ModelsInfo, ReloadIn, ReloadOut
 
@@ -45,8 +45,9 @@ async def models(state: StateDep):
 
 
 @router.post("/v1/models/reload", response_model=ReloadOut, dependencies=ADMIN,
-             summary="Load a model version fully, then swap it in; on failure the old one keeps serving",
+             summary="Load a model version fully, then swap it in (on failure the old one keeps serving); on success "
+                     "it becomes the fleet's desired model, which every replica loads",
              responses=error_responses(401, 403, 404, 409, 422, 500))
-async def reload_model(state: StateDep, body: Annotated[ReloadIn | None, Body()] = None):
+async def reload_model(state: StateDep, caller: CallerDep, body: Annotated[ReloadIn | None, Body()] = None):
     body = body or ReloadIn()
-    return await to_thread.run_sync(state.reload, body.name, body.version)
+    return await to_thread.run_sync(state.reload, body.name, body.version, caller)
