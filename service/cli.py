@@ -5,6 +5,7 @@ Exit codes: 0 success, 1 a runtime failure (message on stderr), 2 wrong argument
 from __future__ import annotations
 
 import argparse
+import ipaddress
 import json
 import os
 import sys
@@ -195,12 +196,27 @@ def cmd_fetch_weights(args: argparse.Namespace) -> int:
 
 
 # --- serve ------------------------------------------------------------------------------------------------------
+def is_loopback(host: str) -> bool:
+    """True for addresses only this machine can reach (127.0.0.0/8, ::1, localhost); host names are not trusted."""
+    if host.strip().lower() in ("localhost", "localhost.localdomain", "ip6-localhost"):
+        return True
+    try:
+        return ipaddress.ip_address(host.strip().strip("[]")).is_loopback
+    except ValueError:
+        return False
+
+
 def cmd_serve(args: argparse.Namespace) -> int:
     import uvicorn
 
     settings = _settings(args)
     host = args.host or settings.host
     port = args.port or settings.port
+    has_keys = any(settings.api_keys_read) or any(settings.api_keys_admin)
+    if not is_loopback(host) and not has_keys and not (args.allow_open or settings.allow_open):
+        raise CliError(f"refusing to serve an open API on {host}: with no API keys anyone who can reach it may detect, "
+                       "calibrate, change thresholds and reload models. Set ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN "
+                       "(or their files in /run/secrets), bind 127.0.0.1, or pass --allow-open (ZSAD_ALLOW_OPEN=1)")
     os.environ["ZSAD_MODEL_STORE"] = str(settings.model_store)
     uvicorn.run("service.api.app:create_app", factory=True, host=host, port=port, log_level=args.log_level,
                 timeout_graceful_shutdown=30)
@@ -304,6 +320,8 @@ def build_parser() -> argparse.ArgumentParser:
     sv.add_argument("--host", help="bind address (default: $ZSAD_HOST or 127.0.0.1)")
     sv.add_argument("--port", type=int, help="port (default: $ZSAD_PORT or 8000)")
     sv.add_argument("--log-level", default="info", choices=["critical", "error", "warning", "info", "debug"])
+    sv.add_argument("--allow-open", action="store_true",
+                    help="serve on a non-loopback address with no API keys (default: refused; $ZSAD_ALLOW_OPEN)")
     sv.set_defaults(func=cmd_serve)
 
     db = sub.add_parser("db", help="the database schema (results, thresholds, fleet): migrate or inspect it")

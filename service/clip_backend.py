@@ -288,7 +288,9 @@ def load_clip(
             folder, manifest = store.verify(spec.name or "", spec.version)
         except StoreError as exc:
             raise ClipLoadError(str(exc)) from exc
-        weights = folder / manifest.get("weights", CLIP_WEIGHTS_FILE)
+        weights = folder / str(manifest.get("weights", CLIP_WEIGHTS_FILE))
+        if weights.name not in manifest["files"] or weights.parent != folder:
+            raise ClipLoadError(f"CLIP {spec.label()}: its weights file is not one the manifest lists with a sha256")
         if spec.sha256 and manifest["files"].get(weights.name) != spec.sha256:
             raise ClipLoadError(f"CLIP {spec.label()} is not the CLIP this model was trained on (sha256 differs)")
         model = _create(f"local-dir:{folder}")

@@ -37,13 +37,38 @@ class ModelLoadError(Exception):
     """The configured model cannot be served (missing, corrupt, mismatched)."""
 
 
+class MapsOnDemand(Mapping):
+    """`Detection.heat` of a detector with `full_maps=False`: a read-only mapping that makes a score's map at the
+    image's size from its patch grid the first time it is read (then keeps it). A detection in flight holds only
+    its grids; a caller that reads one score's map pays for one map, not for every score's."""
+
+    def __init__(self, grid: dict[str, np.ndarray], geometry: Geometry):
+        self._grid = grid
+        self._geometry = geometry
+        self._made: dict[str, np.ndarray] = {}
+
+    def __getitem__(self, name: str) -> np.ndarray:
+        if name not in self._made:
+            self._made[name] = self._geometry.to_original(self._grid[name])
+        return self._made[name]
+
+    def __iter__(self):
+        return iter(self._grid)
+
+    def __len__(self) -> int:
+        return len(self._grid)
+
+
 @dataclass
 class Detection:
-    """Result for one image. `heat` maps are float32 [H, W] in [0, 1] at the image's own size."""
+    """Result for one image. `heat` maps are float32 [H, W] in [0, 1] at the image's own size.
+
+    With `Detector.full_maps` (the default, what the evaluation uses) every score's map is made at once; the
+    service's detector (`full_maps=False`) makes `heat` a `MapsOnDemand` over the patch-level `grid` maps."""
 
     scores: dict[str, float]
     size: tuple[int, int]  # (width, height) of the input image
-    heat: dict[str, np.ndarray] = field(default_factory=dict)
+    heat: Mapping[str, np.ndarray] = field(default_factory=dict)
     grid: dict[str, np.ndarray] = field(default_factory=dict)  # patch-level maps before upsampling
     mode: str = "zero_shot"  # or "few_shot": scored against a reference memory (`fewshot.py`)
     shots: int = 0  # reference images in that memory
@@ -80,6 +105,7 @@ class Detector:
     settings: Settings
     _anchors: dict[str, PromptAnchors] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
+    full_maps: bool = True  # False: Detection.heat makes each map when it is read (`MapsOnDemand`)
 
     MAX_CACHED_WORDS = 256  # object words come from requests: the anchor cache is bounded
 
@@ -106,6 +132,11 @@ class Detector:
         """The same detector with these prompt anchors (by object word) in place of ones from the text tower."""
         cache = {word.strip().lower(): a.to(self.backend.device) for word, a in anchors.items()}
         return replace(self, _anchors=cache, _lock=threading.Lock())
+
+    def with_full_maps(self, full_maps: bool) -> Detector:
+        """The same detector; with False, a detection's `heat` makes each score's map when it is first read
+        instead of all of them at once (the service reads one per answer; the evaluation reads them all)."""
+        return replace(self, full_maps=full_maps)
 
     def with_calibration(self, calibration: Mapping[str, Any] | None) -> Detector:
         """The same detector scoring with another calibration (a manifest `calibration` entry, or None for raw)."""
@@ -277,8 +308,11 @@ class Detector:
         for name, grid_maps in grids.items():
             for i, (e, det) in enumerate(zip(embs, results)):
                 det.grid[name] = grid_maps[i].cpu().numpy()
-                if maps:
+                if maps and self.full_maps:
                     det.heat[name] = e.geometry.to_original(grid_maps[i])
+        if grids and maps and not self.full_maps:  # maps at the image's size only when asked (pixel budget)
+            for e, det in zip(embs, results):
+                det.heat = MapsOnDemand(det.grid, e.geometry)
         if memory is not None:
             for det in results:
                 det.mode, det.shots = "few_shot", memory.shots
@@ -330,13 +364,17 @@ def load_detector(
     name = name or settings.model_name
     version = version or settings.model_version
     try:
-        manifest = store.manifest(name, version)
+        # Resolve the folder once and load exactly that one: the manifest inside must say it is this version
+        # (`store.verify`), so a copied folder whose manifest names another version is refused, not served.
+        version = store.path(name, version).name
+        manifest = store.verify(name, version)[1]
         spec = ClipSpec.from_manifest(manifest["clip"])
         backend = load_clip(
             spec, settings.model_store, device or settings.device, settings.precision, settings.hub_cache
         )
-        fnn, manifest = load_fnn(store, name, manifest["version"], backend.embed_dim)
+        fnn, manifest = load_fnn(store, name, version, backend.embed_dim)
         vocab = Vocabulary(**{k: tuple(v) for k, v in manifest["training"]["vocabulary"].items()})
-    except (StoreError, ClipLoadError, KeyError) as exc:
-        raise ModelLoadError(f"cannot load model {name!r}{'@' + version if version else ''}: {exc}") from exc
+    except (StoreError, ClipLoadError, KeyError, TypeError, ValueError) as exc:
+        what = f"{exc.args[0]!r} missing from the manifest" if isinstance(exc, KeyError) else str(exc)
+        raise ModelLoadError(f"cannot load model {name!r}{'@' + version if version else ''}: {what}") from exc
     return Detector(backend, fnn.to(backend.device), manifest, vocab, settings)

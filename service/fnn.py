@@ -179,14 +179,19 @@ def load_fnn(store: ModelStore, name: str, version: str | None, embed_dim: int) 
     mismatch (wrong kind, wrong dimension, weights that do not fit the recorded layout).
     """
     folder, manifest = store.verify(name, version)
+    label = f"{name}@{Path(folder).name}"
     if manifest.get("kind") != "fnn":
-        raise StoreError(f"{name}@{manifest.get('version')} is not an FNN model (kind={manifest.get('kind')!r})")
-    layout = manifest["fnn"]["layout"]
-    if layout[0] != embed_dim or manifest.get("embed_dim") != embed_dim:
-        raise StoreError(f"dimension mismatch: FNN {name}@{manifest['version']} expects {layout[0]}-d embeddings, "
-                         f"CLIP gives {embed_dim}-d")
+        raise StoreError(f"{label} is not an FNN model (kind={manifest.get('kind')!r})")
+    if FNN_FILE not in manifest["files"]:
+        raise StoreError(f"{label}: the manifest does not list {FNN_FILE}")
+    try:
+        layout = [int(n) for n in manifest["fnn"]["layout"]]
+    except (KeyError, TypeError, ValueError):
+        raise StoreError(f"{label}: the manifest has no valid fnn.layout") from None
+    if len(layout) < 2 or layout[0] != embed_dim or manifest.get("embed_dim") != embed_dim:
+        raise StoreError(f"dimension mismatch: FNN {label} expects {layout[0]}-d embeddings, CLIP gives {embed_dim}-d")
     try:
         fnn = fnn_from_bytes((Path(folder) / FNN_FILE).read_bytes(), layout)
-    except ValueError as exc:
-        raise StoreError(str(exc)) from exc
+    except Exception as exc:  # safetensors, torch and OS errors alike mean "these weights are unusable"
+        raise StoreError(f"{label}: {FNN_FILE} cannot be loaded ({type(exc).__name__}: {str(exc)[:200]})") from exc
     return fnn, manifest

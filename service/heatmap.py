@@ -6,13 +6,14 @@ what they return lines up with the uploaded image pixel for pixel. "Above the th
 from __future__ import annotations
 
 import io
+import math
 from dataclasses import asdict, dataclass
 
 import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["Region", "jet", "overlay_png", "binary_mask", "regions"]
+__all__ = ["Region", "jet", "overlay_png", "binary_mask", "regions", "scale_regions"]
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -99,3 +100,15 @@ def regions(heat: np.ndarray, threshold: float, min_area: int = 1) -> list[Regio
                           float(maxima[i]), float(means[i])))
     out.sort(key=lambda r: (-r.max_score, -r.area_px))
     return out
+
+
+def scale_regions(found: list[Region], size: tuple[int, int], original: tuple[int, int]) -> list[Region]:
+    """Regions found on the map of a reduced image (`size` = (w, h)) in the original image's pixel coordinates
+    (`original` = (W, H)): boxes scaled and widened to whole pixels within the image, areas scaled by the pixel
+    ratio. Identity when the sizes agree."""
+    if tuple(size) == tuple(original):
+        return list(found)
+    sx, sy = original[0] / size[0], original[1] / size[1]
+    return [Region(max(0, math.floor(r.x0 * sx)), max(0, math.floor(r.y0 * sy)),
+                   min(original[0], math.ceil(r.x1 * sx)), min(original[1], math.ceil(r.y1 * sy)),
+                   int(round(r.area_px * sx * sy)), r.max_score, r.mean_score) for r in found]

@@ -16,6 +16,10 @@ Decoding policy (`load_image`):
   default the CLIP mean colour, which is also the letterbox padding: "nothing here").
 * Anything unreadable (empty, truncated, not an image, unsupported format or mode) raises `ImageError`, a
   `ValueError` with a message meant for the API caller.
+* Pixel budget (`decode_image`, what the service uses): an image above `max_decoded_pixels` is decoded reduced by
+  an integer factor (JPEG through the decoder's DCT scaling, other formats with `Image.reduce` right after the
+  decoder, before any conversion), so no full-resolution RGB copy, map or overlay of a huge upload is ever made.
+  `load_image` (the CLI and the evaluation) decodes at full resolution.
 
 Geometry policy (`to_pixels`), for an S x S model input:
 * `letterbox` (default): scale the whole image to fit S x S, keep the aspect ratio, centre it, pad with the mean
@@ -29,6 +33,7 @@ Resizing is bicubic with antialiasing (Pillow's resampling filters widen with th
 from __future__ import annotations
 
 import io
+import math
 import os
 from collections.abc import Sequence
 from dataclasses import dataclass
@@ -44,7 +49,8 @@ from .constants import ALLOWED_FORMATS, CLIP_MEAN, CLIP_STD
 ResizePolicy = Literal["letterbox", "stretch", "center_crop"]
 DEFAULT_BACKGROUND: tuple[int, int, int] = tuple(int(round(255 * m)) for m in CLIP_MEAN)  # type: ignore[assignment]
 
-__all__ = ["ImageError", "Geometry", "load_image", "to_rgb", "to_pixels", "ALLOWED_FORMATS", "DEFAULT_BACKGROUND"]
+__all__ = ["ImageError", "Geometry", "DecodedImage", "load_image", "decode_image", "image_size", "reduction_factor",
+           "to_rgb", "to_pixels", "ALLOWED_FORMATS", "DEFAULT_BACKGROUND"]
 
 
 class ImageError(ValueError):
@@ -52,12 +58,24 @@ class ImageError(ValueError):
 
 
 # --- decoding ------------------------------------------------------------------------------------------------------
-def load_image(
-    data: bytes | bytearray | memoryview | str | os.PathLike,
-    max_pixels: int = 50_000_000,
-    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
-) -> Image.Image:
-    """Decode `data` (raw bytes or a file path) to an RGB PIL image, upright per EXIF. Raises ImageError."""
+@dataclass(frozen=True)
+class DecodedImage:
+    """An RGB image decoded for the model, and the size of the image as uploaded (upright).
+
+    `image` is at most `max_decoded_pixels` pixels (`decode_image`): a larger upload is decoded reduced by an
+    integer factor, so `width / image.width` (about `scale`) maps the image's pixels back to the original's."""
+
+    image: Image.Image
+    width: int  # original, upright (after EXIF orientation)
+    height: int
+    format: str
+
+    @property
+    def reduced(self) -> bool:
+        return self.image.size != (self.width, self.height)
+
+
+def _open(data: bytes | bytearray | memoryview | str | os.PathLike) -> tuple[Image.Image, str]:
     if isinstance(data, (bytes, bytearray, memoryview)):
         raw = bytes(data)
         if not raw:
@@ -73,33 +91,133 @@ def load_image(
             raise ImageError(f"{name} is empty (0 bytes)")
     accepted = ", ".join(f.replace("WEBP", "WebP") for f in ALLOWED_FORMATS)
     try:
-        im = Image.open(source, formats=list(ALLOWED_FORMATS))
+        return Image.open(source, formats=list(ALLOWED_FORMATS)), name
     except UnidentifiedImageError:
         raise ImageError(f"{name} is not an image in an accepted format ({accepted})") from None
     except Image.DecompressionBombError as exc:
         raise ImageError(f"{name} is too large to decode safely: {exc}") from None
     except Exception as exc:  # noqa: BLE001 - corrupt headers raise many types; all mean "unreadable"
         raise ImageError(f"{name} cannot be read: {type(exc).__name__}: {exc}") from None
+
+
+def _check_size(im: Image.Image, name: str, max_pixels: int) -> tuple[int, int]:
+    width, height = im.size
+    if width < 1 or height < 1:
+        raise ImageError(f"{name} has no pixels ({width}x{height})")
+    if width * height > max_pixels:
+        raise ImageError(
+            f"{name} has {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
+            "(refused as a possible decompression bomb)"
+        )
+    return width, height
+
+
+def image_size(data: bytes | bytearray | memoryview | str | os.PathLike, max_pixels: int = 50_000_000) -> tuple[int, int]:
+    """(width, height) from the header alone, nothing decoded; the same checks and errors as `load_image`."""
+    im, name = _open(data)
     with im:
-        width, height = im.size
-        if width < 1 or height < 1:
-            raise ImageError(f"{name} has no pixels ({width}x{height})")
-        if width * height > max_pixels:
-            raise ImageError(
-                f"{name} has {width}x{height} = {width * height:,} pixels, more than the limit of {max_pixels:,} "
-                "(refused as a possible decompression bomb)"
-            )
+        return _check_size(im, name, max_pixels)
+
+
+def reduction_factor(width: int, height: int, max_decoded_pixels: int | None) -> int:
+    """Smallest integer factor f with ceil(w/f) x ceil(h/f) <= max_decoded_pixels (1: no reduction)."""
+    if not max_decoded_pixels or width * height <= max_decoded_pixels:
+        return 1
+    f = max(2, math.ceil(math.sqrt(width * height / max_decoded_pixels)))
+    while math.ceil(width / f) * math.ceil(height / f) > max_decoded_pixels:
+        f += 1
+    return f
+
+
+_ORIENTATION_TAG = 0x0112
+_TRANSPOSE = {2: Image.Transpose.FLIP_LEFT_RIGHT, 3: Image.Transpose.ROTATE_180, 4: Image.Transpose.FLIP_TOP_BOTTOM,
+              5: Image.Transpose.TRANSPOSE, 6: Image.Transpose.ROTATE_270, 7: Image.Transpose.TRANSVERSE,
+              8: Image.Transpose.ROTATE_90}  # EXIF orientation -> the transpose that makes it upright (as ImageOps)
+
+
+def _orientation(im: Image.Image) -> int:
+    try:
+        value = int(im.getexif().get(_ORIENTATION_TAG, 1) or 1)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not make a readable image unreadable
+        return 1
+    return value if value in _TRANSPOSE else 1
+
+
+def _reduce(im: Image.Image, factor: int) -> Image.Image:
+    """`im` reduced by an integer factor (box average), in a mode that averages meaningfully."""
+    if im.mode.startswith("I;16"):
+        return im.resize((math.ceil(im.width / factor), math.ceil(im.height / factor)), Image.Resampling.BOX)
+    if im.mode == "1":
+        im = im.convert("L")
+    elif im.mode in ("P", "PA"):  # average colours, never palette indices
+        im = im.convert("RGBA" if im.mode == "PA" or "transparency" in im.info else "RGB")
+    return im.reduce(factor)
+
+
+def decode_image(
+    data: bytes | bytearray | memoryview | str | os.PathLike,
+    max_pixels: int = 50_000_000,
+    max_decoded_pixels: int | None = None,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+) -> DecodedImage:
+    """Decode `data` like `load_image`, at most `max_decoded_pixels` pixels (None: full resolution).
+
+    A larger image is decoded reduced by the smallest integer factor that fits: JPEG through the decoder's own
+    DCT scaling (`draft`: 1/2, 1/4, 1/8, so the full-size image never exists in memory), then, for the rest and for
+    other formats, `Image.reduce` (a box average) on the decoded image before any other full-resolution work (mode
+    conversion, EXIF rotation, compositing). Within the limit the result is exactly `load_image`'s."""
+    im, name = _open(data)
+    with im:
+        width, height = _check_size(im, name, max_pixels)
+        factor = reduction_factor(width, height, max_decoded_pixels)
+        if factor == 1:
+            full = _decode_full(im, name, background)
+            return DecodedImage(full, full.width, full.height, str(im.format))
+        fmt = str(im.format)
         try:
-            if getattr(im, "n_frames", 1) > 1:
-                im.seek(0)
+            if fmt == "JPEG":
+                im.draft(None, (math.ceil(width / factor), math.ceil(height / factor)))
             im.load()
+            # What is left to apply after loading: Pillow's TIFF plugin reports the upright size from the header
+            # and rotates while loading (its orientation then reads 1); JPEG, PNG and WebP leave it to us.
+            orientation = _orientation(im)
+            rest = reduction_factor(im.width, im.height, max_decoded_pixels)
+            small = _reduce(im, rest) if rest > 1 else im.copy()
         except Exception as exc:  # noqa: BLE001
-            raise ImageError(f"{name} is truncated or corrupt ({im.format}): {type(exc).__name__}: {exc}") from None
-        try:
-            upright = ImageOps.exif_transpose(im)
-        except Exception:  # noqa: BLE001 - a malformed EXIF block must not make a readable image unreadable
-            upright = im
-        return to_rgb(upright if upright is not None else im, background)
+            raise ImageError(f"{name} is truncated or corrupt ({fmt}): {type(exc).__name__}: {exc}") from None
+    if orientation != 1:
+        small = small.transpose(_TRANSPOSE[orientation])
+    return DecodedImage(to_rgb(small, background), *_upright(width, height, orientation), fmt)
+
+
+def _upright(width: int, height: int, orientation: int) -> tuple[int, int]:
+    return (height, width) if orientation in (5, 6, 7, 8) else (width, height)
+
+
+def _decode_full(im: Image.Image, name: str, background: tuple[int, int, int]) -> Image.Image:
+    try:
+        if im.tell() != 0:  # the first frame of a multi-frame file (never count frames: that scans the file)
+            im.seek(0)
+        im.load()
+    except Exception as exc:  # noqa: BLE001
+        raise ImageError(f"{name} is truncated or corrupt ({im.format}): {type(exc).__name__}: {exc}") from None
+    try:
+        upright = ImageOps.exif_transpose(im)
+    except Exception:  # noqa: BLE001 - a malformed EXIF block must not make a readable image unreadable
+        upright = im
+    return to_rgb(upright if upright is not None else im, background)
+
+
+def load_image(
+    data: bytes | bytearray | memoryview | str | os.PathLike,
+    max_pixels: int = 50_000_000,
+    background: tuple[int, int, int] = DEFAULT_BACKGROUND,
+) -> Image.Image:
+    """Decode `data` (raw bytes or a file path) to an RGB PIL image, upright per EXIF. Raises ImageError."""
+    im, name = _open(data)
+    with im:
+        _check_size(im, name, max_pixels)
+        return _decode_full(im, name, background)
 
 
 def _scale_to_8bit(im: Image.Image) -> Image.Image:

@@ -75,12 +75,28 @@ class Settings(BaseSettings):
     mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Heat above this is in the binary mask/regions.")
 
     # --- service --------------------------------------------------------------------------------------------------
-    host: str = "127.0.0.1"
-    port: int = 8000
+    host: str = Field("127.0.0.1", description="`zsad serve` bind address.")
+    port: int = Field(8000, description="`zsad serve` port.")
+    allow_open: bool = Field(
+        False, description="`zsad serve` on a non-loopback address with no API keys: refused unless this is true."
+    )
     api_keys_read: list[str] = Field(default_factory=list, description="Keys with the read scope.")
     api_keys_admin: list[str] = Field(default_factory=list, description="Keys with the admin scope (implies read).")
     max_upload_bytes: int = Field(20 * 1024 * 1024, description="Largest accepted request body.")
     max_pixels: int = Field(50_000_000, description="Largest accepted image (width x height).")
+    max_heatmap_pixels: int = Field(
+        4_000_000, ge=262_144, description="Service: larger images are decoded reduced by an integer factor to at most "
+        "this many pixels (JPEG by the decoder's DCT scaling), and heatmaps and overlays are made at that size; "
+        "sizes and regions are still reported in the original image's pixels."
+    )
+    max_pixels_in_flight: int = Field(
+        100_000_000, ge=1_000_000, description="Service: decoded image pixels being worked on at once, across "
+        "requests and batches; a request waits for room (503 `busy` at its deadline)."
+    )
+    body_timeout_s: float = Field(60.0, gt=0, description="A request body must arrive within this many seconds of "
+                                  "the request's start; a stalled or trickling upload gets 408 and is disconnected.")
+    max_concurrent_uploads: int = Field(32, ge=1, description="Request bodies read at once; more wait for a slot "
+                                        "until their body deadline (then 503 with Retry-After, nothing read).")
     max_batch_size: int = Field(8, ge=1, description="Dynamic micro-batching: max images per forward.")
     max_batch_wait_ms: float = Field(5.0, ge=0.0, description="Dynamic micro-batching: max wait to fill a batch (only "
                                      "while other requests are arriving).")

@@ -19,6 +19,7 @@ from typing import Any
 
 NAME_RE = re.compile(r"^[A-Za-z0-9][A-Za-z0-9._-]{0,63}$")
 MANIFEST = "manifest.json"
+SHA256_RE = re.compile(r"^[0-9a-f]{64}$")
 CURRENT = "current"
 
 
@@ -70,36 +71,66 @@ class ModelStore:
         return validate_name(pointer.read_text().strip(), "version")
 
     def path(self, name: str, version: str | None = None) -> Path:
-        """Folder of `name` at `version` (default: current). Raises StoreError when absent."""
+        """Folder of `name` at `version` (default: current). Raises StoreError when absent.
+
+        Messages name the model, never the store's absolute path: they reach API callers (reload answers,
+        readiness)."""
         validate_name(name)
         if version is None:
             version = self.current(name)
             if version is None:
                 known = ", ".join(self.names()) or "none"
-                raise StoreError(f"model {name!r} has no current version in store {self.root} (models: {known})")
+                raise StoreError(f"model {name!r} has no current version in the store (models: {known})")
         folder = self.root / name / validate_name(version, "version")
         if not (folder / MANIFEST).is_file():
-            raise StoreError(f"model {name!r} version {version!r} not found in store {self.root}")
+            raise StoreError(f"model {name!r} version {version!r} not found in the store")
         return folder
 
     def manifest(self, name: str, version: str | None = None) -> dict[str, Any]:
         folder = self.path(name, version)
         try:
-            return json.loads((folder / MANIFEST).read_text())
-        except (OSError, json.JSONDecodeError) as exc:
-            raise StoreError(f"unreadable manifest in {folder}: {exc}") from exc
+            data = json.loads((folder / MANIFEST).read_text())
+        except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+            raise StoreError(f"unreadable manifest of {name}@{folder.name}: {type(exc).__name__}") from exc
+        if not isinstance(data, dict):
+            raise StoreError(f"manifest of {name}@{folder.name} is not a JSON object")
+        return data
 
     def verify(self, name: str, version: str | None = None) -> tuple[Path, dict[str, Any]]:
-        """Folder and manifest after checking every listed file's sha256; a mismatch raises StoreError."""
+        """Folder and manifest after checking that the manifest describes this folder and every file in it.
+
+        Refused (StoreError): a manifest whose `name`/`version` differ from the folder asked for (a copied or
+        renamed version), a manifest without a non-empty `files` map of sha256 hex digests, a listed file that is
+        missing, unreadable or does not match its digest, and a file in the folder the manifest does not list (so
+        no weights are ever loaded unchecked)."""
         folder = self.path(name, version)
         manifest = self.manifest(name, version)
-        for filename, expected in manifest.get("files", {}).items():
-            file = folder / validate_name(filename, "file name")
+        label = f"{name}@{folder.name}"
+        if manifest.get("name") != name or manifest.get("version") != folder.name:
+            raise StoreError(f"manifest of {label} describes {manifest.get('name')!r}@{manifest.get('version')!r}: "
+                             "a copied or renamed version folder (publish it with `zsad train` or fix the manifest)")
+        files = manifest.get("files")
+        if not isinstance(files, dict) or not files:
+            raise StoreError(f"manifest of {label} lists no files with their sha256: nothing could be verified")
+        for filename, expected in files.items():
+            if not isinstance(expected, str) or not SHA256_RE.match(expected):
+                raise StoreError(f"manifest of {label} gives no sha256 for {filename!r}")
+            try:
+                file = folder / validate_name(filename, "file name")
+            except StoreError:
+                raise StoreError(f"manifest of {label} lists an invalid file name {filename!r}") from None
             if not file.is_file():
-                raise StoreError(f"{file} is listed in the manifest but missing")
-            actual = sha256_file(file)
+                raise StoreError(f"{label}: {filename} is listed in the manifest but missing")
+            try:
+                actual = sha256_file(file)
+            except OSError as exc:
+                raise StoreError(f"{label}: {filename} is unreadable ({type(exc).__name__})") from None
             if actual != expected:
-                raise StoreError(f"checksum mismatch for {file}: manifest {expected[:12]}…, file {actual[:12]}…")
+                raise StoreError(f"{label}: checksum mismatch for {filename}: manifest {expected[:12]}…, "
+                                 f"file {actual[:12]}…")
+        unlisted = sorted(p.name for p in folder.iterdir() if p.name != MANIFEST and p.name not in files)
+        if unlisted:
+            raise StoreError(f"{label}: files not listed in the manifest: {', '.join(unlisted)}")
         return folder, manifest
 
     # --- writing ---------------------------------------------------------------------------------------------

@@ -67,4 +67,4 @@ def test_a_detector_with_an_unregistered_score_is_refused_at_start_up(tmp_path):
     app = create_app(make_settings(tmp_path, tmp_path), loader=lambda *a, **k: _UnregisteredScore())
     with TestClient(app) as client:
         body = wait_ready(client)
-        assert body["status"] == "failed" and "new_score" in body["error"] and "registry" in body["error"]
+        assert body["status"] == "failed" and "new_score" in body["error"]["message"] and "registry" in body["error"]["message"]

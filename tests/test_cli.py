@@ -129,6 +129,41 @@ def test_train_records_test_time_views_and_calibrates_with_them(tiny_store, tmp_
     assert exit_info.value.code == 2
 
 
+@pytest.mark.parametrize("host", ["0.0.0.0", "::", "192.168.1.20", "factory-gw.example"])
+def test_serve_refuses_an_open_api_on_a_non_loopback_address(host, monkeypatch, capsys):
+    import uvicorn
+
+    for var in ("ZSAD_API_KEYS_READ", "ZSAD_API_KEYS_ADMIN", "ZSAD_ALLOW_OPEN"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ZSAD_MODEL_STORE", "model_store")  # cmd_serve sets it for the server: restored after
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
+    assert main(["serve", "--host", host]) == 1 and not calls
+    err = capsys.readouterr().err.strip()
+    assert len(err.splitlines()) == 1 and "--allow-open" in err and "ZSAD_ALLOW_OPEN=1" in err
+    assert "ZSAD_API_KEYS_READ" in err
+
+    assert main(["serve", "--host", host, "--allow-open"]) == 0 and calls[-1]["host"] == host
+    monkeypatch.setenv("ZSAD_ALLOW_OPEN", "1")
+    assert main(["serve", "--host", host]) == 0
+    monkeypatch.delenv("ZSAD_ALLOW_OPEN")
+    monkeypatch.setenv("ZSAD_API_KEYS_ADMIN", '["k"]')
+    assert main(["serve", "--host", host]) == 0 and len(calls) == 3
+
+
+@pytest.mark.parametrize("host", ["127.0.0.1", "127.3.4.5", "::1", "localhost"])
+def test_serve_on_loopback_needs_no_keys(host, monkeypatch):
+    import uvicorn
+
+    for var in ("ZSAD_API_KEYS_READ", "ZSAD_API_KEYS_ADMIN", "ZSAD_ALLOW_OPEN", "ZSAD_HOST"):
+        monkeypatch.delenv(var, raising=False)
+    monkeypatch.setenv("ZSAD_MODEL_STORE", "model_store")
+    calls = []
+    monkeypatch.setattr(uvicorn, "run", lambda *a, **k: calls.append(k))
+    assert main(["serve", "--host", host]) == 0 and calls[0]["host"] == host
+    assert main(["serve"]) == 0 and calls[1]["host"] == "127.0.0.1"  # the default binds loopback
+
+
 def test_db_upgrade_and_status(tmp_path, capsys, monkeypatch):
     monkeypatch.setenv("ZSAD_RESULTS_PATH", str(tmp_path / "r.sqlite"))
     monkeypatch.delenv("ZSAD_RESULTS_URL", raising=False)

@@ -81,3 +81,21 @@ def test_prepared_inputs_give_the_same_result_and_stale_ones_are_redone(store_wi
 
     stale = replace(prepared, pixels=prepared.pixels * 0, key=("other",))
     assert det.detect([stale])[0].scores == direct.scores
+
+
+def test_maps_on_demand_equal_the_full_maps(store_with_model):
+    """The service's detector (full_maps=False) makes a score's map only when read, and the same one."""
+    from service.detector import MapsOnDemand
+
+    det = load_detector(Settings(model_store=store_with_model, device="cpu"))
+    rng = np.random.default_rng(1)
+    images = [Image.fromarray(rng.integers(0, 255, (h, w, 3), dtype=np.uint8)) for h, w in [(50, 80), (90, 30)]]
+    full = det.detect(images)
+    lazy = det.with_full_maps(False).detect(images)
+    for f, g in zip(full, lazy):
+        assert isinstance(g.heat, MapsOnDemand) and not g.heat._made  # nothing made yet
+        assert set(g.heat) == set(f.heat) and "fnn" in g.heat
+        np.testing.assert_array_equal(g.heat["fnn"], f.heat["fnn"])
+        assert list(g.heat._made) == ["fnn"]  # only the map that was read
+        assert g.scores == f.scores
+    assert det.full_maps and det.detect(images, heatmap=False)[0].heat == {}

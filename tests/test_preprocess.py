@@ -217,3 +217,69 @@ def test_center_crop_fill_outside():
     _, (g,) = to_pixels([Image.new("RGB", (300, 150))], 240, MEAN, STD, "center_crop")
     out = g.to_original(np.ones((15, 15), np.float32), fill=-1.0)
     assert (out[:, :75] == -1).all() and (out[:, 225:] == -1).all() and np.allclose(out[:, 75:225], 1.0)
+
+
+# --- reduced decoding (the service's pixel budget) -------------------------------------------------------------------
+def test_reduction_factor_is_the_smallest_that_fits():
+    from service.preprocess import reduction_factor
+
+    assert reduction_factor(640, 480, 4_000_000) == 1 and reduction_factor(7000, 7000, None) == 1
+    assert reduction_factor(7000, 7000, 4_000_000) == 4  # 1750 x 1750 = 3.06 MP; 3 would give 5.4 MP
+    for w, h, limit in [(8000, 6000, 4_000_000), (20_000, 30, 300_000), (4001, 4001, 4_000_000), (9999, 17, 1000)]:
+        f = reduction_factor(w, h, limit)
+        assert -(-w // f) * -(-h // f) <= limit
+        assert f == 1 or -(-w // (f - 1)) * -(-h // (f - 1)) > limit
+
+
+@pytest.mark.parametrize("mode, fmt", [("RGB", "JPEG"), ("L", "JPEG"), ("RGB", "PNG"), ("I;16", "PNG"), ("P", "PNG"),
+                                       ("1", "BMP"), ("RGBA", "WEBP"), ("CMYK", "JPEG"), ("F", "TIFF")])
+def test_decode_image_reduces_large_images_of_every_mode_like_a_box_average(mode, fmt):
+    from service.preprocess import decode_image
+
+    rng = np.random.default_rng(0)
+    base = Image.fromarray(rng.integers(0, 256, (60, 80, 3), dtype=np.uint8)).resize((1600, 1200), Image.NEAREST)
+    if mode == "I;16":
+        im = Image.fromarray(np.asarray(base.convert("L")).astype(np.uint16) * 200)
+    elif mode == "F":
+        im = Image.fromarray(np.asarray(base.convert("L")).astype(np.float32))
+    else:
+        im = base.convert(mode)
+    data = _encode(im, fmt, **({"quality": 95} if fmt == "JPEG" else {}))
+    dec = decode_image(data, max_decoded_pixels=130_000)
+    assert (dec.width, dec.height) == (1600, 1200) and dec.reduced and dec.format == fmt
+    assert dec.image.mode == "RGB" and dec.image.size == (400, 300)  # factor 4: 400 x 300 = 120,000 pixels
+    full = load_image(data).resize((400, 300), Image.BOX)
+    diff = np.abs(_rgb(dec.image) - _rgb(full))
+    assert diff.mean() < 8, diff.mean()  # the same picture (JPEG's DCT scaling differs a little)
+    same = decode_image(data, max_decoded_pixels=2_000_000)  # within the limit: exactly load_image
+    assert not same.reduced and np.array_equal(_rgb(same.image), _rgb(load_image(data)))
+
+
+def test_decode_image_reduced_keeps_exif_orientation_and_reports_the_upright_size():
+    from service.preprocess import decode_image
+
+    arr = np.zeros((400, 800, 3), dtype=np.uint8)
+    arr[:, :200] = (255, 0, 0)  # red band on the left of an 800 x 400 image
+    exif = Image.Exif()
+    exif[0x0112] = 6  # rotate 90 CW to display: upright it is 400 x 800 with the band on top
+    for fmt in ("JPEG", "PNG", "TIFF"):
+        dec = decode_image(_encode(Image.fromarray(arr), fmt, exif=exif), max_decoded_pixels=30_000)
+        assert (dec.width, dec.height) == (400, 800), fmt
+        assert dec.image.size == (100, 200), fmt
+        a = _rgb(dec.image)
+        assert a[5, 50, 0] > 200 and a[-5, 50, 0] < 60, fmt
+
+
+def test_decode_image_errors_are_image_errors():
+    from service.preprocess import decode_image, image_size
+
+    from .hostile_images import corpus
+
+    for item in corpus():
+        if item.expect == 200:
+            dec = decode_image(item.data, max_decoded_pixels=4_000_000)
+            assert dec.image.mode == "RGB" and dec.image.width * dec.image.height <= 4_000_000, item.name
+            assert image_size(item.data) == (dec.width, dec.height) or dec.reduced is False, item.name
+        else:
+            with pytest.raises(ImageError):
+                decode_image(item.data, max_decoded_pixels=4_000_000)

@@ -19,13 +19,14 @@ import threading
 from contextlib import asynccontextmanager
 
 import anyio
-from fastapi import FastAPI
+from fastapi import FastAPI, Response
+from starlette.requests import ClientDisconnect
 
 from .. import __version__
 from ..settings import Settings
 from . import apidocs, dashboard
 from .errors import error_response, install_error_handlers
-from .limits import BodyLimitMiddleware, BodyTooLarge
+from .limits import BodyLimitMiddleware, BodyTimeout, BodyTooLarge, UploadGuardMiddleware
 from .metrics import MetricsMiddleware
 from .routes import ROUTERS
 from .state import AppState, Loader, default_loader
@@ -91,9 +92,23 @@ def create_app(settings: Settings | None = None, *, loader: Loader | None = None
     async def _too_large(request, exc: BodyTooLarge):
         return error_response(413, "payload_too_large", str(exc), {"Connection": "close"}, request.url.path)
 
+    @app.exception_handler(BodyTimeout)
+    async def _body_timeout(request, exc: BodyTimeout):
+        return error_response(408, "request_timeout", str(exc), {"Connection": "close"})
+
+    @app.exception_handler(ClientDisconnect)
+    async def _client_left(request, exc: ClientDisconnect):
+        # The client went away before its request was read: not a server error (no traceback, not a 5xx), one
+        # INFO line and a counter. 499 (nginx's "client closed request") is what the metrics record; nobody reads it.
+        state.metrics.client_disconnects.inc()
+        log.info("client disconnected during %s %s", request.method, request.url.path)
+        return Response(status_code=499)
+
     for router in (*ROUTERS, dashboard.router, apidocs.router):
         app.include_router(router)
     app.add_middleware(BodyLimitMiddleware, max_bytes=settings.max_upload_bytes,
                        overrides={"/v1/calibrate/": settings.calibration_max_bytes})
+    app.add_middleware(UploadGuardMiddleware, timeout_s=settings.body_timeout_s,
+                       max_uploads=settings.max_concurrent_uploads)
     app.add_middleware(MetricsMiddleware, metrics=state.metrics)
     return app

@@ -11,6 +11,7 @@ Under `/v2` (the Open Inference Protocol) errors take that protocol's shape, `{"
 from __future__ import annotations
 
 import logging
+import re
 import uuid
 from typing import Any
 
@@ -50,6 +51,15 @@ class ApiError(Exception):
         self.code = code
         self.message = message
         self.headers = headers or {}
+
+
+_ABS_PATH = re.compile(r"(?<![\w.~-])/(?:[^\s'\"/]+/)+([^\s'\"/,;)]*)")
+
+
+def public_text(text: str) -> str:
+    """`text` with every absolute file path cut to its last component: for messages that callers may see (reload
+    answers, readiness on a route that needs no key). Logs keep the full text."""
+    return _ABS_PATH.sub(lambda m: m.group(1) or "<path>", text)
 
 
 def error_body(code: str, message: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from PIL import Image
 
 from ..constants import ALLOWED_FORMATS  # one allow-list for the CLI and the service
 from .errors import ApiError
-from .limits import describe_format, sniff_format
+from .limits import PixelBudgetTimeout, Reservation, describe_format, sniff_format
 from .results import NewResult, record
 from .state import AppState
 from .thresholds import calibrate
@@ -47,11 +47,17 @@ class DetectOptions:
 
 @dataclass
 class Decoded:
-    image: Image.Image
+    image: Image.Image  # at most settings.max_heatmap_pixels: a larger upload is decoded reduced
     format: str
     seconds: float
     filename: str | None
     prepared: Any = None  # detector.Prepared: resized + normalised here, off the inference thread
+    width: int = 0  # the uploaded image's size (upright); 0: the image's own
+    height: int = 0
+
+    def __post_init__(self) -> None:
+        if not self.width or not self.height:
+            self.width, self.height = self.image.size
 
     @property
     def model_input(self) -> Any:
@@ -64,11 +70,7 @@ def _label(upload: Upload, index: int, total: int) -> str:
     return f"file {index + 1}" + (f" ({upload.filename!r})" if upload.filename else "")
 
 
-def decode_upload(upload: Upload, max_pixels: int, what: str = "image", prepare: Any = None) -> Decoded:
-    """Allow-list check on the magic bytes, then `preprocess.load_image`. Raises ApiError (4xx)."""
-    from ..preprocess import ImageError, load_image
-
-    t = time.perf_counter()
+def _sniff(upload: Upload, what: str) -> str:
     if not upload.data:
         raise ApiError(400, "empty_image", f"{what} is empty (0 bytes)")
     fmt = sniff_format(upload.data[:32])
@@ -77,30 +79,99 @@ def decode_upload(upload: Upload, max_pixels: int, what: str = "image", prepare:
         allowed = ", ".join(f.replace("WEBP", "WebP") for f in ALLOWED_FORMATS)
         raise ApiError(415, "unsupported_media_type",
                        f"{what}: unsupported image type ({seen}); accepted: {allowed}")
-    try:
-        image = load_image(upload.data, max_pixels)
-    except ImageError as exc:
+    return fmt
+
+
+def _image_error(exc: Exception, what: str) -> ApiError:
+    from ..preprocess import ImageError
+
+    if isinstance(exc, ImageError):
         message = str(exc)
         if "decompression bomb" in message or "too large to decode" in message:
-            raise ApiError(413, "image_too_large", f"{what}: {message}") from None
-        raise ApiError(400, "invalid_image", f"{what}: {message}") from None
-    except Exception as exc:  # noqa: BLE001 - anything else a decoder throws is still the caller's bad file
-        raise ApiError(400, "invalid_image", f"{what} cannot be decoded: {type(exc).__name__}") from None
-    prepared = prepare(image) if prepare is not None else None
-    return Decoded(image, fmt, time.perf_counter() - t, upload.filename, prepared)
+            return ApiError(413, "image_too_large", f"{what}: {message}")
+        return ApiError(400, "invalid_image", f"{what}: {message}")
+    # anything else a decoder throws is still the caller's bad file
+    return ApiError(400, "invalid_image", f"{what} cannot be decoded: {type(exc).__name__}")
 
 
-def decode_all(uploads: list[Upload], max_pixels: int, prepare: Any = None) -> list[Decoded]:
-    return [decode_upload(u, max_pixels, _label(u, i, len(uploads)), prepare) for i, u in enumerate(uploads)]
+def inspect_upload(upload: Upload, max_pixels: int, what: str = "image") -> tuple[int, int]:
+    """(width, height) from the allow-listed format's header, nothing decoded. Raises ApiError (4xx)."""
+    from ..preprocess import image_size
+
+    _sniff(upload, what)
+    try:
+        return image_size(upload.data, max_pixels)
+    except Exception as exc:  # noqa: BLE001 - mapped to the caller's 4xx
+        raise _image_error(exc, what) from None
+
+
+def decode_upload(upload: Upload, max_pixels: int, what: str = "image", prepare: Any = None,
+                  max_decoded_pixels: int | None = None) -> Decoded:
+    """Allow-list check on the magic bytes, then `preprocess.decode_image` (reduced to at most `max_decoded_pixels`
+    when given). Raises ApiError (4xx)."""
+    from ..preprocess import decode_image
+
+    t = time.perf_counter()
+    fmt = _sniff(upload, what)
+    try:
+        dec = decode_image(upload.data, max_pixels, max_decoded_pixels)
+    except Exception as exc:  # noqa: BLE001 - mapped to the caller's 4xx
+        raise _image_error(exc, what) from None
+    prepared = prepare(dec.image) if prepare is not None else None
+    return Decoded(dec.image, fmt, time.perf_counter() - t, upload.filename, prepared, dec.width, dec.height)
+
+
+def decode_all(uploads: list[Upload], max_pixels: int, prepare: Any = None,
+               max_decoded_pixels: int | None = None) -> list[Decoded]:
+    return [decode_upload(u, max_pixels, _label(u, i, len(uploads)), prepare, max_decoded_pixels)
+            for i, u in enumerate(uploads)]
+
+
+def inspect_all(uploads: list[Upload], max_pixels: int) -> list[tuple[int, int]]:
+    return [inspect_upload(u, max_pixels, _label(u, i, len(uploads))) for i, u in enumerate(uploads)]
 
 
 async def decode_in_pool(state: AppState, uploads: list[Upload]) -> list[Decoded]:
-    """Decode in the thread pool, at most `state.decode_limiter` requests at once: a decoded 50 MP image takes
-    150 MB, so decoding concurrency is bounded by the cores rather than by the thread pool size. The images are
-    also resized and normalised for the current model here, in parallel, so the inference thread only runs CLIP."""
+    """Decode in the thread pool, at most `state.decode_limiter` requests at once: decoding concurrency is bounded
+    by the cores rather than by the thread pool size (and memory by `decode_within_budget`). Images over
+    `max_heatmap_pixels` are decoded reduced. They are also resized and normalised for the current model here, in
+    parallel, so the inference thread only runs CLIP."""
     prepare = getattr(state.detector, "prepare", None)
-    return await to_thread.run_sync(decode_all, uploads, state.settings.max_pixels, prepare,
+    s = state.settings
+    return await to_thread.run_sync(decode_all, uploads, s.max_pixels, prepare, s.max_heatmap_pixels,
                                     limiter=state.decode_limiter)
+
+
+async def decode_within_budget(state: AppState, uploads: list[Upload], deadline: float) -> tuple[list[Decoded],
+                                                                                                  Reservation]:
+    """Read the image headers, reserve the decoded pixels the request needs from `state.pixel_budget` (waiting
+    for room until `deadline`: 503 `busy` then), decode, and keep only what the reduced images take.
+
+    The reservation is the largest image at full size (the decoder's buffer; images are decoded one at a time)
+    plus every image at its reduced size, so the pixels decoded at once stay within `max_pixels_in_flight`
+    however many requests and batches arrive. The caller releases the returned reservation once its answer is
+    encoded."""
+    from ..preprocess import reduction_factor
+
+    s = state.settings
+    sizes = await to_thread.run_sync(inspect_all, uploads, s.max_pixels, limiter=state.decode_limiter)
+    reduced = []
+    for w, h in sizes:
+        f = reduction_factor(w, h, s.max_heatmap_pixels)
+        reduced.append(-(-w // f) * -(-h // f))
+    try:
+        reservation = await state.pixel_budget.reserve(max(w * h for w, h in sizes) + sum(reduced),
+                                                       deadline - time.perf_counter())
+    except PixelBudgetTimeout:
+        raise ApiError(503, "busy", "too many image pixels are being processed; retry later",
+                       {"Retry-After": "2"}) from None
+    try:
+        decoded = await decode_in_pool(state, uploads)
+    except BaseException:
+        reservation.release()
+        raise
+    reservation.shrink_to(sum(reduced))
+    return decoded, reservation
 
 
 async def infer(state: AppState, images: list[Any], object_name: str | None, heatmap: bool,
@@ -135,14 +206,15 @@ async def infer(state: AppState, images: list[Any], object_name: str | None, hea
 def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptions, score_name: str,
                 want_png_for_store: bool) -> tuple[dict[str, Any] | None, list[dict] | None, bytes | None, float]:
     """Heatmap payload, regions and the PNG to keep; runs in a worker thread."""
-    from ..heatmap import overlay_png, regions
+    from ..heatmap import overlay_png, regions, scale_regions
 
     t = time.perf_counter()
     det = res.detection
     if opts.heatmap == "none" or score_name not in det.heat:
         return None, None, None, time.perf_counter() - t
-    heat = det.heat[score_name]
-    found = [r.to_dict() for r in regions(heat, state.settings.mask_threshold)[:MAX_REGIONS]]
+    heat = det.heat[score_name]  # the one map this answer needs, at the decoded size (<= max_heatmap_pixels)
+    found = [r.to_dict() for r in scale_regions(regions(heat, state.settings.mask_threshold)[:MAX_REGIONS],
+                                                dec.image.size, (dec.width, dec.height))]
     png = overlay_png(dec.image, heat) if (opts.heatmap == "png" or want_png_for_store) else None
     if opts.heatmap == "png":
         payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii")}
@@ -163,20 +235,24 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
     start = time.perf_counter()
     deadline = start + settings.request_timeout_s
     state.require_ready()  # before spending time on decoding
-    decoded = await decode_in_pool(state, uploads)
-    ref = await to_thread.run_sync(state.references.lookup, opts.product, opts.line, state.detector)
-    results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none", deadline,
-                          arrival, memory=ref.memory)
+    decoded, pixels = await decode_within_budget(state, uploads, deadline)
+    try:  # the decoded pixels are held until the answer is encoded
+        ref = await to_thread.run_sync(state.references.lookup, opts.product, opts.line, state.detector)
+        results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none",
+                              deadline, arrival, memory=ref.memory)
 
-    manifest = state.detector.manifest if state.detector is not None else None
-    keep_png = state.results.keep_heatmaps
+        manifest = state.detector.manifest if state.detector is not None else None
+        keep_png = state.results.keep_heatmaps
 
-    def _post() -> tuple[Any, list[tuple]]:  # file reads (thresholds) and encoding stay off the event loop
-        resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                            settings.default_threshold, manifest, ref.mode)
-        return resolved, [_encode_one(state, d, r, opts, resolved.score, keep_png) for d, r in zip(decoded, results)]
+        def _post() -> tuple[Any, list[tuple]]:  # file reads (thresholds) and encoding stay off the event loop
+            resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
+                                                settings.default_threshold, manifest, ref.mode)
+            return resolved, [_encode_one(state, d, r, opts, resolved.score, keep_png)
+                              for d, r in zip(decoded, results)]
 
-    resolved, encoded = await to_thread.run_sync(_post)
+        resolved, encoded = await to_thread.run_sync(_post)
+    finally:
+        pixels.release()
     records: list[NewResult] = []
     extras: list[dict[str, Any]] = []
     for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):
@@ -189,14 +265,14 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
             score_name=resolved.score, score=score, label=label, threshold=resolved.threshold,
             threshold_source=resolved.source, scores={k: float(v) for k, v in res.detection.scores.items()},
             latency_ms=latency * 1000.0, object_name=opts.object_name, filename=(dec.filename or None) and dec.filename[:255],
-            width=dec.image.size[0], height=dec.image.size[1], heatmap_png=png,
+            width=dec.width, height=dec.height, heatmap_png=png,
         ))
         extras.append({
             "filename": dec.filename, "clip": res.clip,
             "timings_ms": {"decode": _ms(dec.seconds), "queue": _ms(res.queue_wait),
                            **{k: _ms(v) for k, v in stage_s.items()}, "encode": _ms(enc_s)},
             "batch_size": res.batch_size,
-            "image": {"width": dec.image.size[0], "height": dec.image.size[1], "format": dec.format},
+            "image": {"width": dec.width, "height": dec.height, "format": dec.format},
             "heatmap": payload, "regions": found,
             "mode": getattr(res.detection, "mode", ref.mode), "shots": getattr(res.detection, "shots", ref.shots),
             "reference": ref.info,
@@ -242,8 +318,9 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
     chunk = max(1, s.max_batch_size)
     for i in range(0, len(uploads), chunk):
         part = uploads[i: i + chunk]
-        decoded = await decode_in_pool(state, part)
-        results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline)
+        decoded, pixels = await decode_within_budget(state, part, deadline)
+        async with pixels:
+            results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline)
         scores.extend(float(r.detection.scores[score_name]) for r in results)
         model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
         for u in part:

@@ -25,6 +25,7 @@ from sqlalchemy.engine import Engine
 
 from ..db.engine import make_engine, sqlite_url
 from ..db.schema import heatmaps_table, metadata, results_table  # noqa: F401 - the tables live in service/db/schema.py
+from ..private_files import private_sqlite
 
 STATS_SAMPLE = 100_000  # percentiles over at most this many newest rows of the window
 
@@ -133,8 +134,8 @@ class ResultsStore:
         itself, behind ZSAD_DB_UPGRADE (`AppState.open_database`)."""
         from ..db.migrate import upgrade
 
-        if self.path is not None:
-            self.path.parent.mkdir(parents=True, exist_ok=True)
+        if self.path is not None:  # results and heatmap overlays of camera images: readable by this user only
+            private_sqlite(self.path)
         upgrade(self.engine)
 
     def close(self) -> None:

@@ -23,16 +23,24 @@ class Health(BaseModel):
 
 
 class Readiness(BaseModel):
+    """200 answer of /readyz. A 503 answer has the same fields plus the common `error` object (code `not_ready`,
+    the reason in its message: the model name and what is wrong, never a file path)."""
+
     model_config = _examples(
-        {"ready": True, "status": "ready", "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"},
-         "error": None},
+        {"ready": True, "status": "ready", "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"}},
         {"ready": False, "status": "failed", "model": None,
-         "error": "cannot load model 'default': model 'default' has no current version in store /srv/model_store"},
+         "error": {"code": "not_ready", "message": "not ready: failed (cannot load model 'default': model 'default' has "
+                                                   "no current version in the store (models: none))"}},
     )
     ready: bool
     status: Literal["loading", "ready", "failed", "stopping"]
     model: ModelRef | None = None
-    error: str | None = None
+    error: ErrorDetail | None = Field(None, description="Only in 503 answers: why the service is not ready.")
+
+
+class ErrorDetail(BaseModel):
+    code: str
+    message: str
 
 
 class ModelRef(BaseModel):

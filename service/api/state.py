@@ -24,7 +24,8 @@ from ..db.thresholds import ThresholdFileError, import_file
 from ..memory_store import store_from_settings
 from ..settings import Settings
 from .auth import KeyChecker
-from .errors import ApiError
+from .errors import ApiError, public_text
+from .limits import PixelBudget
 from .metrics import Metrics
 from .references import References
 from .results import ResultsStore
@@ -39,7 +40,8 @@ Loader = Callable[..., Any]  # (settings, name=None, version=None) -> Detector; 
 def default_loader(settings: Settings, name: str | None = None, version: str | None = None) -> Any:
     from ..detector import load_detector
 
-    return load_detector(settings, name, version)
+    # maps on demand: a detection in flight holds its patch grids, not three maps at the image's size
+    return load_detector(settings, name, version).with_full_maps(False)
 
 
 class AppState:
@@ -75,6 +77,7 @@ class AppState:
         self._follow_lock = threading.Lock()
         self.worker = InferenceWorker(lambda: self.detector, settings.max_batch_size, settings.max_batch_wait_ms,
                                       settings.batching, settings.queue_size, self.metrics)
+        self.pixel_budget = PixelBudget(settings.max_pixels_in_flight)  # decoded pixels in flight (limits.py)
         self._reload_lock = threading.Lock()
         self.decode_limiter: Any = None  # anyio.CapacityLimiter, made in the lifespan (needs the event loop)
         self.loaded = threading.Event()  # set once the first load attempt finished (either way)
@@ -278,7 +281,7 @@ class AppState:
         except ModelLoadError as exc:
             self.metrics.reloads.labels(outcome="failed").inc()
             log.error("model reload failed: %s%s", exc, keeps)
-            text = str(exc)
+            text = public_text(str(exc))  # callers see the model's name, never a path (the log keeps it)
             self.fleet_error = f"loading {target} failed: {text}{keeps}"
             if "not found" in text or "no current version" in text:
                 raise ApiError(404, "model_not_found", text + keeps) from None
@@ -288,9 +291,9 @@ class AppState:
         except Exception as exc:
             self.metrics.reloads.labels(outcome="failed").inc()
             log.exception("model reload failed%s", keeps)
-            self.fleet_error = f"loading {target} failed: {type(exc).__name__}: {exc}{keeps}"
+            self.fleet_error = public_text(f"loading {target} failed: {type(exc).__name__}: {exc}{keeps}")
             raise ApiError(500, "model_load_failed",
-                           f"loading the model failed: {type(exc).__name__}: {exc}{keeps}") from None
+                           public_text(f"loading the model failed: {type(exc).__name__}: {exc}{keeps}")) from None
         old = self.detector
         self._install(detector, seconds)
         self.metrics.reloads.labels(outcome="ok").inc()

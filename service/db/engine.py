@@ -11,6 +11,7 @@ from pathlib import Path
 from sqlalchemy import create_engine, event
 from sqlalchemy.engine import Engine
 
+from ..private_files import private_sqlite
 from ..settings import Settings
 
 
@@ -40,8 +41,8 @@ def sqlite_path(url: str) -> Path | None:
 def make_engine(url: str) -> Engine:
     if is_sqlite(url):
         path = sqlite_path(url)
-        if path is not None:
-            path.parent.mkdir(parents=True, exist_ok=True)
+        if path is not None:  # results, overlays of camera images, thresholds: 0600 (its -wal/-shm inherit it)
+            private_sqlite(path)
         engine = create_engine(url, connect_args={"check_same_thread": False, "timeout": 30})
 
         @event.listens_for(engine, "connect")

@@ -22,6 +22,7 @@ from sqlalchemy import inspect, text
 from sqlalchemy.engine import Connection, Engine
 
 from ..constants import DB_MIGRATION_LOCK
+from ..private_files import private_dir
 from .engine import sqlite_path
 
 log = logging.getLogger("zsad.db")
@@ -105,7 +106,7 @@ def _migration_lock(engine: Engine) -> Iterator[Connection]:
             return
         import fcntl
 
-        path.parent.mkdir(parents=True, exist_ok=True)
+        private_dir(path.parent)
         with open(path.with_name(path.name + ".migrate-lock"), "a") as fh:
             fcntl.flock(fh, fcntl.LOCK_EX)
             try:

@@ -203,7 +203,7 @@ def test_missing_model_is_not_ready_then_reload_recovers(tmp_path):
     app = create_app(settings, loader=loader)
     with TestClient(app) as c:
         body = wait_ready(c)
-        assert body["status"] == "failed" and "no current version" in body["error"]
+        assert body["status"] == "failed" and "no current version" in body["error"]["message"]
         assert c.get("/readyz").status_code == 503 and c.get("/v2/health/ready").status_code == 503
         assert c.get("/healthz").status_code == 200 and c.get("/v2/health/live").json() == {"live": True}
         r = _detect(c)

@@ -5,13 +5,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Query, Request
 
-from ..deps import READ, StateDep
+from ..deps import READ, AuthFirstRoute, StateDep
 from ..errors import error_responses
 from ..pipeline import DetectOptions, detect_uploads
 from ..schemas import BatchResult, DetectParams, DetectResult
 from ..uploads import merge_form, read_uploads, upload_body
 
-router = APIRouter(tags=["detect"], dependencies=READ)
+router = APIRouter(tags=["detect"], dependencies=READ, route_class=AuthFirstRoute)
 DETECT_ERRORS = error_responses(400, 401, 403, 413, 415, 422, 503, 504)
 
 

@@ -8,13 +8,13 @@ from anyio import to_thread
 from fastapi import APIRouter
 from fastapi.responses import Response
 
-from ..deps import ADMIN, READ, StateDep
+from ..deps import ADMIN, READ, AuthFirstRoute, StateDep
 from ..errors import ApiError, error_responses
 from ..results import iso
 from ..schemas import FleetInfo
 from ..state import AppState
 
-router = APIRouter(tags=["fleet"])
+router = APIRouter(tags=["fleet"], route_class=AuthFirstRoute)
 
 
 def fleet_view(state: AppState) -> dict[str, Any]:

@@ -5,17 +5,17 @@ from fastapi import APIRouter
 from fastapi.responses import JSONResponse, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 
-from ..deps import StateDep
-from ..errors import ApiError, error_body, error_responses, oip_error_body
+from ..deps import AuthFirstRoute, StateDep
+from ..errors import ApiError, error_body, error_responses, oip_error_body, public_text
 from ..schemas import Health, Readiness
 from ..state import AppState
 
-router = APIRouter()
+router = APIRouter(route_class=AuthFirstRoute)
 
 
 def _readiness(state: AppState) -> Readiness:
     return Readiness(ready=state.status == "ready" and state.detector is not None, status=state.status,
-                     model=state.model_ref(), error=state.error)
+                     model=state.model_ref())
 
 
 @router.get("/healthz", response_model=Health, tags=["health"], summary="Liveness: process and worker alive",
@@ -30,9 +30,10 @@ async def healthz(state: StateDep):
             summary="Readiness: a model is loaded and warmed up (503 otherwise)", responses=error_responses(503))
 async def readyz(state: StateDep):
     r = _readiness(state)
-    if not r.ready:
-        body = error_body("not_ready", f"not ready: {r.status}" + (f" ({r.error})" if r.error else ""))
-        return JSONResponse({**body, **r.model_dump()}, status_code=503)
+    if not r.ready:  # the one error shape, plus the readiness fields; no key needed here, so no paths in it
+        reason = public_text(state.error) if state.error else None
+        body = error_body("not_ready", f"not ready: {r.status}" + (f" ({reason})" if reason else ""))
+        return JSONResponse({**r.model_dump(exclude={"error"}), **body}, status_code=503)
     return r
 
 

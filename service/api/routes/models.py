@@ -7,11 +7,11 @@ from typing import Annotated, Any
 from anyio import to_thread
 from fastapi import APIRouter, Body
 
-from ..deps import ADMIN, READ, CallerDep, StateDep
-from ..errors import error_responses
+from ..deps import ADMIN, READ, AuthFirstRoute, CallerDep, StateDep
+from ..errors import error_responses, public_text
 from ..schemas import ModelsInfo, ReloadIn, ReloadOut
 
-router = APIRouter(tags=["models"])
+router = APIRouter(tags=["models"], route_class=AuthFirstRoute)
 
 
 def _available(store_root: Path) -> list[dict[str, Any]]:
@@ -41,13 +41,13 @@ async def models(state: StateDep):
                  "window_scales": list(det.window_scales), "manifest": det.manifest}
     available = await to_thread.run_sync(_available, state.settings.model_store)
     return {"ready": state.status == "ready", "status": state.status, "model": model, "available": available,
-            "error": state.error}
+            "error": public_text(state.error) if state.error else None}
 
 
 @router.post("/v1/models/reload", response_model=ReloadOut, dependencies=ADMIN,
              summary="Load a model version fully, then swap it in (on failure the old one keeps serving); on success "
                      "it becomes the fleet's desired model, which every replica loads",
-             responses=error_responses(401, 403, 404, 409, 422, 500))
+             responses=error_responses(400, 401, 403, 404, 409, 422, 500))
 async def reload_model(state: StateDep, caller: CallerDep, body: Annotated[ReloadIn | None, Body()] = None):
     body = body or ReloadIn()
     return await to_thread.run_sync(state.reload, body.name, body.version, caller)

@@ -9,14 +9,14 @@ from fastapi import APIRouter, Header, Path, Query, Request
 from fastapi.responses import Response
 
 from ...constants import ScoreName
-from ..deps import ADMIN, READ, CallerDep, StateDep
+from ..deps import ADMIN, READ, AuthFirstRoute, CallerDep, StateDep
 from ..errors import ApiError, error_responses
 from ..pipeline import calibrate_uploads
 from ..schemas import NAME_PATTERN, CalibrationRecord, CalibrationResult, ThresholdConfig, ThresholdEntry, ThresholdIn
 from ..thresholds import VersionConflict, default_threshold
 from ..uploads import read_uploads, upload_body
 
-router = APIRouter(tags=["thresholds"])
+router = APIRouter(tags=["thresholds"], route_class=AuthFirstRoute)
 ProductPath = Annotated[str, Path(pattern=NAME_PATTERN, description="Product name.")]
 LineQuery = Annotated[str | None, Query(pattern=NAME_PATTERN, description="Production line (omit: the product).")]
 IfMatch = Annotated[str | None, Header(description="Write only if the threshold row (the product's, or the line's "
@@ -124,7 +124,8 @@ async def calibrate_product(
     caller: CallerDep,
     product: ProductPath,
     line: LineQuery = None,
-    target_frr: Annotated[float, Query(gt=0.0, lt=1.0, description="Target false-reject rate on normal images.")] = 0.01,
+    target_frr: Annotated[float, Query(ge=1e-6, lt=1.0, description="Target false-reject rate on normal images "
+                                       "(1e-6 up to, not including, 1).")] = 0.01,
     score: Annotated[ScoreName | None, Query(description="Score to calibrate (default: settings).")] = None,
     object: Annotated[str | None, Query(max_length=64, description="Object word for s_pr.")] = None,  # noqa: A002
     store: Annotated[bool, Query(description="Store the threshold (false: only propose it).")] = True,

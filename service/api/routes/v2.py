@@ -16,7 +16,7 @@ from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 
 from ... import __version__
-from ..deps import READ, StateDep
+from ..deps import READ, AuthFirstRoute, StateDep
 from ..errors import ApiError, error_responses, oip_error_body
 from ..oip import EXTENSIONS, TensorError, encode_response, model_metadata, parse_infer_request, result_tensors
 from ..oip_schemas import InferRequest, InferResponse, ModelMetadata, ModelReady, ServerMetadata
@@ -24,7 +24,7 @@ from ..pipeline import DetectOptions, Upload, detect_uploads
 from ..schemas import DetectParams
 from ..state import AppState
 
-router = APIRouter(tags=["inference (OIP v2)"], dependencies=READ)
+router = APIRouter(tags=["inference (OIP v2)"], dependencies=READ, route_class=AuthFirstRoute)
 MODEL = "/v2/models/{model_name}"
 VERSION = "/v2/models/{model_name}/versions/{model_version}"
 HEADER_LENGTH = "Inference-Header-Content-Length"
