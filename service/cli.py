@@ -8,11 +8,14 @@ import argparse
 import ipaddress
 import json
 import os
+import re
 import sys
 from pathlib import Path
 
-from .constants import IMAGE_EXTENSIONS, SCORE_ALIASES, SCORE_NAMES, VIEW_COUNTS
+from .constants import IMAGE_EXTENSIONS, MAX_REGIONS, NAME_PATTERN, SCORE_ALIASES, SCORE_NAMES, VIEW_COUNTS
 from .settings import Settings
+
+NAME_RE = re.compile(NAME_PATTERN)
 
 
 class CliError(Exception):
@@ -26,6 +29,13 @@ def _settings(args: argparse.Namespace) -> Settings:
     if getattr(args, "device", None):
         overrides["device"] = args.device
     return Settings(**overrides)
+
+
+def _name(value: str) -> str:
+    """A product or line name, as the service accepts them (1-64 letters, digits, '.', '_', ':', '-')."""
+    if not NAME_RE.match(value):
+        raise argparse.ArgumentTypeError(f"invalid name {value!r}: use 1-64 letters, digits, '.', '_', ':' or '-'")
+    return value
 
 
 def _split_ref(ref: str) -> tuple[str, str | None]:
@@ -106,16 +116,57 @@ def _images_in(folders: list[str]) -> list[Path]:
     return found
 
 
+def _threshold_entry(args: argparse.Namespace, settings: Settings) -> dict | None:
+    """The product's threshold entry: from `--thresholds FILE` (a JSON thresholds file, the previous release's
+    format), else from the service's database (`--db URL`, default `ZSAD_RESULTS_URL` / `ZSAD_RESULTS_PATH`), read
+    only (a missing SQLite file is no thresholds, and is not created)."""
+    if args.thresholds:  # read (and checked) even without --product, as the service reads its store
+        from .db.thresholds import read_file
+
+        products = read_file(Path(args.thresholds))
+        return products.get(args.product) if args.product else None
+    if not args.product:
+        return None
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .db.engine import database_url, make_engine, sqlite_path
+    from .db.thresholds import ThresholdStore
+
+    url = args.db or database_url(settings)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        return None
+    try:
+        engine = make_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise CliError(f"cannot use database URL: {type(exc).__name__}: {exc}") from None
+    try:
+        return ThresholdStore(engine).get(args.product)
+    except SQLAlchemyError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise CliError(f"cannot read thresholds from database {where}: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0]}") from None
+    finally:
+        engine.dispose()
+
+
 # --- score ------------------------------------------------------------------------------------------------------
 def cmd_score(args: argparse.Namespace) -> int:
+    """Score images as the service would for `--product` / `--line`: the same thresholds (the service's database, or
+    a JSON thresholds file with `--thresholds`), the same resolution (`service.thresholds`), the same label rule and
+    the same regions (`heatmap.localise`)."""
     from .detector import load_detector
-    from .heatmap import binary_mask, overlay_png, regions
+    from .heatmap import localise, mask_png, min_area_pixels, overlay_png
     from .preprocess import ImageError, load_image
+    from .thresholds import decide, resolve_entry
 
     settings = _settings(args)
+    entry = _threshold_entry(args, settings)  # read first: an unreadable store is an error before loading a model
     name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
     detector = load_detector(settings, name, version)
     memory = _product_memory(detector, settings, args.product, args.line) if args.product else None
+    resolved = resolve_entry(entry, args.line, args.score, settings.default_score, settings.default_threshold,
+                             detector.manifest, settings.mask_threshold, "few_shot" if memory else "zero_shot")
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -128,16 +179,22 @@ def cmd_score(args: argparse.Namespace) -> int:
             print(json.dumps({"path": path, "error": str(exc)}))
             continue
         det = detector.detect([image], args.object, heatmap=heat_dir is not None, memory=memory)[0]
+        score = float(det.scores[resolved.score])
         line = {"path": path, **{SCORE_ALIASES[k]: round(v, 6) for k, v in det.scores.items()},
+                "product": args.product, "line": args.line, "score_name": resolved.score, "score": round(score, 6),
+                "label": decide(score, resolved, settings.uncalibrated), "threshold": resolved.threshold,
+                "threshold_source": resolved.source, "calibrated": resolved.calibrated,
                 "mode": det.mode, "shots": det.shots}
         if heat_dir is not None:
-            heat = det.heat[args.score or settings.default_score]
+            heat = det.heat[resolved.score]
+            found, mask = localise(heat, resolved.pixel_threshold, min_area_pixels(heat.shape, settings.min_region_area),
+                                   score > resolved.threshold, MAX_REGIONS)
             stem = Path(path).stem
             (heat_dir / f"{stem}_overlay.png").write_bytes(overlay_png(image, heat))
-            from PIL import Image
-
-            Image.fromarray(binary_mask(heat, settings.mask_threshold)).save(heat_dir / f"{stem}_mask.png")
-            line["regions"] = [r.to_dict() for r in regions(heat, settings.mask_threshold)]
+            (heat_dir / f"{stem}_mask.png").write_bytes(mask_png(mask))
+            line["pixel_threshold"] = resolved.pixel_threshold
+            line["pixel_threshold_source"] = resolved.pixel_source
+            line["regions"] = [r.to_dict() for r in found]
         print(json.dumps(line), flush=True)
     if failures:
         print(f"{failures} of {len(args.images)} images could not be scored", file=sys.stderr)
@@ -294,11 +351,16 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--model-ref", help="FNN model NAME[@VERSION] (default: settings / current)")
     s.add_argument("--object", help="object name for the prompt score (default: generic 'object')")
+    s.add_argument("--product", type=_name, help="product: its threshold (and few-shot reference memory, if it has "
+                   "one: made by POST /v1/calibrate/{product}?reference=true) from the service's database, as the service")
+    s.add_argument("--line", type=_name, help="production line: its threshold (and memory, if it has its own), as the "
+                   "service")
+    s.add_argument("--db", metavar="URL", help="database holding the thresholds (default: $ZSAD_RESULTS_URL, else "
+                   "sqlite at $ZSAD_RESULTS_PATH)")
+    s.add_argument("--thresholds", metavar="FILE", help="read thresholds from this JSON thresholds file instead")
     s.add_argument("--heatmap", metavar="DIR", help="write <stem>_overlay.png and <stem>_mask.png into DIR")
-    s.add_argument("--score", choices=SCORE_NAMES, default=None, help="map for --heatmap (default: settings)")
-    s.add_argument("--product", help="score in few-shot mode against this product's reference memory (as the "
-                   "service does; made by POST /v1/calibrate/{product})")
-    s.add_argument("--line", help="with --product: the line's own memory, if it has one")
+    s.add_argument("--score", choices=SCORE_NAMES, default=None,
+                   help="score the label is decided on, and its map (default: the product threshold's, else settings)")
     s.add_argument("--device", help="cpu, cuda or auto")
     s.set_defaults(func=cmd_score)
 
@@ -360,10 +422,11 @@ def main(argv: list[str] | None = None) -> int:
     errors: tuple[type[Exception], ...] = (CliError, ValueError)
     if args.command != "db":  # `zsad db` (run by the container entrypoint at every start) never imports torch
         from .clip_backend import ClipLoadError
+        from .db.thresholds import ThresholdFileError
         from .detector import ModelLoadError
         from .store import StoreError
 
-        errors += (ClipLoadError, ModelLoadError, StoreError)
+        errors += (ClipLoadError, ModelLoadError, StoreError, ThresholdFileError)
     try:
         return int(args.func(args) or 0)
     except errors as exc:

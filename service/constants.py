@@ -50,6 +50,19 @@ WINDOW_SCALES: tuple[int, ...] = (2, 3)  # WinCLIP's window sizes, in patches, w
 VIEW_COUNTS: tuple[int, ...] = (1, 2, 4, 8)  # test-time views: prefixes of the dihedral group that are groups
 GENERIC_OBJECT = "object"  # object word for s_pr when none is given
 
+# --- labels, thresholds, localisation -----------------------------------------------------------------------------
+LABELS: tuple[str, ...] = ("anomalous", "normal", "review")  # review: an uncalibrated product under ZSAD_UNCALIBRATED=review
+UNCALIBRATED_POLICIES: tuple[str, ...] = ("label", "review")  # what an uncalibrated product's images get as label
+FALLBACK_THRESHOLD = 0.5  # image threshold when neither a product, the settings nor the model give one
+FALLBACK_PIXEL_THRESHOLD = 0.5  # pixel (heat) threshold likewise
+# Regions: connected areas of heat above the pixel threshold of at least this fraction of the image (a 64 x 64 image:
+# 41 pixels). The pixel threshold of a calibration: this quantile of the heat of all pixels of the normal images. Both
+# chosen on the validation kinds by benchmarks/localisation.py (best region F1 of 8 rules x 5 areas).
+MIN_REGION_AREA = 0.01
+PIXEL_QUANTILE = 0.98
+MAX_REGIONS = 32  # hottest regions reported per image (the mask is their union)
+NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # product and line names (API and CLI)
+
 # --- few-shot reference memories (service/fewshot.py) ----------------------------------------------------------------
 MODES: tuple[str, ...] = ("zero_shot", "few_shot")  # how an image was scored: text prompts only, or + a memory
 REFERENCE_MAX_SHOTS = 64  # calibration images that go into a product's memory (the rest only fit the threshold)

@@ -13,7 +13,10 @@ import numpy as np
 from PIL import Image
 from scipy import ndimage
 
-__all__ = ["Region", "jet", "overlay_png", "binary_mask", "regions", "scale_regions"]
+__all__ = ["Region", "jet", "overlay_png", "binary_mask", "regions", "localise", "min_area_pixels", "mask_png",
+           "scale_regions"]
+
+_STRUCTURE_8 = np.ones((3, 3), dtype=bool)
 
 
 def jet(values: np.ndarray) -> np.ndarray:
@@ -100,6 +103,86 @@ def regions(heat: np.ndarray, threshold: float, min_area: int = 1) -> list[Regio
                           float(maxima[i]), float(means[i])))
     out.sort(key=lambda r: (-r.max_score, -r.area_px))
     return out
+
+
+def min_area_pixels(shape: tuple[int, ...], fraction: float) -> int:
+    """The minimum region area in pixels for a map of `shape` (H, W): `fraction` of its pixels, at least 1."""
+    return max(1, math.ceil(fraction * shape[0] * shape[1] - 1e-9))
+
+
+def _grow(heat: np.ndarray, peak: int, min_area: int) -> np.ndarray:
+    """The connected component of `heat >= L` holding the pixel `peak` (flat index) at the highest level L where it
+    has at least `min_area` pixels (binary search over the map's values: the component only grows as L falls)."""
+    values = np.unique(heat)[::-1]  # descending
+    lo, hi, best = 0, len(values) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        labels, _ = ndimage.label(heat >= values[mid], structure=_STRUCTURE_8)
+        component = labels == labels.flat[peak]
+        if int(component.sum()) >= min_area:
+            best, hi = component, mid - 1
+        else:
+            lo = mid + 1
+    assert best is not None  # at the lowest value the component is the whole map
+    return best
+
+
+def localise(heat: np.ndarray, pixel_threshold: float, min_area: int = 1, anomalous: bool = True,
+             max_regions: int | None = None) -> tuple[list[Region], np.ndarray]:
+    """Regions and mask that agree with the image's label: (regions hottest first, uint8 mask 0/255).
+
+    - not `anomalous`: no region, an empty mask (a normal part has nothing to point at);
+    - `anomalous`: the connected areas (8-connectivity) of `heat > pixel_threshold` with at least `min_area` pixels.
+      The heat's maximum is always in the first (hottest) region: when it lies below the pixel threshold, or in an
+      area smaller than `min_area`, that area is grown around the maximum to `min_area` pixels (the component of
+      `heat >= L` at the highest level L that reaches it; areas above the threshold it touches are part of it). So an
+      anomalous image always has at least one region, and no region is smaller than `min_area`.
+
+    The mask is exactly the union of the returned regions (after `max_regions`), at the heat map's resolution.
+    """
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0)
+    if heat.ndim != 2 or heat.size == 0:
+        raise ValueError(f"heat map must be a non-empty 2-D array, got shape {heat.shape}")
+    if not anomalous:
+        return [], np.zeros(heat.shape, dtype=np.uint8)
+    min_area = max(1, min(int(min_area), heat.size))
+    labels, n = ndimage.label(heat > pixel_threshold, structure=_STRUCTURE_8)
+    areas = np.bincount(labels.ravel(), minlength=n + 1)
+    keep = [i for i in range(1, n + 1) if areas[i] >= min_area]
+    peak = int(np.argmax(heat))
+    final = np.zeros(heat.shape, dtype=np.int32)
+    if labels.flat[peak] == 0 or areas[labels.flat[peak]] < min_area:
+        grown = _grow(heat, peak, min_area)
+        inside = set(np.unique(labels[grown]).tolist())
+        keep = [i for i in keep if i not in inside]  # areas it touches are inside it (they are above its level)
+        final[grown] = 1
+        offset = 1
+    else:
+        offset = 0
+    for j, i in enumerate(keep):
+        final[labels == i] = offset + j + 1
+    count = offset + len(keep)
+    ids = np.arange(1, count + 1)
+    areas_f = np.bincount(final.ravel(), minlength=count + 1)[1:]
+    maxima = ndimage.maximum(heat, final, ids)
+    means = ndimage.mean(heat, final, ids)
+    found = []
+    for i, sl in enumerate(ndimage.find_objects(final, max_label=count)):
+        ys, xs = sl
+        found.append((Region(int(xs.start), int(ys.start), int(xs.stop), int(ys.stop), int(areas_f[i]),
+                             float(maxima[i]), float(means[i])), i + 1))
+    found.sort(key=lambda r: (-r[0].max_score, -r[0].area_px))
+    if max_regions is not None:
+        found = found[:max_regions]
+    mask = np.isin(final, [label for _, label in found])
+    return [r for r, _ in found], np.where(mask, 255, 0).astype(np.uint8)
+
+
+def mask_png(mask: np.ndarray) -> bytes:
+    """PNG bytes of a uint8 mask (0 / 255)."""
+    buf = io.BytesIO()
+    Image.fromarray(np.asarray(mask, dtype=np.uint8)).save(buf, format="PNG")
+    return buf.getvalue()
 
 
 def scale_regions(found: list[Region], size: tuple[int, int], original: tuple[int, int]) -> list[Region]:

@@ -19,6 +19,7 @@ from .constants import (
     FLEET_POLL_S,
     GENERIC_OBJECT,
     METRICS_MAX_PRODUCTS,
+    MIN_REGION_AREA,
     OIP_MODEL_NAME,
     PROMPT_TEMPERATURE,
     REFERENCE_MAX_BYTES,
@@ -72,7 +73,18 @@ class Settings(BaseSettings):
     resize_policy: Literal["letterbox", "stretch", "center_crop"] = Field(
         "letterbox", description="Non-square images: letterbox keeps the whole image visible."
     )
-    mask_threshold: float = Field(0.5, ge=0.0, le=1.0, description="Heat above this is in the binary mask/regions.")
+    mask_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Pixel threshold where no product or line threshold sets one: heat above it "
+        "forms the mask and the regions; None: the model manifest's `pixel_threshold_advice`, else 0.5."
+    )
+    min_region_area: float = Field(
+        MIN_REGION_AREA, ge=0.0, lt=1.0, description="Smallest reported region, as a fraction of the image's pixels "
+        "(smaller areas above the pixel threshold are dropped; an anomalous image's hottest spot is grown to this size)."
+    )
+    uncalibrated: Literal["label", "review"] = Field(
+        "label", description="Images of a product without a calibrated (or admin-set) threshold: 'label' decides on the "
+        "default threshold anyway; 'review' labels them 'review' instead of a verdict. `calibrated` says which it was."
+    )
 
     # --- service --------------------------------------------------------------------------------------------------
     host: str = Field("127.0.0.1", description="`zsad serve` bind address.")

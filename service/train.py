@@ -15,7 +15,7 @@ from typing import Any
 from . import __version__
 from .calibration import CalibrationFit
 from .clip_backend import ClipBackend
-from .constants import GENERIC_OBJECT, VIEW_COUNTS
+from .constants import GENERIC_OBJECT, PIXEL_QUANTILE, VIEW_COUNTS
 from .fnn import FNN_FILE, FNNConfig, TrainReport, auroc, fnn_to_bytes, pair_scores, train_fnn
 from .prompts import RandomWordConfig, Vocabulary, clean_pairs, random_word_pairs
 from .settings import Settings
@@ -116,6 +116,9 @@ def train_fnn_model(
         fit = fit_detector_calibration(Detector.from_parts(backend, fnn, serving, manifest, vocab),
                                        list(calibration_images))
         manifest["threshold_advice"] = {**fit.threshold_advice, "basis": "1% false rejects on the calibration images"}
+        if fit.pixel_threshold_advice:
+            manifest["pixel_threshold_advice"] = {**fit.pixel_threshold_advice,
+                                                  "basis": f"{PIXEL_QUANTILE:g} quantile of the heat of the calibration images"}
         manifest["calibration"] = {**fit.entry,
                                    "reference": calibration_reference or f"{len(calibration_images)} normal images"}
     result_version = None

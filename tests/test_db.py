@@ -38,17 +38,19 @@ def engine(db_url):
     eng.dispose()
 
 
-def _all_rows(conn) -> tuple[list[dict], list[dict]]:
-    results = [dict(r._mapping) for r in conn.execute(select(results_table).order_by(results_table.c.id))]
-    heatmaps = [dict(r._mapping) for r in conn.execute(select(heatmaps_table).order_by(heatmaps_table.c.result_id))]
+def _all_rows(conn, results_t=results_table, heatmaps_t=heatmaps_table) -> tuple[list[dict], list[dict]]:
+    results = [dict(r._mapping) for r in conn.execute(select(results_t).order_by(results_t.c.id))]
+    heatmaps = [dict(r._mapping) for r in conn.execute(select(heatmaps_t).order_by(heatmaps_t.c.result_id))]
     return results, heatmaps
 
 
 def _fixture_rows() -> tuple[list[dict], list[dict]]:
+    from tests.fixtures.release_7657705 import schema as old
+
     legacy = make_engine(sqlite_url(FIXTURE / "results.sqlite"))
     try:
         with legacy.connect() as conn:
-            return _all_rows(conn)
+            return _all_rows(conn, old.results_table, old.heatmaps_table)
     finally:
         legacy.dispose()
 
@@ -66,7 +68,9 @@ def test_upgrade_keeps_every_row_of_the_previous_releases_sqlite_database(tmp_pa
         migrate.check(engine)
     assert migrate.upgrade(engine) == (None, migrate.head_revision())
     with engine.connect() as conn:
-        assert _all_rows(conn) == before  # every column of every row, heatmap bytes included
+        results, heatmaps = _all_rows(conn)
+        assert all(r.pop("calibrated") is None for r in results)  # added in 0003: unknown for older rows
+        assert (results, heatmaps) == before  # every column of every row, heatmap bytes included
         assert conn.execute(select(func.count()).select_from(thresholds_table)).scalar() == 0
     # the autoincrement sequence carried over: the next result gets id 41, never a reused id
     from service.api.results import NewResult, ResultsStore
@@ -101,7 +105,9 @@ def test_upgrade_keeps_every_row_of_the_previous_releases_postgresql_database():
         migrate.upgrade(engine)
         assert migrate.check(engine).at_head
         with engine.connect() as conn:
-            assert _all_rows(conn) == (results, heatmaps)
+            after, after_heat = _all_rows(conn)
+            assert all(r.pop("calibrated") is None for r in after)  # added in 0003
+            assert (after, after_heat) == (results, heatmaps)
         with engine.begin() as conn:
             row = {k: v for k, v in results[0].items() if k != "id"}
             new_id = conn.execute(insert(results_table).values(**row).returning(results_table.c.id)).scalar()

@@ -5,7 +5,7 @@ collectors (`process_*`, `python_info`) registered on it. `_created` series are 
 process-wide switch of prometheus_client read at scrape time, so it holds for our own registries too).
 
 Label cardinality is bounded: `endpoint` is the route template (or `unmatched`), `method` the HTTP method, `stage` a
-fixed set, `label` anomalous/normal, `calibrated` true/false, and `line` and `product` are `BoundedLabel`s: a
+fixed set, `label` anomalous/normal/review, `calibrated` true/false, and `line` and `product` are `BoundedLabel`s: a
 configured allow-list (the same on every replica), else the first `max` distinct values seen, then `other`.
 
 Scrapes and probes (`PROBE_PATHS`) are counted in `zsad_requests_total` under their own `endpoint`, but not in the

@@ -17,16 +17,15 @@ from typing import Any
 from anyio import to_thread
 from PIL import Image
 
-from ..constants import ALLOWED_FORMATS  # one allow-list for the CLI and the service
+from ..constants import ALLOWED_FORMATS, MAX_REGIONS  # one allow-list and region cap for the CLI and the service
 from .errors import ApiError
 from .limits import PixelBudgetTimeout, Reservation, describe_format, sniff_format
 from .results import NewResult, record
 from .state import AppState
-from .thresholds import calibrate
+from .thresholds import Resolved, calibrate, decide
 from .worker import Arrival, JobResult, QueueFull, WorkerStopped
 
 MODEL_STAGES = ("preprocess", "embed", "windows", "aggregate")
-MAX_REGIONS = 32  # hottest regions reported per image
 
 
 @dataclass
@@ -203,25 +202,37 @@ async def infer(state: AppState, images: list[Any], object_name: str | None, hea
         raise
 
 
-def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptions, score_name: str,
+def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptions, resolved: Resolved,
                 want_png_for_store: bool) -> tuple[dict[str, Any] | None, list[dict] | None, bytes | None, float]:
-    """Heatmap payload, regions and the PNG to keep; runs in a worker thread."""
-    from ..heatmap import overlay_png, regions, scale_regions
+    """Heatmap payload, regions and the PNG to keep; runs in a worker thread.
+
+    Regions and the mask agree with the verdict (`score > threshold`, also under the `review` policy): an anomalous
+    image has at least one region holding the heat's maximum, a normal one none (`heatmap.localise`), at the pixel
+    threshold resolved with the image threshold and at least `ZSAD_MIN_REGION_AREA` of the map. The map is at the
+    decoded (pixel-budget capped) size; regions are given in the original image's coordinates (`scale_regions`), the
+    mask at the map's size."""
+    from ..heatmap import localise, mask_png, min_area_pixels, overlay_png, scale_regions
 
     t = time.perf_counter()
     det = res.detection
+    score_name = resolved.score
     if opts.heatmap == "none" or score_name not in det.heat:
         return None, None, None, time.perf_counter() - t
     heat = det.heat[score_name]  # the one map this answer needs, at the decoded size (<= max_heatmap_pixels)
-    found = [r.to_dict() for r in scale_regions(regions(heat, state.settings.mask_threshold)[:MAX_REGIONS],
-                                                dec.image.size, (dec.width, dec.height))]
+    anomalous = float(det.scores[score_name]) > resolved.threshold
+    found_regions, mask = localise(heat, resolved.pixel_threshold,
+                                   min_area_pixels(heat.shape, state.settings.min_region_area), anomalous, MAX_REGIONS)
+    found = [r.to_dict() for r in scale_regions(found_regions, dec.image.size, (dec.width, dec.height))]
     png = overlay_png(dec.image, heat) if (opts.heatmap == "png" or want_png_for_store) else None
     if opts.heatmap == "png":
-        payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii")}
+        payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii"),
+                   "mask_png_base64": base64.b64encode(mask_png(mask)).decode("ascii"),
+                   "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     else:
         grid = det.grid[score_name]
         payload = {"format": "json", "score": score_name, "rows": int(grid.shape[0]), "cols": int(grid.shape[1]),
-                   "grid": [[round(float(v), 4) for v in row] for row in grid]}
+                   "grid": [[round(float(v), 4) for v in row] for row in grid],
+                   "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     return payload, found, png, time.perf_counter() - t
 
 
@@ -244,11 +255,10 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
         manifest = state.detector.manifest if state.detector is not None else None
         keep_png = state.results.keep_heatmaps
 
-        def _post() -> tuple[Any, list[tuple]]:  # file reads (thresholds) and encoding stay off the event loop
+        def _post() -> tuple[Any, list[tuple]]:  # database reads (thresholds) and encoding stay off the event loop
             resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                                settings.default_threshold, manifest, ref.mode)
-            return resolved, [_encode_one(state, d, r, opts, resolved.score, keep_png)
-                              for d, r in zip(decoded, results)]
+                                                settings.default_threshold, manifest, settings.mask_threshold, ref.mode)
+            return resolved, [_encode_one(state, d, r, opts, resolved, keep_png) for d, r in zip(decoded, results)]
 
         resolved, encoded = await to_thread.run_sync(_post)
     finally:
@@ -257,13 +267,14 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
     extras: list[dict[str, Any]] = []
     for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):
         score = float(res.detection.scores[resolved.score])
-        label = "anomalous" if score > resolved.threshold else "normal"
+        label = decide(score, resolved, settings.uncalibrated)
         stage_s = {k: res.timings.get(k) for k in MODEL_STAGES}
         latency = time.perf_counter() - start
         records.append(NewResult(
             line=opts.line, product=opts.product, model_name=res.model_name, model_version=res.model_version,
             score_name=resolved.score, score=score, label=label, threshold=resolved.threshold,
-            threshold_source=resolved.source, scores={k: float(v) for k, v in res.detection.scores.items()},
+            threshold_source=resolved.source, calibrated=resolved.calibrated,
+            scores={k: float(v) for k, v in res.detection.scores.items()},
             latency_ms=latency * 1000.0, object_name=opts.object_name, filename=(dec.filename or None) and dec.filename[:255],
             width=dec.width, height=dec.height, heatmap_png=png,
         ))
@@ -293,52 +304,72 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
         body["timings_ms"]["persist"] = _ms(persist_s)
         body["timings_ms"]["total"] = _ms(total)
         bodies.append(body)
-        state.metrics.observe_prediction(rec.line, rec.product, rec.label, rec.score, calibrated=False)  # issue #13: per result
+        state.metrics.observe_prediction(rec.line, rec.product, rec.label, rec.score, calibrated=rec.calibrated)
     return bodies
 
 
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
-                            store: bool, reference: bool = False, caller: str | None = None) -> dict[str, Any]:
-    """Score normal images exactly as /v1/detect would (no heatmap), fit the threshold at `target_frr` and store it.
+                            store: bool, pixel: bool = True, reference: bool = False,
+                            caller: str | None = None) -> dict[str, Any]:
+    """Score normal images exactly as /v1/detect would, fit the threshold at `target_frr` and store it; with `pixel`
+    the images also run with heatmaps and the pixel threshold is `PIXEL_QUANTILE` of their heat
+    (`calibration.NormalHeat`).
 
-    Decoded and scored a micro-batch at a time, each upload's bytes released once scored: memory stays bounded by
-    the batch, not by the (up to `calibration_max_images`) images of the request.
+    Decoded and scored a micro-batch at a time (within the pixel budget), each upload's bytes released once scored and
+    the maps folded into a fixed-size histogram: memory stays bounded by the batch, not by the (up to
+    `calibration_max_images`) images of the request.
 
     With `reference` the images also become the product's (line's) few-shot reference memory
     (`calibrate_few_shot`); without it, storing the threshold also removes any memory of that product (line), so the
     product is judged zero-shot against the threshold just fitted zero-shot."""
+    from ..calibration import NormalHeat
+
     if reference:
         return await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
-                                        caller)
+                                        pixel, caller)
     s = state.settings
     deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
     scores: list[float] = []
+    normal_heat = NormalHeat()
     model = None
     chunk = max(1, s.max_batch_size)
     for i in range(0, len(uploads), chunk):
         part = uploads[i: i + chunk]
         decoded, pixels = await decode_within_budget(state, part, deadline)
         async with pixels:
-            results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline)
-        scores.extend(float(r.detection.scores[score_name]) for r in results)
+            inputs = [d.model_input for d in decoded]
+            results = await infer(state, inputs, object_name, False, deadline)  # the scores of /v1/detect?heatmap=none
+            scores.extend(float(r.detection.scores[score_name]) for r in results)
+            if pixel:  # a second pass with heatmaps; the scores above stay those of the global-only path
+                mapped = await infer(state, inputs, object_name, True, deadline)
+                for r in mapped:
+                    normal_heat.add(r.detection.heat[score_name])
+                del mapped
         model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
         for u in part:
             u.data = b""
+        del decoded, results, inputs
     threshold, dist = calibrate(scores, target_frr)
+    pixel_dist = normal_heat.summary() if pixel else None
+    pixel_threshold = pixel_dist["threshold"] if pixel_dist else None
     summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
     summary["model"] = model
+    if pixel_dist is not None:
+        summary["pixel"] = pixel_dist
     if store:
         await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
-                                                              summary, updated_by=caller, mode="zero_shot", shots=0))
+                                                              summary, updated_by=caller,
+                                                              pixel_threshold=pixel_threshold, mode="zero_shot",
+                                                              shots=0))
         await to_thread.run_sync(_drop_memory, state, product, line)
     # every calibration is kept as a record (who, when, how many images, the fitted values; stored or proposed)
     await to_thread.run_sync(lambda: state.thresholds.record_calibration(
         product, line, score_name, threshold, target_frr, len(scores), model, caller, store,
         {**summary, "mode": "zero_shot", "shots": 0}))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
-            "target_frr": target_frr, "stored": store, "model": model, "distribution": dist,
-            "mode": "zero_shot", "shots": 0, "reference": None}
+            "target_frr": target_frr, "pixel_threshold": pixel_threshold, "stored": store, "model": model,
+            "distribution": dist, "pixel_distribution": pixel_dist, "mode": "zero_shot", "shots": 0, "reference": None}
 
 
 def _drop_memory(state: AppState, product: str, line: str | None) -> None:
@@ -357,11 +388,13 @@ def _shot_indices(n: int, k: int) -> list[int]:
 
 async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: str, line: str | None,
                              score_name: str, target_frr: float, object_name: str | None,
-                             store: bool, caller: str | None = None) -> dict[str, Any]:
+                             store: bool, pixel: bool = True, caller: str | None = None) -> dict[str, Any]:
     """Few-shot calibration: up to `reference_max_shots` of the images become the reference memory, and the
-    threshold is fitted on few-shot scores in which no image is compared with its own embeddings: the other
-    images against the whole memory, each shot against the memory without its rows (leave-one-out; with one shot
-    that shot is left out of the fit). Everything runs on the inference thread, a micro-batch at a time."""
+    threshold (and, with `pixel`, the pixel threshold) is fitted on few-shot scores and maps in which no image is
+    compared with its own embeddings: the other images against the whole memory, each shot against the memory
+    without its rows (leave-one-out; with one shot that shot is left out of the fit). Everything runs on the
+    inference thread, a micro-batch at a time, decoded within the pixel budget."""
+    from ..calibration import NormalHeat
     from ..fewshot import ReferenceMemoryError, build_memory
     from ..store import utc_now
 
@@ -386,10 +419,12 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     model = None
     for i in range(0, len(shots), chunk):
         part = [uploads[j] for j in shots[i: i + chunk]]
-        decoded = await decode_in_pool(state, part)
-        results = await infer(state, [d.model_input for d in decoded], object_name, True, deadline, task=embed)
+        decoded, pixels = await decode_within_budget(state, part, deadline)
+        async with pixels:
+            results = await infer(state, [d.model_input for d in decoded], object_name, True, deadline, task=embed)
         embs += [r.detection for r in results]
         model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
+        del decoded
     stride = state.detector.settings.window_stride
     meta = {"created_at": utc_now(), "product": product, "line": line}
     try:
@@ -401,22 +436,32 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
 
     def loo(det: Any, items: list[Any]) -> list[Any]:
         return det.score([e for e, _ in items], object_name, memory=on_device, exclude=[k for _, k in items],
-                         maps=False)
+                         maps=pixel)
 
     by_upload: dict[int, float] = {}  # the distribution lists scores in upload order, as the zero-shot path does
+    normal_heat = NormalHeat()
+
+    def take(positions: list[int], results: list[Any]) -> None:
+        for j, r in zip(positions, results):
+            by_upload[j] = float(r.detection.scores[score_name])
+            if pixel:
+                normal_heat.add(r.detection.heat[score_name])
+
+    rest = [j for j in range(n) if j not in shot_set]
     try:
         if len(shots) > 1:
-            results = await infer(state, [(e, k) for k, e in enumerate(embs)], object_name, False, deadline, task=loo)
-            by_upload.update({j: float(r.detection.scores[score_name]) for j, r in zip(shots, results)})
-        rest = [j for j in range(n) if j not in shot_set]
+            for i in range(0, len(shots), chunk):
+                items = [(embs[k], k) for k in range(i, min(i + chunk, len(shots)))]
+                take(shots[i: i + chunk], await infer(state, items, object_name, pixel, deadline, task=loo))
         for i in range(0, len(rest), chunk):
             part = [uploads[j] for j in rest[i: i + chunk]]
-            decoded = await decode_in_pool(state, part)
-            results = await infer(state, [d.model_input for d in decoded], object_name, False, deadline,
-                                  memory=on_device)
-            by_upload.update({j: float(r.detection.scores[score_name]) for j, r in zip(rest[i: i + chunk], results)})
+            decoded, pixels = await decode_within_budget(state, part, deadline)
+            async with pixels:
+                take(rest[i: i + chunk], await infer(state, [d.model_input for d in decoded], object_name, pixel,
+                                                     deadline, memory=on_device))
             for u in part:
                 u.data = b""
+            del decoded
     except ReferenceMemoryError as exc:  # the model was swapped while this ran
         raise ApiError(503, "unavailable", f"the model changed during calibration ({exc}); retry",
                        {"Retry-After": "5"}) from None
@@ -427,18 +472,22 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     dist["fit"] = (f"{len(scores)} few-shot scores: {len(rest)} images against the {len(shots)}-shot memory"
                    + (f", {len(shots)} shots each against the other {len(shots) - 1} (leave-one-out)" if len(shots) > 1
                       else "; the one shot is not scored against itself, so it is left out of the fit"))
+    pixel_dist = normal_heat.summary() if pixel else None
+    pixel_threshold = pixel_dist["threshold"] if pixel_dist else None
     data = memory.to_bytes()
     info = {"shots": memory.shots, "rows": memory.rows, "coreset": memory.meta.get("coreset") or {},
             "bytes": len(data), "model": model, "line": line}
     summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
     summary["model"] = model
+    if pixel_dist is not None:
+        summary["pixel"] = pixel_dist
     if store:
 
         def _persist() -> None:
             state.references.store.put(product, line, data)
             state.references.forget(product, line)
             state.thresholds.put(product, threshold, score_name, line, "calibration", summary, updated_by=caller,
-                                 mode="few_shot", shots=memory.shots)
+                                 pixel_threshold=pixel_threshold, mode="few_shot", shots=memory.shots)
 
         try:
             await to_thread.run_sync(_persist)
@@ -448,5 +497,6 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
         product, line, score_name, threshold, target_frr, len(scores), model, caller, store,
         {**summary, "mode": "few_shot", "shots": memory.shots}))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
-            "target_frr": target_frr, "stored": store, "model": model, "distribution": dist,
-            "mode": "few_shot", "shots": memory.shots, "reference": info}
+            "target_frr": target_frr, "pixel_threshold": pixel_threshold, "stored": store, "model": model,
+            "distribution": dist, "pixel_distribution": pixel_dist, "mode": "few_shot", "shots": memory.shots,
+            "reference": info}

@@ -28,6 +28,7 @@ from ..db.schema import heatmaps_table, metadata, results_table  # noqa: F401 - 
 from ..private_files import private_sqlite
 
 STATS_SAMPLE = 100_000  # percentiles over at most this many newest rows of the window
+UNCALIBRATED_PRODUCTS = 50  # products listed by /v1/stats as scored without a calibrated threshold (most images first)
 
 
 @dataclass
@@ -49,6 +50,7 @@ class NewResult:
     filename: str | None = None
     width: int | None = None
     height: int | None = None
+    calibrated: bool | None = None
     heatmap_png: bytes | None = field(default=None, repr=False)
     created_at: float = field(default_factory=time.time)
 
@@ -78,6 +80,7 @@ def record(row: dict[str, Any]) -> dict[str, Any]:
         "score": row["score"], "label": row["label"], "threshold": row["threshold"],
         "threshold_source": row["threshold_source"], "scores": row["scores"], "latency_ms": row["latency_ms"],
         "object": row["object_name"], "filename": row["filename"], "width": row["width"], "height": row["height"],
+        "calibrated": None if row.get("calibrated") is None else bool(row["calibrated"]),
         "heatmap_url": heatmap_url(row["id"]) if row.get("has_heatmap") else None,
     }
 
@@ -243,17 +246,27 @@ class ResultsStore:
     def stats(self, line: str | None, product: str | None, since: float | None) -> dict[str, Any]:
         c = results_table.c
         where = self._filters(line, product, None, since)
+        uncal = c.calibrated.is_not(None) & (c.calibrated == False)  # noqa: E712 - SQL comparison, not Python
         with self.engine.connect() as conn:
-            total, anomalous = conn.execute(
-                select(func.count(), func.coalesce(func.sum((c.label == "anomalous").cast(Integer)), 0)).where(*where)
+            total, anomalous, review, uncalibrated = conn.execute(
+                select(func.count(), func.coalesce(func.sum((c.label == "anomalous").cast(Integer)), 0),
+                       func.coalesce(func.sum((c.label == "review").cast(Integer)), 0),
+                       func.coalesce(func.sum(uncal.cast(Integer)), 0)).where(*where)
             ).one()
             sample = conn.execute(
                 select(c.score, c.latency_ms).where(*where).order_by(c.id.desc()).limit(STATS_SAMPLE)
+            ).all()
+            products = conn.execute(
+                select(c.product, func.count()).where(*where, uncal).group_by(c.product)
+                .order_by(func.count().desc(), c.product).limit(UNCALIBRATED_PRODUCTS)
             ).all()
         out: dict[str, Any] = {
             "count": int(total),
             "anomalous": int(anomalous),
             "anomaly_rate": (int(anomalous) / int(total)) if total else None,
+            "review": int(review),
+            "uncalibrated": int(uncalibrated),
+            "uncalibrated_products": [{"product": prod, "count": int(n)} for prod, n in products],
             "score": None,
             "latency_ms": None,
             "sampled": len(sample),

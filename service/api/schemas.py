@@ -5,12 +5,11 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field, create_model
 
-from ..constants import SCORES, ScoreName
+from ..constants import NAME_PATTERN, SCORES, ScoreName
 
-Label = Literal["anomalous", "normal"]
+Label = Literal["anomalous", "normal", "review"]  # review: uncalibrated product under ZSAD_UNCALIBRATED=review
 Mode = Literal["zero_shot", "few_shot"]  # constants.MODES
 ThresholdSource = Literal["line", "product", "settings", "manifest", "fallback"]
-NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"
 
 
 def _examples(*examples: dict[str, Any]) -> ConfigDict:
@@ -95,6 +94,10 @@ class Heatmap(BaseModel):
     grid: list[list[float]] | None = Field(None, description="Patch-level map, rows x cols, values in [0, 1] (json).")
     rows: int | None = None
     cols: int | None = None
+    mask_png_base64: str | None = Field(None, description="PNG mask (0 / 255, the image's size): exactly the union of "
+                                        "`regions` (format=png).")
+    pixel_threshold: float | None = Field(None, description="Heat above this forms the regions and the mask.")
+    pixel_threshold_source: ThresholdSource | None = Field(None, description="Where the pixel threshold came from.")
 
 
 class ResultRecord(BaseModel):
@@ -103,7 +106,7 @@ class ResultRecord(BaseModel):
     model_config = _examples({
         "id": 1042, "created_at": "2025-11-26T17:03:12.481Z", "line": "line-3", "product": "widget",
         "model": {"name": "default", "version": "v3", "clip": None}, "score_name": "combined", "score": 0.734,
-        "label": "anomalous", "threshold": 0.61, "threshold_source": "product",
+        "label": "anomalous", "threshold": 0.61, "threshold_source": "product", "calibrated": True,
         "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734}, "latency_ms": 44.9, "object": "screw",
         "filename": "cam1_000123.png", "width": 640, "height": 480, "heatmap_url": "/v1/results/1042/heatmap.png",
     })
@@ -117,6 +120,10 @@ class ResultRecord(BaseModel):
     label: Label
     threshold: float
     threshold_source: ThresholdSource
+    calibrated: bool | None = Field(
+        None, description="True when the threshold was set for this product or line (a calibration or an admin); false "
+        "when a default applied (settings, the model's advice, 0.5), whose false-reject rate on this product is unknown. "
+        "Null for results stored before the field existed.")
     scores: Scores
     latency_ms: float = Field(description="Time from the request's arrival to its result being ready to store.")
     object: str | None = None
@@ -130,23 +137,28 @@ class DetectResult(ResultRecord):
     model_config = _examples({
         "id": 1042, "created_at": "2025-11-26T17:03:12.481Z", "line": "line-3", "product": "widget",
         "filename": "cam1_000123.png", "score": 0.734, "score_name": "combined", "label": "anomalous",
-        "threshold": 0.61, "threshold_source": "product",
+        "threshold": 0.61, "threshold_source": "product", "calibrated": True,
         "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734},
         "model": {"name": "default", "version": "v3", "clip": "store:tiny-factory-clip@v3"},
         "latency_ms": 42.7, "object": None, "width": 640, "height": 480,
         "timings_ms": {"decode": 3.1, "queue": 0.4, "preprocess": 1.2, "embed": 18.5, "windows": 9.8,
                        "aggregate": 1.7, "encode": 6.3, "persist": 2.2, "total": 44.9},
         "batch_size": 2, "image": {"width": 640, "height": 480, "format": "PNG"},
-        "heatmap": {"format": "png", "score": "combined", "png_base64": "iVBORw0KGgoAAAANSUhEUgAA...", "grid": None,
-                    "rows": None, "cols": None},
-        "regions": [{"x": 312, "y": 140, "width": 58, "height": 41, "area": 1730, "max": 0.91, "mean": 0.72}],
+        "heatmap": {"format": "png", "score": "combined", "png_base64": "iVBORw0KGgoAAAANSUhEUgAA...",
+                    "mask_png_base64": "iVBORw0KGgoAAAANSUhEUgAA...", "pixel_threshold": 0.42,
+                    "pixel_threshold_source": "product", "grid": None, "rows": None, "cols": None},
+        "regions": [{"x0": 312, "y0": 140, "x1": 370, "y1": 181, "area_px": 1730, "max_score": 0.91,
+                     "mean_score": 0.72, "bbox": [312, 140, 370, 181]}],
         "heatmap_url": "/v1/results/1042/heatmap.png",
     })
     timings_ms: StageTimings
     batch_size: int = Field(description="Images in the micro-batch this image was scored in.")
     image: ImageInfo
     heatmap: Heatmap | None = None
-    regions: list[dict[str, Any]] | None = Field(None, description="Connected regions above the mask threshold.")
+    regions: list[dict[str, Any]] | None = Field(
+        None, description="Connected regions of heat above the pixel threshold, hottest first, each at least "
+        "ZSAD_MIN_REGION_AREA of the image; they agree with the verdict (score > threshold): at least one, holding the "
+        "heat's maximum, when it is anomalous, none when it is normal. Image pixels, bbox end-exclusive.")
     mode: Mode = Field("zero_shot", description="few_shot: scored against the product's reference memory (WinCLIP+); "
                        "zero_shot: text prompts only (no memory, or a stale one: see `reference`).")
     shots: int = Field(0, description="Reference images in the memory used (0 in zero-shot mode).")
@@ -156,9 +168,10 @@ class DetectResult(ResultRecord):
 
 
 class BatchResult(BaseModel):
-    model_config = _examples({"count": 2, "anomalous": 1, "results": ["<DetectResult>", "<DetectResult>"]})
+    model_config = _examples({"count": 2, "anomalous": 1, "review": 0, "results": ["<DetectResult>", "<DetectResult>"]})
     count: int
     anomalous: int
+    review: int = Field(0, description="Images labelled `review` (uncalibrated product, ZSAD_UNCALIBRATED=review).")
     results: list[DetectResult]
 
 
@@ -172,7 +185,8 @@ class ResultsPage(BaseModel):
 class Stats(BaseModel):
     model_config = _examples({
         "line": "line-3", "product": "widget", "window": "24h", "since": "2025-11-25T17:03:12.000Z", "count": 1200,
-        "anomalous": 18, "anomaly_rate": 0.015, "sampled": 1200,
+        "anomalous": 18, "anomaly_rate": 0.015, "review": 0, "uncalibrated": 40,
+        "uncalibrated_products": [{"product": "gasket", "count": 40}], "sampled": 1200,
         "score": {"min": 0.08, "mean": 0.31, "max": 0.93, "p50": 0.29, "p90": 0.47, "p95": 0.55, "p99": 0.74},
         "latency_ms": {"mean": 41.0, "p50": 38.2, "p95": 61.0, "p99": 95.4},
     })
@@ -183,15 +197,22 @@ class Stats(BaseModel):
     count: int
     anomalous: int
     anomaly_rate: float | None
+    review: int = Field(0, description="Results labelled `review`.")
+    uncalibrated: int = Field(0, description="Results scored against a default threshold (calibrated false).")
+    uncalibrated_products: list[dict[str, Any]] = Field(
+        default_factory=list, description="Products with uncalibrated results in the window, most first (at most 50).")
     sampled: int = Field(description="Rows the percentiles were computed on (newest first, at most 100000).")
     score: dict[str, float] | None
     latency_ms: dict[str, float] | None
 
 
 class ThresholdIn(BaseModel):
-    model_config = _examples({"threshold": 0.61, "score": "combined"})
+    model_config = _examples({"threshold": 0.61, "score": "combined"}, {"threshold": 0.61, "pixel_threshold": 0.42})
     threshold: float = Field(ge=0.0, le=1.0, description="An image is anomalous when its score is above this.")
     score: ScoreName | None = Field(None, description="The score this threshold applies to (default: settings).")
+    pixel_threshold: float | None = Field(
+        None, ge=0.0, le=1.0, description="Heat above this forms the regions and the mask (the same score's map); "
+        "omitted: keep the stored one (for the same score), else the default.")
 
 
 class ThresholdEntry(BaseModel):
@@ -217,7 +238,8 @@ class ThresholdConfig(BaseModel):
 class CalibrationResult(BaseModel):
     model_config = _examples({
         "product": "widget", "line": None, "score_name": "combined", "threshold": 0.583, "target_frr": 0.01,
-        "stored": True, "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"},
+        "pixel_threshold": 0.412, "stored": True,
+        "model": {"name": "default", "version": "v2", "clip": "store:tiny-factory-clip@v3"},
         "distribution": {"n": 200, "target_frr": 0.01, "achieved_frr": 0.01, "min": 0.11, "max": 0.61,
                          "mean": 0.29, "std": 0.08,
                          "percentiles": {"p1": 0.13, "p5": 0.17, "p25": 0.24, "p50": 0.28, "p75": 0.34, "p95": 0.45,
@@ -230,9 +252,15 @@ class CalibrationResult(BaseModel):
     score_name: ScoreName
     threshold: float
     target_frr: float
+    pixel_threshold: float | None = Field(
+        None, description="The 0.98 quantile of the normal images' heat (at most 2% of their pixels lie above it): heat "
+        "above it forms the regions and the mask.")
     stored: bool
     model: ModelRef
     distribution: dict[str, Any]
+    pixel_distribution: dict[str, Any] | None = Field(
+        None, description="How the pixel threshold was fitted: images, pixels, quantile, the share of pixels and of "
+        "images above it, percentiles of the images' heat maxima.")
     mode: Mode = Field("zero_shot", description="few_shot: the images also became the reference memory, and the "
                        "threshold was fitted on few-shot scores (leave-one-out for the shots).")
     shots: int = Field(0, description="Images in the reference memory (0 with reference=false).")

@@ -1,7 +1,7 @@
 """The tables, in SQLAlchemy Core. `service/migrations/` creates and changes them; a test checks that a database
 upgraded to the head revision has exactly these tables, columns and indexes.
 
-- `results`, `heatmaps`: every detection (see `service/api/results.py`); unchanged since the first release.
+- `results`, `heatmaps`: every detection (see `service/api/results.py`); `results.calibrated` added in 0003.
 - `thresholds`: one row per product (`line` = '') and per product line, with the score it applies to, where it
   came from, a `version` that every write increments (optimistic concurrency: a write may name the version it
   read and is refused when another write came first), and `extra`, a JSON object for fields that ride along with a
@@ -57,6 +57,9 @@ results_table = Table(
     Column("filename", String(255)),
     Column("width", Integer),
     Column("height", Integer),
+    # True when the threshold was set for the product or line (calibration or admin); NULL in rows stored before
+    # the column existed (revision 0003).
+    Column("calibrated", Boolean),
     Index("ix_results_created_at", "created_at"),
     Index("ix_results_product_id", "product", "id"),
     Index("ix_results_line_id", "line", "id"),

@@ -139,6 +139,7 @@ class ThresholdStore:
         default_score: str,
         settings_default: float | None,
         manifest: dict[str, Any] | None,
+        settings_pixel: float | None = None,
         mode: str | None = None,
     ) -> Resolved:
         """Read on every request (no cache), so a threshold written through any replica applies at once. `mode`
@@ -147,7 +148,7 @@ class ThresholdStore:
         if product:
             with self.engine.connect() as conn:
                 entry = _entries(self._rows(conn, product, line or PRODUCT)).get(product)
-        return resolve_entry(entry, line, score, default_score, settings_default, manifest, mode)
+        return resolve_entry(entry, line, score, default_score, settings_default, manifest, settings_pixel, mode)
 
     # --- writing ----------------------------------------------------------------------------------------------------
     def _write(self, fn) -> Any:
@@ -177,9 +178,16 @@ class ThresholdStore:
         updated_by: str | None = None,
         **extra: Any,
     ) -> dict[str, Any]:
-        """Set the product's (or one line's) threshold. Returns the product entry as it is after the write."""
+        """Set the product's (or one line's) threshold. Returns the product entry as it is after the write.
+
+        `pixel_threshold` None (or not given) keeps the one stored for the same row and score: an admin adjusting the
+        image threshold does not drop the calibrated pixel threshold."""
         if calibration is not None:
             extra["calibration"] = calibration
+        if extra.get("pixel_threshold") is None:
+            extra.pop("pixel_threshold", None)
+        else:
+            extra["pixel_threshold"] = float(extra["pixel_threshold"])
         t = thresholds_table.c
         key = line or PRODUCT
         values = {"threshold": float(threshold), "score": score, "source": source, "updated_by": updated_by,
@@ -187,9 +195,14 @@ class ThresholdStore:
 
         def write(conn: Connection) -> dict[str, Any]:
             where = (t.product == product, t.line == key)
-            row = conn.execute(select(t.version).where(*where).with_for_update()).first()
+            row = conn.execute(select(t.version, t.score, t.extra).where(*where).with_for_update()).first()
             _check(product, line, expected_version, row)
             now = time.time()
+            old_pixel = (row.extra or {}).get("pixel_threshold") if row is not None else None
+            same_mode = values["extra"].get("mode") in (None, (row.extra or {}).get("mode")) if row is not None else False
+            if "pixel_threshold" not in values["extra"] and row is not None and row.score == score \
+                    and old_pixel is not None and same_mode:  # a few-shot pixel threshold never rides into zero-shot
+                values["extra"] = {**values["extra"], "pixel_threshold": old_pixel}
             if row is None:
                 conn.execute(insert(thresholds_table).values(product=product, line=key, version=1, updated_at=now,
                                                              **values))

@@ -149,7 +149,7 @@ def image_metrics(labels: np.ndarray, scores: np.ndarray) -> ImageMetrics:
 
 @dataclass(frozen=True)
 class ThresholdAdvice:
-    """Two ways to pick the decision threshold (`anomalous if score >= threshold`), in score units.
+    """Two ways to pick the decision threshold (`anomalous if score > threshold`, the service's rule), in score units.
 
     Zero-shot scores have no natural cut-off (0.5 is arbitrary), so the evaluation suggests one: the F1-optimal
     threshold needs labelled anomalies; the false-reject threshold only needs normal parts.
@@ -174,12 +174,13 @@ def threshold_advice(labels: np.ndarray, scores: np.ndarray, false_reject_rate: 
     scores = np.asarray(scores, dtype=np.float64).ravel()
     normal, anomalous = scores[~labels], scores[labels]
     f1, f1_thr = image_f1max(labels, scores) if len(normal) and len(anomalous) else (math.nan, math.nan)
+    f1_thr = float(np.nextafter(f1_thr, -np.inf))  # `score > it` is `score >= the F1-optimal score`
     if len(normal):
         fr_thr = float(np.quantile(normal, 1.0 - false_reject_rate))
-        fr_obs = float(np.mean(normal >= fr_thr))
+        fr_obs = float(np.mean(normal > fr_thr))
     else:
         fr_thr = fr_obs = math.nan
-    recall = float(np.mean(anomalous >= fr_thr)) if len(anomalous) and len(normal) else math.nan
+    recall = float(np.mean(anomalous > fr_thr)) if len(anomalous) and len(normal) else math.nan
     return ThresholdAdvice(f1_thr, f1, fr_thr, false_reject_rate, fr_obs, recall, len(normal), len(anomalous))
 
 
@@ -283,3 +284,91 @@ class PixelMetricAccumulator:
         n_pos = int(self.pos.sum())
         return PixelMetrics(c.auroc(), c.aupr(), f1, thr, self.pro(), n_pos + int(self.neg.sum()), n_pos,
                             self.n_regions)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Localisation: is the heat on the defect?
+# ------------------------------------------------------------------------------------------------------------------
+
+def patch_pixels(shape: tuple[int, int], grid: tuple[int, int] | None) -> tuple[int, int]:
+    """One feature-grid cell in image pixels (rows, cols), for a map of `shape` spanning a `grid`; (0, 0) without one."""
+    if not grid:
+        return 0, 0
+    return math.ceil(shape[0] / max(1, int(grid[0]))), math.ceil(shape[1] / max(1, int(grid[1])))
+
+
+def dilate(mask: np.ndarray, patch: tuple[int, int]) -> np.ndarray:
+    """`mask` grown by `patch` (rows, cols) pixels in every direction (a box): "within one patch of the defect"."""
+    mask = np.asarray(mask).astype(bool)
+    if patch[0] <= 0 and patch[1] <= 0:
+        return mask
+    return ndimage.binary_dilation(mask, structure=np.ones((2 * patch[0] + 1, 2 * patch[1] + 1), dtype=bool))
+
+
+def hottest_pixel(heat: np.ndarray) -> tuple[int, int]:
+    """(row, col) of the heat's maximum (the first one in raster order on ties)."""
+    heat = np.nan_to_num(np.asarray(heat, dtype=np.float64), nan=-np.inf)
+    return tuple(int(i) for i in np.unravel_index(int(np.argmax(heat)), heat.shape))  # type: ignore[return-value]
+
+
+def fit_mask(mask: np.ndarray, shape: tuple[int, int]) -> np.ndarray:
+    """A mask resized (nearest) to `shape`: another image's mask for the shuffled control."""
+    mask = np.asarray(mask).astype(bool)
+    if mask.shape == tuple(shape):
+        return mask
+    rows = np.minimum((np.arange(shape[0]) + 0.5) * mask.shape[0] / shape[0], mask.shape[0] - 1).astype(int)
+    cols = np.minimum((np.arange(shape[1]) + 0.5) * mask.shape[1] / shape[1], mask.shape[1] - 1).astype(int)
+    return mask[np.ix_(rows, cols)]
+
+
+def hit_at_1(heat: np.ndarray, mask: np.ndarray, patch: tuple[int, int] = (0, 0)) -> bool:
+    """Whether the hottest pixel of `heat` lies in `mask` dilated by `patch` pixels."""
+    y, x = hottest_pixel(heat)
+    return bool(dilate(fit_mask(mask, np.shape(heat)), patch)[y, x])
+
+
+def region_matches(predicted: np.ndarray, truth: np.ndarray) -> tuple[int, int, int, int]:
+    """(predicted regions, of them touching the truth, true regions, of them touched): 8-connected regions of the
+    two masks; "touching" is sharing at least one pixel."""
+    predicted, truth = np.asarray(predicted).astype(bool), np.asarray(truth).astype(bool)
+    pl, n_pred = ndimage.label(predicted, structure=_STRUCTURE_8)
+    tl, n_true = ndimage.label(truth, structure=_STRUCTURE_8)
+    both = predicted & truth
+    pred_hit = len(np.unique(pl[both]))
+    true_hit = len(np.unique(tl[both]))
+    return n_pred, pred_hit, n_true, true_hit
+
+
+def derangement(n: int, seed: int = 0) -> np.ndarray | None:
+    """A permutation of range(n) without fixed points (a random cycle), or None for n < 2: image i is paired with
+    image p[i]'s mask in the shuffled control."""
+    if n < 2:
+        return None
+    order = np.random.default_rng(seed).permutation(n)
+    out = np.empty(n, dtype=np.int64)
+    out[order] = np.roll(order, -1)
+    return out
+
+
+@dataclass
+class LocalisationCounts:
+    """Per category (and variant): hit_at_1 on defective images, the same with a shuffled mask, and region matches."""
+
+    defective: int = 0
+    hits: int = 0
+    shuffled: int = 0
+    shuffled_hits: int = 0
+    pred_regions: int = 0
+    pred_hits: int = 0
+    true_regions: int = 0
+    true_hits: int = 0
+    thresholded: bool = False  # region counts were taken (a pixel threshold was given)
+
+    def result(self) -> dict:
+        def ratio(a: int, b: int) -> float | None:
+            return a / b if b else None
+
+        return {"hit_at_1": ratio(self.hits, self.defective),
+                "hit_at_1_shuffled": ratio(self.shuffled_hits, self.shuffled),
+                "region_precision": ratio(self.pred_hits, self.pred_regions) if self.thresholded else None,
+                "region_recall": ratio(self.true_hits, self.true_regions) if self.thresholded else None}

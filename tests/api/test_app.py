@@ -137,11 +137,12 @@ def test_thresholds_put_changes_label_and_persists(tmp_path):
     with TestClient(app) as c:
         wait_ready(c)
         r = _detect(c, product="widget")
-        assert (r.json()["threshold"], r.json()["threshold_source"]) == (0.5, "fallback")
+        assert (r.json()["threshold"], r.json()["threshold_source"], r.json()["calibrated"]) == (0.5, "fallback", False)
         assert c.put("/v1/thresholds/widget", json={"threshold": 0.2, "score": "fnn"}).status_code == 200
         assert c.put("/v1/thresholds/widget", params={"line": "L7"}, json={"threshold": 0.9, "score": "fnn"}).status_code == 200
         r = _detect(c, product="widget").json()
         assert (r["threshold"], r["threshold_source"], r["score_name"], r["label"]) == (0.2, "product", "fnn", "anomalous")
+        assert r["calibrated"] is True  # an admin's explicit threshold for the product counts as calibrated
         r = _detect(c, product="widget", line="L7").json()
         assert (r["threshold"], r["threshold_source"], r["label"]) == (0.9, "line", "normal")
         assert c.put("/v1/thresholds/widget", json={"threshold": 1.5}).status_code == 422
@@ -151,7 +152,9 @@ def test_thresholds_put_changes_label_and_persists(tmp_path):
         wait_ready(c)
         assert c.get("/v1/thresholds/widget").json()["entry"]["lines"]["L7"]["threshold"] == 0.9
         assert c.delete("/v1/thresholds/widget", params={"line": "L7"}).status_code == 204
-        assert c.get("/v1/thresholds").json()["default"] == {"threshold": 0.5, "source": "fallback", "score": "combined"}
+        assert c.get("/v1/thresholds").json()["default"] == {"threshold": 0.5, "source": "fallback", "score": "combined",
+                                                             "calibrated": False, "pixel_threshold": 0.5,
+                                                             "pixel_threshold_source": "fallback"}
 
 
 def test_error_shape_everywhere(tmp_path):

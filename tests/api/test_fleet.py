@@ -157,7 +157,7 @@ def test_a_database_behind_the_code_keeps_the_replica_not_ready(tmp_path):
     settings = make_settings(tmp_path, tmp_path / "no-store", results_path=db, db_upgrade=False)
     with TestClient(create_app(settings, loader=_loader(set()))) as c:
         body = wait_ready(c)
-        assert body["status"] == "failed" and "zsad db upgrade" in body["error"]
+        assert body["status"] == "failed" and "zsad db upgrade" in body["error"]["message"]
         assert c.get("/readyz").status_code == 503 and c.get("/healthz").status_code == 200
     with TestClient(create_app(make_settings(tmp_path, tmp_path / "no-store", results_path=db),
                                loader=_loader(set()))) as c:  # SQLite default: migrate at start

@@ -99,9 +99,11 @@ def test_d1_regions_are_in_original_coordinates(tmp_path):
     im.paste(255, (3000, 1000, 3600, 1400))  # the fake detector's heat is the brightness
     data = io.BytesIO()
     im.save(data, "PNG")
-    with TestClient(_app(tmp_path, max_heatmap_pixels=1_000_000)) as c:
+    # threshold 0: the image is anomalous, so it has regions (#13: a normal image has none)
+    with TestClient(_app(tmp_path, max_heatmap_pixels=1_000_000, default_threshold=0.0)) as c:
         wait_ready(c)
         body = c.post("/v1/detect", params={"heatmap": "png"}, content=data.getvalue(), headers=PNG).json()
+    assert body["label"] == "anomalous"
     (region,) = body["regions"]
     f = 5  # 24 MP reduced to at most 1 MP: factor 5
     assert Image.open(io.BytesIO(base64.b64decode(body["heatmap"]["png_base64"]))).size == (1200, 800)

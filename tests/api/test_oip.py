@@ -82,8 +82,8 @@ def test_infer_scores_like_v1_detect_and_records_history(client, binary):
     for rid in ids:  # the same result history as /v1/detect
         stored = client.get(f"/v1/results/{rid}").json()
         assert stored["line"] == "L7" and stored["product"] == "widget"
-    metrics = client.get("/metrics").text
-    assert 'zsad_predictions_total{calibrated="false",label="anomalous",line="L7",product="widget"} 1.0' in metrics
+    metrics = client.get("/metrics").text  # the admin-set product threshold: calibrated
+    assert 'zsad_predictions_total{calibrated="true",label="anomalous",line="L7",product="widget"} 1.0' in metrics
     assert 'endpoint="/v2/models/{model_name}/infer",method="POST",status="200"' in metrics
 
 

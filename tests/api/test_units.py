@@ -59,16 +59,16 @@ def test_threshold_mode_from_extra_on_the_db_store(tmp_path):
     entry = ts.put("nut", 0.8, "combined", source="calibration", mode="few_shot", shots=4)
     assert (entry["mode"], entry["shots"]) == ("few_shot", 4)
     ts.put("nut", 0.3, "combined", line="L1", source="calibration", mode="zero_shot", shots=0)
-    assert ts.resolve("nut", None, None, "combined", 0.9, None, "few_shot").threshold == 0.8
-    assert ts.resolve("nut", None, None, "combined", 0.9, None, "zero_shot").source == "settings"
-    r = ts.resolve("nut", "L1", None, "combined", 0.9, None, "few_shot")
+    assert ts.resolve("nut", None, None, "combined", 0.9, None, mode="few_shot").threshold == 0.8
+    assert ts.resolve("nut", None, None, "combined", 0.9, None, mode="zero_shot").source == "settings"
+    r = ts.resolve("nut", "L1", None, "combined", 0.9, None, mode="few_shot")
     assert (r.threshold, r.source) == (0.8, "product")  # the line's zero-shot threshold is skipped
-    assert ts.resolve("nut", "L1", None, "combined", 0.9, None, "zero_shot").source == "line"
+    assert ts.resolve("nut", "L1", None, "combined", 0.9, None, mode="zero_shot").source == "line"
     assert ts.resolve("nut", "L1", None, "combined", 0.9, None).source == "line"  # no mode given: no filter
     ts.put("nut", 0.5, "combined")  # a manual threshold has no mode: both modes use it
     assert ts.get("nut").get("mode") is None
     for mode in ("few_shot", "zero_shot"):
-        assert ts.resolve("nut", None, None, "combined", 0.9, None, mode).threshold == 0.5
+        assert ts.resolve("nut", None, None, "combined", 0.9, None, mode=mode).threshold == 0.5
 
 
 def test_calibration_threshold_meets_target_rate():

@@ -197,6 +197,14 @@ def test_dashboard_shows_results_per_line_with_heatmap_overlays(server, browser,
         assert info["w"] == 96 and info["h"] == 72, info  # the overlay has the uploaded image's geometry
         assert f"#{rid}" in info["text"]
 
+        assert "uncalibrated" in info["text"]  # product widget was never calibrated: every card says so
+
+    # ... and the page lists it with the one thing to do
+    deadline = time.time() + 10
+    while time.time() < deadline and browser.execute_script("return document.getElementById('uncalibrated').hidden"):
+        time.sleep(0.2)
+    hint = browser.find_element("id", "uncalibrated-list").text
+    assert "widget" in hint and "POST /v1/calibrate/widget" in hint, hint
     assert browser.execute_script("return sessionStorage.getItem('zsad.apiKey');") == API_KEY
     model = browser.find_element("id", "model").text
     assert f"{first['model']['name']}@{first['model']['version']}" in model

@@ -180,3 +180,38 @@ def test_few_shot_evaluation_per_k_equals_the_detector_with_that_memory(env, tmp
     with pytest.raises(SystemExit) as exc:
         run(env, tmp_path / "out3", "--shots", "1,x")
     assert exc.value.code == 2
+
+
+def test_calibrated_localisation_per_defect_table_and_panels(env, tmp_path):
+    """With train/good images the thresholds are calibrated per category; every panel is rendered and linked."""
+    store, data = env
+    local = tmp_path / "data"
+    shutil.copytree(data, local)
+    rng = np.random.default_rng(9)
+    for i in range(6):
+        Image.fromarray(rng.integers(90, 110, (48, 64, 3), dtype=np.uint8)).save(local / f"widget/train/good/{i:03d}.png")
+    out = tmp_path / "out"
+    assert main(["--store", str(store), "evaluate", str(local), "--out", str(out), "--quiet", "--cache", "",
+                 "--worst", "2", "--best", "2", "--calibrate", "5", "--target-frr", "0.2"]) == 0
+    metrics = json.loads((out / "metrics.json").read_text())
+    loc = metrics["combined"]["widget"]
+    for key in ("hit_at_1", "hit_at_1_shuffled", "region_precision", "region_recall"):
+        assert loc[key] is None or 0.0 <= loc[key] <= 1.0, key
+    assert loc["hit_at_1"] is not None and loc["hit_at_1_shuffled"] is not None
+    assert metrics["s_pr"]["widget"]["region_precision"] is None  # regions only for the label variant
+    per_defect = json.loads((out / "per_defect.json").read_text())
+    assert per_defect["widget"]["scratch"]["n"] == 4 and per_defect["widget"]["scratch"]["pixel_auroc"] is not None
+    md = (out / "report.md").read_text()
+    assert "calibrated on 5 train/good images at 0.2 false rejects" in md
+    assert "anomalous if score >= threshold" not in md and "anomalous if score > threshold" in md
+    assert "| widget | scratch | 4 |" in md and "## Localisation" in md
+    panels = sorted((out / "worst").glob("*.png")) + sorted((out / "best").glob("*.png"))
+    assert len(panels) == 4
+    figures = panels + list((out / "histograms").rglob("*.png")) + list((out / "curves").rglob("*.png"))
+    for path in figures:
+        assert f"({path.relative_to(out).as_posix()})" in md, path  # report.md links every figure
+    with Image.open(panels[0]) as im:
+        assert im.size[0] > 600 and im.size[1] > 200
+        pixels = np.asarray(im.convert("L"), dtype=np.float32)
+    assert pixels.std() > 10  # not blank
+    assert "score" in md.split("## Worst misses")[1] and "threshold" in md.split("## Worst misses")[1]

@@ -66,8 +66,11 @@ def test_threshold_advice():
     a = threshold_advice(labels, scores, false_reject_rate=0.01)
     assert a.fr_threshold == pytest.approx(np.percentile(normal, 99))
     assert a.fr_observed == pytest.approx(0.01, abs=0.002)
-    assert a.recall_at_fr == pytest.approx(np.mean(anomalous >= a.fr_threshold))
-    assert (a.f1, a.f1_threshold) == image_f1max(labels, scores)
+    assert a.recall_at_fr == pytest.approx(np.mean(anomalous > a.fr_threshold))
+    # the service's rule `score > threshold`: the advised F1 threshold is just below the F1-optimal score
+    f1, best = image_f1max(labels, scores)
+    assert a.f1 == f1 and a.f1_threshold < best and a.f1_threshold == np.nextafter(best, -np.inf)
+    assert np.mean(scores[labels == 1] > a.f1_threshold) == np.mean(scores[labels == 1] >= best)
     # only normal parts: the false-reject threshold still exists, the F1 threshold does not
     b = threshold_advice(np.zeros(1000), normal)
     assert b.fr_threshold == a.fr_threshold and math.isnan(b.f1_threshold) and math.isnan(b.recall_at_fr)
@@ -183,3 +186,32 @@ def test_no_anomalous_pixels_gives_nan():
     acc.add(np.random.default_rng(0).random((5, 5)), None)
     r = acc.result()
     assert math.isnan(r.auroc) and math.isnan(r.pro) and r.n_regions == 0
+
+
+def test_hit_at_1_by_hand():
+    """A 12x12 map on a 3x3 grid (patch 4 px): the mask dilated by one patch decides."""
+    from service.evaluation.metrics import derangement, dilate, hit_at_1, hottest_pixel, patch_pixels, region_matches
+
+    assert patch_pixels((12, 12), (3, 3)) == (4, 4) and patch_pixels((10, 12), None) == (0, 0)
+    mask = np.zeros((12, 12), bool)
+    mask[2:4, 2:4] = True  # rows 2-3, cols 2-3; dilated by 4: rows 0-7, cols 0-7
+    heat = np.zeros((12, 12))
+    heat[7, 7] = 1.0
+    assert hottest_pixel(heat) == (7, 7)
+    assert hit_at_1(heat, mask, (4, 4)) and not hit_at_1(heat, mask, (0, 0))
+    heat[7, 7], heat[8, 3] = 0.0, 1.0  # one row outside the dilated mask
+    assert not hit_at_1(heat, mask, (4, 4))
+    assert dilate(mask, (4, 4)).sum() == 8 * 8 and dilate(mask, (1, 0)).sum() == 4 * 2
+    assert hit_at_1(np.ones((12, 12)), mask, (0, 0)) is False  # ties: the first pixel in raster order, (0, 0)
+    # another image's mask of another size is resized (nearest) before the test
+    small = np.zeros((6, 6), bool)
+    small[4, 1] = True  # covers rows 8-9, cols 2-3 at 12x12
+    assert hit_at_1(heat, small, (0, 0))
+
+    predicted = np.zeros((12, 12), bool)
+    predicted[0:2, 0:2] = predicted[3:5, 3:5] = predicted[10:12, 10:12] = True  # 3 regions, one touches the mask
+    truth = mask.copy()
+    truth[9:11, 0:2] = True  # 2 true regions, one touched
+    assert region_matches(predicted, truth) == (3, 1, 2, 1)
+    p = derangement(5, seed=1)
+    assert sorted(p) == list(range(5)) and all(p[i] != i for i in range(5)) and derangement(1) is None

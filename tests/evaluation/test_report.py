@@ -53,7 +53,7 @@ def test_writes_all_files(report_dir):
 def test_metrics_json_equals_sklearn_from_scores_csv(report_dir):
     with open(report_dir / "scores.csv", newline="") as f:
         rows = list(csv.DictReader(f))
-    assert list(rows[0]) == ["path", "category", "label", *VARIANTS]
+    assert list(rows[0]) == ["path", "category", "label", "defect", *VARIANTS]
     metrics = json.loads((report_dir / "metrics.json").read_text())
     assert list(metrics) == VARIANTS
     for v in VARIANTS:

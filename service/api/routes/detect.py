@@ -37,4 +37,5 @@ async def detect_batch(request: Request, state: StateDep, params: Annotated[Dete
         uploads, fields = await read_uploads(request, state.settings.batch_max_images)
         opts = _options(merge_form(params, fields))
         results = await detect_uploads(state, uploads, opts, arrival)
-    return {"count": len(results), "anomalous": sum(r["label"] == "anomalous" for r in results), "results": results}
+    return {"count": len(results), "anomalous": sum(r["label"] == "anomalous" for r in results),
+            "review": sum(r["label"] == "review" for r in results), "results": results}

@@ -2,7 +2,7 @@
 from __future__ import annotations
 
 import time
-from typing import Annotated, Literal
+from typing import Annotated
 
 from anyio import to_thread
 from fastapi import APIRouter, Path, Query
@@ -11,7 +11,7 @@ from fastapi.responses import Response
 from ..deps import READ, AuthFirstRoute, StateDep
 from ..errors import ApiError, error_responses
 from ..results import iso, parse_since, parse_window, record
-from ..schemas import NAME_PATTERN, ResultRecord, ResultsPage, Stats
+from ..schemas import NAME_PATTERN, Label, ResultRecord, ResultsPage, Stats
 
 router = APIRouter(tags=["results"], dependencies=READ, route_class=AuthFirstRoute)
 ResultId = Annotated[int, Path(ge=1, le=2**62, description="Result id.")]
@@ -41,7 +41,7 @@ async def list_results(
     state: StateDep,
     line: NameQuery = None,
     product: NameQuery = None,
-    label: Annotated[Literal["anomalous", "normal"] | None, Query()] = None,
+    label: Annotated[Label | None, Query()] = None,
     since: Annotated[str | None, Query(max_length=40, description="ISO-8601 time or Unix seconds; results at or "
                                                                   "after it.")] = None,
     cursor: Annotated[str | None, Query(pattern=CURSOR_PATTERN, description="`next_cursor` of the previous page.")] = None,

@@ -13,7 +13,7 @@ from ..deps import ADMIN, READ, AuthFirstRoute, CallerDep, StateDep
 from ..errors import ApiError, error_responses
 from ..pipeline import calibrate_uploads
 from ..schemas import NAME_PATTERN, CalibrationRecord, CalibrationResult, ThresholdConfig, ThresholdEntry, ThresholdIn
-from ..thresholds import VersionConflict, default_threshold
+from ..thresholds import VersionConflict, default_pixel_threshold, default_threshold
 from ..uploads import read_uploads, upload_body
 
 router = APIRouter(tags=["thresholds"], route_class=AuthFirstRoute)
@@ -50,11 +50,13 @@ async def list_thresholds(state: StateDep):
     s = state.settings
     manifest = state.detector.manifest if state.detector is not None else None
     d = default_threshold(s.default_score, s.default_threshold, manifest)
+    px = default_pixel_threshold(s.default_score, s.mask_threshold, manifest)
     data = await to_thread.run_sync(state.thresholds.all)
     products = data.get("products", {})
     await to_thread.run_sync(state.references.annotate, products, state.detector)
     return {"products": products,
-            "default": {"threshold": d.threshold, "source": d.source, "score": d.score}}
+            "default": {"threshold": d.threshold, "source": d.source, "score": d.score, "calibrated": False,
+                        "pixel_threshold": px.pixel_threshold, "pixel_threshold_source": px.pixel_source}}
 
 
 @router.get("/v1/thresholds/{product}", response_model=ThresholdEntry, dependencies=READ,
@@ -78,7 +80,8 @@ async def put_threshold(state: StateDep, caller: CallerDep, product: ProductPath
     expected = _expected(if_match)
     try:
         entry = await to_thread.run_sync(lambda: state.thresholds.put(
-            product, body.threshold, score, line, "manual", expected_version=expected, updated_by=caller))
+            product, body.threshold, score, line, "manual", expected_version=expected, updated_by=caller,
+            pixel_threshold=body.pixel_threshold))
     except VersionConflict as exc:
         raise _conflict(exc) from None
     response.headers.update(_etag(entry, line))
@@ -129,6 +132,8 @@ async def calibrate_product(
     score: Annotated[ScoreName | None, Query(description="Score to calibrate (default: settings).")] = None,
     object: Annotated[str | None, Query(max_length=64, description="Object word for s_pr.")] = None,  # noqa: A002
     store: Annotated[bool, Query(description="Store the threshold (false: only propose it).")] = True,
+    pixel: Annotated[bool, Query(description="Also fit the pixel threshold of the regions and the mask from the same "
+                                             "images (computes their heatmaps: slower).")] = True,
     reference: Annotated[bool, Query(description="Few-shot (WinCLIP+): also make the images the product's (line's) "
                                      "reference memory and fit the threshold on few-shot scores. Default false: "
                                      "a zero-shot threshold only (any memory of this product/line is dropped); on "
@@ -138,4 +143,4 @@ async def calibrate_product(
     uploads, _ = await read_uploads(request, state.settings.calibration_max_images)
     obj = (object or "").strip().lower() or None
     return await calibrate_uploads(state, uploads, product, line, score or state.settings.default_score, target_frr,
-                                   obj, store, reference, caller=caller)
+                                   obj, store, pixel, reference, caller=caller)

@@ -216,6 +216,10 @@
       el('figcaption', {}, [
         el('div', { class: 'row' }, [
           el('span', { class: 'badge ' + r.label, text: r.label }),
+          r.calibrated === false ? el('span', {
+            class: 'badge uncalibrated', text: 'uncalibrated',
+            title: 'threshold from ' + r.threshold_source + ', not calibrated for this product: do not trust this label'
+          }) : null,
           el('span', { title: r.score_name + ' score vs threshold (' + r.threshold_source + ')',
             text: num(r.score) + ' / ' + num(r.threshold) })
         ]),
@@ -279,6 +283,27 @@
     var d = thresholds && thresholds.default;
     $('s-threshold').textContent = d ? num(d.threshold) + ' (' + d.score + ')' : '–';
     if (d) $('s-threshold').title = 'source: ' + d.source;
+    renderUncalibrated(stats);
+  }
+
+  // Products scored against a default threshold in the window (from /v1/stats), each with the one thing to do.
+  function renderUncalibrated(stats) {
+    var panel = $('uncalibrated');
+    var list = $('uncalibrated-list');
+    var items = (stats && stats.uncalibrated_products) || [];
+    list.textContent = '';
+    panel.hidden = items.length === 0;
+    items.forEach(function (it) {
+      var name = it.product == null ? '(no product)' : it.product;
+      var how = it.product == null
+        ? 'send product= with each image, then calibrate that product'
+        : 'calibrate it: POST /v1/calibrate/' + it.product + ' with 30 or more good parts (or PUT /v1/thresholds/' +
+          it.product + ')';
+      list.appendChild(el('li', { 'data-product': name }, [
+        el('strong', { text: name }),
+        ' · ' + it.count + ' result' + (it.count === 1 ? '' : 's') + ' against the default threshold: ' + how
+      ]));
+    });
   }
 
   function renderModel(models) {
