@@ -164,8 +164,9 @@ def cmd_score(args: argparse.Namespace) -> int:
     entry = _threshold_entry(args, settings)  # read first: an unreadable store is an error before loading a model
     name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
     detector = load_detector(settings, name, version)
+    memory = _product_memory(detector, settings, args.product, args.line) if args.product else None
     resolved = resolve_entry(entry, args.line, args.score, settings.default_score, settings.default_threshold,
-                             detector.manifest, settings.mask_threshold)
+                             detector.manifest, settings.mask_threshold, "few_shot" if memory else "zero_shot")
     heat_dir = Path(args.heatmap) if args.heatmap else None
     if heat_dir:
         heat_dir.mkdir(parents=True, exist_ok=True)
@@ -177,12 +178,13 @@ def cmd_score(args: argparse.Namespace) -> int:
             failures += 1
             print(json.dumps({"path": path, "error": str(exc)}))
             continue
-        det = detector.detect([image], args.object, heatmap=heat_dir is not None)[0]
+        det = detector.detect([image], args.object, heatmap=heat_dir is not None, memory=memory)[0]
         score = float(det.scores[resolved.score])
         line = {"path": path, **{SCORE_ALIASES[k]: round(v, 6) for k, v in det.scores.items()},
                 "product": args.product, "line": args.line, "score_name": resolved.score, "score": round(score, 6),
                 "label": decide(score, resolved, settings.uncalibrated), "threshold": resolved.threshold,
-                "threshold_source": resolved.source, "calibrated": resolved.calibrated}
+                "threshold_source": resolved.source, "calibrated": resolved.calibrated,
+                "mode": det.mode, "shots": det.shots}
         if heat_dir is not None:
             heat = det.heat[resolved.score]
             found, mask = localise(heat, resolved.pixel_threshold, min_area_pixels(heat.shape, settings.min_region_area),
@@ -198,6 +200,25 @@ def cmd_score(args: argparse.Namespace) -> int:
         print(f"{failures} of {len(args.images)} images could not be scored", file=sys.stderr)
         return 1
     return 0
+
+
+def _product_memory(detector, settings: Settings, product: str, line: str | None):
+    """The product's (line's) few-shot reference memory as the service stores it, or None (zero-shot) with a note on
+    stderr when there is none or it was made by another model."""
+    from .fewshot import load_memory, model_ref
+    from .memory_store import memory_dir, store_from_settings
+
+    memory = load_memory(store_from_settings(settings), product, line)
+    if memory is None:
+        print(f"zsad score: no reference memory for product {product!r} in {memory_dir(settings)}; scoring zero-shot "
+              "(POST /v1/calibrate/{product} builds one)", file=sys.stderr)
+        return None
+    why = memory.incompatibility(model_ref(detector), detector.window_scales, settings.window_stride)
+    if why:
+        print(f"zsad score: the reference memory of {product!r} is stale ({why}); scoring zero-shot. Re-calibrate "
+              "the product to re-embed it", file=sys.stderr)
+        return None
+    return memory.to(detector.backend.device)
 
 
 # --- store ------------------------------------------------------------------------------------------------------
@@ -330,8 +351,10 @@ def build_parser() -> argparse.ArgumentParser:
     s.add_argument("images", nargs="+", metavar="IMAGE")
     s.add_argument("--model-ref", help="FNN model NAME[@VERSION] (default: settings / current)")
     s.add_argument("--object", help="object name for the prompt score (default: generic 'object')")
-    s.add_argument("--product", type=_name, help="product: its threshold from the service's database, as the service")
-    s.add_argument("--line", type=_name, help="production line: its threshold, as the service")
+    s.add_argument("--product", type=_name, help="product: its threshold (and few-shot reference memory, if it has "
+                   "one: made by POST /v1/calibrate/{product}?reference=true) from the service's database, as the service")
+    s.add_argument("--line", type=_name, help="production line: its threshold (and memory, if it has its own), as the "
+                   "service")
     s.add_argument("--db", metavar="URL", help="database holding the thresholds (default: $ZSAD_RESULTS_URL, else "
                    "sqlite at $ZSAD_RESULTS_PATH)")
     s.add_argument("--thresholds", metavar="FILE", help="read thresholds from this JSON thresholds file instead")

@@ -63,6 +63,12 @@ PIXEL_QUANTILE = 0.98
 MAX_REGIONS = 32  # hottest regions reported per image (the mask is their union)
 NAME_PATTERN = r"^[A-Za-z0-9][A-Za-z0-9._:-]{0,63}$"  # product and line names (API and CLI)
 
+# --- few-shot reference memories (service/fewshot.py) ----------------------------------------------------------------
+MODES: tuple[str, ...] = ("zero_shot", "few_shot")  # how an image was scored: text prompts only, or + a memory
+REFERENCE_MAX_SHOTS = 64  # calibration images that go into a product's memory (the rest only fit the threshold)
+REFERENCE_MAX_ROWS = 4096  # rows per memory bank; above it a greedy coreset is kept
+REFERENCE_MAX_BYTES = 256 * 1024 * 1024  # largest stored memory
+
 # --- operations: metrics, service-level objectives, the Open Inference Protocol ---------------------------------------
 SLO_DETECT_P95_S = 1.0  # objective for the p95 latency of POST /v1/detect (exported; the alert rule compares to it)
 METRICS_MAX_PRODUCTS = 20  # distinct `product` metric label values (first seen) before `other`

@@ -29,6 +29,7 @@ from .store import ModelStore, StoreError
 from .timing import lap
 
 if TYPE_CHECKING:
+    from .fewshot import ReferenceMemory
     from .preprocess import Geometry
 
 
@@ -69,6 +70,8 @@ class Detection:
     size: tuple[int, int]  # (width, height) of the input image
     heat: Mapping[str, np.ndarray] = field(default_factory=dict)
     grid: dict[str, np.ndarray] = field(default_factory=dict)  # patch-level maps before upsampling
+    mode: str = "zero_shot"  # or "few_shot": scored against a reference memory (`fewshot.py`)
+    shots: int = 0  # reference images in that memory
 
 
 @dataclass
@@ -79,6 +82,7 @@ class ImageEmbedding:
     windows: dict[int, torch.Tensor]  # scale -> [n_windows, D]; empty without heatmap
     grid: tuple[int, int]
     geometry: Geometry
+    patches: torch.Tensor | None = None  # [h*w, P] grid-cell tokens (windows.Embeddings.patches); with windows only
 
 
 @dataclass
@@ -247,7 +251,8 @@ class Detector:
             glob = encode_global(self.backend, pixels, self.tta_views, identity=glob)
             lap(timings, "embed", t)
         return [
-            ImageEmbedding(glob[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g)
+            ImageEmbedding(glob[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g,
+                           emb.patches[i] if emb.patches is not None else None)
             for i, g in enumerate(geoms)
         ]
 
@@ -257,8 +262,17 @@ class Detector:
         embs: Sequence[ImageEmbedding],
         object_name: str | None = None,
         timings: dict[str, float] | None = None,
+        memory: ReferenceMemory | None = None,
+        exclude: Sequence[int] | None = None,
+        maps: bool = True,
     ) -> list[Detection]:
-        """Scores (and maps, when the embeddings have windows) for a batch of embeddings from `embed`."""
+        """Scores (and maps, when the embeddings have windows) for a batch of embeddings from `embed`.
+
+        With a reference `memory` (few-shot mode, `fewshot.py`) every score and map is combined with the memory's
+        few-shot map by WinCLIP+'s rule; `exclude[i]` (a shot index, or -1) leaves that shot's rows out for image i
+        (leave-one-out). `maps=False` skips the maps at image resolution (the image scores stay the same; in
+        few-shot mode the zero-shot window scores are then not computed at all: the image score needs only the
+        few-shot map's maximum)."""
         from .aggregate import winclip_map
         from .window_grid import window_indices
 
@@ -266,9 +280,16 @@ class Detector:
         t = time.perf_counter()
         device = self.backend.device
         scores = self.score_embeddings(torch.stack([e.global_emb for e in embs]).to(device), object_name)
-        results = [Detection({k: float(v[i]) for k, v in scores.items()}, (e.geometry.width, e.geometry.height))
-                   for i, e in enumerate(embs)]
-        if embs[0].windows:
+        fs_map = None
+        if memory is not None:
+            fs_map = self._few_shot_map(embs, memory, exclude)
+        grids: dict[str, torch.Tensor] = {}
+        if fs_map is not None and not maps:  # the image score needs only the few-shot map's maximum
+            from .fewshot import combine_few_shot
+
+            zero = torch.zeros_like(fs_map, dtype=torch.float64)
+            scores = {name: combine_few_shot(v, zero, fs_map)[0] for name, v in scores.items()}
+        elif embs[0].windows:
             grid, stride = embs[0].grid, self.settings.window_stride
             indices = {sc: window_indices(grid[0], grid[1], sc, stride) for sc in embs[0].windows}
             window_scores = {
@@ -276,16 +297,42 @@ class Detector:
                 for sc in indices
             }
             for name in SCORE_NAMES:
-                maps = winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, indices, grid)
-                for i, (e, det) in enumerate(zip(embs, results)):
-                    det.grid[name] = maps[i].cpu().numpy()
-                    if self.full_maps:
-                        det.heat[name] = e.geometry.to_original(maps[i])
-            if not self.full_maps:
-                for e, det in zip(embs, results):
-                    det.heat = MapsOnDemand(det.grid, e.geometry)
+                grids[name] = winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, indices,
+                                          grid)
+                if fs_map is not None:
+                    from .fewshot import combine_few_shot
+
+                    scores[name], grids[name] = combine_few_shot(scores[name], grids[name], fs_map)
+        results = [Detection({k: float(v[i]) for k, v in scores.items()}, (e.geometry.width, e.geometry.height))
+                   for i, e in enumerate(embs)]
+        for name, grid_maps in grids.items():
+            for i, (e, det) in enumerate(zip(embs, results)):
+                det.grid[name] = grid_maps[i].cpu().numpy()
+                if maps and self.full_maps:
+                    det.heat[name] = e.geometry.to_original(grid_maps[i])
+        if grids and maps and not self.full_maps:  # maps at the image's size only when asked (pixel budget)
+            for e, det in zip(embs, results):
+                det.heat = MapsOnDemand(det.grid, e.geometry)
+        if memory is not None:
+            for det in results:
+                det.mode, det.shots = "few_shot", memory.shots
         lap(timings, "aggregate", t)
         return results
+
+    def _few_shot_map(self, embs: Sequence[ImageEmbedding], memory: ReferenceMemory,
+                      exclude: Sequence[int] | None) -> torch.Tensor:
+        from .fewshot import ReferenceMemoryError, few_shot_map, model_ref
+
+        if not embs[0].windows or any(e.patches is None for e in embs):
+            raise ReferenceMemoryError("few-shot scoring needs window and patch embeddings (embed with heatmap=True)")
+        why = memory.incompatibility(model_ref(self), self.window_scales, self.settings.window_stride, embs[0].grid)
+        if why:
+            raise ReferenceMemoryError(f"the reference memory cannot score this model's embeddings: {why}")
+        device = self.backend.device
+        windows = {sc: torch.stack([e.windows[sc] for e in embs]).to(device) for sc in embs[0].windows}
+        patches = torch.stack([e.patches for e in embs]).to(device)
+        ex = torch.tensor(list(exclude), dtype=torch.long) if exclude is not None else None
+        return few_shot_map(windows, patches, memory, ex)
 
     def detect(
         self,
@@ -293,10 +340,16 @@ class Detector:
         object_name: str | None = None,
         heatmap: bool = True,
         timings: dict[str, float] | None = None,
+        memory: ReferenceMemory | None = None,
     ) -> list[Detection]:
-        """Score a batch of RGB images; with `heatmap`, also WinCLIP-style maps at each image's resolution."""
+        """Score a batch of RGB images; with `heatmap`, also WinCLIP-style maps at each image's resolution.
+
+        With a reference `memory` the images are scored in few-shot mode (WinCLIP+, `fewshot.py`); the windows are
+        then computed even without `heatmap`, since the image score takes the few-shot map's maximum."""
         timings = timings if timings is not None else {}
-        return self.score(self.embed(images, heatmap, timings), object_name, timings)
+        if memory is None:
+            return self.score(self.embed(images, heatmap, timings), object_name, timings)
+        return self.score(self.embed(images, True, timings), object_name, timings, memory=memory, maps=heatmap)
 
     def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> Detector:
         """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""

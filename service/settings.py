@@ -22,6 +22,9 @@ from .constants import (
     MIN_REGION_AREA,
     OIP_MODEL_NAME,
     PROMPT_TEMPERATURE,
+    REFERENCE_MAX_BYTES,
+    REFERENCE_MAX_ROWS,
+    REFERENCE_MAX_SHOTS,
     SLO_DETECT_P95_S,
     VIEW_COUNTS,
     ScoreName,
@@ -134,6 +137,19 @@ class Settings(BaseSettings):
     default_threshold: float | None = Field(
         None, description="Threshold when no product threshold is set; None uses the model manifest's advice."
     )
+    reference_dir: Path | None = Field(
+        None, description="Few-shot reference memories (one file per product / line); None: a `memories` folder next "
+        "to the thresholds file."
+    )
+    reference_max_shots: int = Field(
+        REFERENCE_MAX_SHOTS, ge=1, description="Most calibration images embedded into a product's reference memory "
+        "(evenly spread over the upload); the others only fit the threshold."
+    )
+    reference_max_rows: int = Field(
+        REFERENCE_MAX_ROWS, ge=16, description="Rows per reference memory bank (cells, windows of each scale); above it "
+        "a greedy coreset of this many rows is kept."
+    )
+    reference_max_bytes: int = Field(REFERENCE_MAX_BYTES, ge=1, description="Largest stored reference memory.")
     batch_max_images: int = Field(16, ge=1, description="Most images in one POST /v1/detect/batch request.")
     calibration_max_images: int = Field(1000, ge=1, description="Most images in one POST /v1/calibrate request.")
     calibration_max_bytes: int = Field(

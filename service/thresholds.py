@@ -65,8 +65,13 @@ def resolve_entry(
     settings_default: float | None,
     manifest: dict[str, Any] | None,
     settings_pixel: float | None = None,
+    mode: str | None = None,
 ) -> Resolved:
-    """Threshold, pixel threshold and their sources for one request, from the product's store `entry` (or None)."""
+    """Threshold, pixel threshold and their sources for one request, from the product's store `entry` (or None).
+
+    `mode` (zero_shot / few_shot): how the image was scored. An entry fitted in one mode (calibration records it) is
+    never applied to scores of the other, as a threshold is never applied to another score; an entry without a mode
+    (set by hand, or older than few-shot) applies to both."""
     candidates: list[tuple[str, dict[str, Any]]] = []
     if entry:
         line_entry = (entry.get("lines") or {}).get(line) if line else None
@@ -74,6 +79,8 @@ def resolve_entry(
             candidates.append(("line", line_entry))
         if entry.get("threshold") is not None:
             candidates.append(("product", entry))
+    if mode is not None:
+        candidates = [(src, c) for src, c in candidates if c.get("mode") in (None, mode)]
     used = score or (candidates[0][1].get("score") if candidates else None) or default_score
     same = [(src, cand) for src, cand in candidates if cand.get("score", default_score) == used]
     if same:

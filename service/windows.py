@@ -61,6 +61,8 @@ __all__ = [
     "vit_embed",
     "cnn_feature_map",
     "cnn_window_embeddings",
+    "cnn_patch_embeddings",
+    "vit_encode_full",
     "crop_window_embeddings",
     "embed_image_and_windows",
 ]
@@ -176,6 +178,28 @@ def vit_encode_groups(visual: nn.Module, groups: Sequence[torch.Tensor]) -> list
     return list(pooled.split([n for n, _ in shapes]))
 
 
+def _vit_tokens_out(visual: nn.Module, x: torch.Tensor) -> torch.Tensor:
+    """Patch tokens [n, L-1, W] of the transformer output x [n, L, W], as open_clip's `output_tokens` gives them
+    (after `ln_post` unless the tower normalises after pooling; not projected, as WinCLIP's few-shot path uses them)."""
+    if getattr(visual, "final_ln_after_pool", False):
+        return x[:, 1:]
+    return visual.ln_post(x[:, 1:])  # LayerNorm is per token
+
+
+def vit_encode_full(visual: nn.Module, seqs: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """Raw pooled embeddings [n, D] and patch tokens [n, L-1, W] of full sequences [n, L, W] (class token first).
+
+    The last block runs on every token (not only the class token), so the patch tokens come out of the same pass
+    that gives the global embedding: what `encode_image` with `output_tokens` computes, without hooks.
+    """
+    x = seqs
+    n, length, width = seqs.shape
+    for blk in visual.transformer.resblocks:
+        x = block_forward(blk, x.reshape(-1, width), [(n, length)], False).view(n, length, width) if block_ok(blk) \
+            else blk(x)
+    return _vit_pool_project(visual, x), _vit_tokens_out(visual, x)
+
+
 def _sequence_index(n_patches: int, indices: torch.Tensor | None, device: torch.device) -> torch.Tensor:
     """[n, L] positions into the [1+N] token axis: class token (0) then the window's patches (or all patches)."""
     if indices is None:
@@ -185,16 +209,19 @@ def _sequence_index(n_patches: int, indices: torch.Tensor | None, device: torch.
 
 
 def vit_embed(
-    visual: nn.Module, tokens: torch.Tensor, indices: dict[int, torch.Tensor], chunk: int, with_global: bool = True
+    visual: nn.Module, tokens: torch.Tensor, indices: dict[int, torch.Tensor], chunk: int, with_global: bool = True,
+    patches: list[torch.Tensor] | None = None,
 ) -> tuple[torch.Tensor | None, dict[int, torch.Tensor]]:
     """Raw global [B, D] and window embeddings {scale: [B, n_windows, D]} from ViT tokens [B, 1+N, W].
 
     Every sequence (each image's global sequence, then each scale's windows, image-major) is cut into calls of at
-    most `chunk` sequences; each call sends all its groups through the transformer together.
+    most `chunk` sequences; each call sends all its groups through the transformer together. When `patches` is a
+    list, the global sequences run as their own full pass instead and their patch tokens [B, N, W] are appended to it.
     """
     b, n_tok, _ = tokens.shape
+    full_pass = with_global and patches is not None
     plan: list[tuple[int | None, torch.Tensor]] = ([(None, _sequence_index(n_tok - 1, None, tokens.device))]
-                                                   if with_global else [])
+                                                   if with_global and not full_pass else [])
     plan += [(s, _sequence_index(n_tok - 1, idx, tokens.device)) for s, idx in indices.items()]
     results: dict[int | None, list[torch.Tensor]] = {key: [] for key, _ in plan}
     pending: list[tuple[int | None, torch.Tensor]] = []
@@ -221,6 +248,10 @@ def vit_embed(
                 flush()
                 left = budget
     flush()
+    if full_pass:
+        pooled, toks = zip(*(vit_encode_full(visual, tokens[i : i + budget]) for i in range(0, b, budget)))
+        results[None] = list(pooled)
+        patches.append(torch.cat(toks))
     glob = torch.cat(results[None]) if with_global else None
     windows = {s: torch.cat(results[s]).reshape(b, indices[s].shape[0], -1) for s in indices}
     return glob, windows
@@ -277,6 +308,18 @@ def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.
     return torch.cat(out, dim=0).reshape(b, n, -1)
 
 
+def cnn_patch_embeddings(visual: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """Raw patch embeddings [B, h*w, D] of a final feature map [B, C, h, w]: each cell (plus its positional slice)
+    through the attention pool's value and output projections, the dense value path of the pool (as MaskCLIP reads
+    dense CLIP features from a ResNet). It is what the pool returns for a cell that attends only to itself."""
+    pool = visual.attnpool
+    b, c, h, w = fmap.shape
+    pos = _pos_for_grid(pool.positional_embedding, (h, w)).to(fmap.dtype)
+    cells = fmap.reshape(b, c, h * w).transpose(1, 2) + pos[1:]
+    v = F.linear(cells, pool.v_proj.weight, pool.v_proj.bias)
+    return F.linear(v, pool.c_proj.weight, pool.c_proj.bias)
+
+
 # --- crop mode (any tower) ---------------------------------------------------------------------------------------------
 def crop_window_embeddings(
     model: nn.Module,
@@ -326,12 +369,17 @@ class Embeddings:
     `windows[scale]` is [B, n_windows, D] in the order of `indices[scale]` ([n_windows, scale*scale] patch indices,
     row-major over the `grid`). Scales larger than the grid are left out (they would be a single whole-image
     window at best).
+
+    `patches` [B, h*w, P] are the grid cells' own tokens, L2-normalised and not centred (ViT: the transformer's
+    width after `ln_post`, P = W, as WinCLIP's few-shot path compares them; CNN: the attention pool's value path, in
+    the joint space): what the few-shot memory compares cell by cell (`fewshot.py`). None in crop mode.
     """
 
     global_emb: torch.Tensor
     windows: dict[int, torch.Tensor]
     grid: tuple[int, int]
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
+    patches: torch.Tensor | None = None
 
 
 @torch.inference_mode()
@@ -369,14 +417,17 @@ def embed_image_and_windows(
     t0 = time.perf_counter()
     own_global = global_pixels is None
     glob = torch.empty(0)
+    patch_out: list[torch.Tensor] = []
     if kind == "vit":
         tokens = vit_tokens(visual, x)
         t0 = lap(timings, "embed", t0)
-        vit_glob, raw = vit_embed(visual, tokens, indices, chunk, with_global=own_global)
+        vit_glob, raw = vit_embed(visual, tokens, indices, chunk, with_global=own_global,
+                                  patches=patch_out if own_global else None)
         if vit_glob is not None:
             glob = vit_glob
     elif cnn_mode == "attnpool":
         fmap = cnn_feature_map(visual, x)
+        patch_out.append(cnn_patch_embeddings(visual, fmap))
         if own_global:
             full = torch.arange(grid[0] * grid[1]).view(1, -1)
             glob = cnn_window_embeddings(visual, fmap, full, chunk)[:, 0]
@@ -397,5 +448,7 @@ def embed_image_and_windows(
         glob = torch.cat([model.encode_image(gp[i : i + chunk]) for i in range(0, gp.shape[0], chunk)])
     windows = {s: backend.finish_image(r.reshape(-1, r.shape[-1])).reshape(r.shape[0], r.shape[1], -1) for s, r in raw.items()}
     lap(timings, "windows", t0)
-    return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices)
+    patches = F.normalize(patch_out[0].float(), dim=-1) if patch_out else None
+    return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices,
+                      patches=patches)
 

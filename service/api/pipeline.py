@@ -173,12 +173,14 @@ async def decode_within_budget(state: AppState, uploads: list[Upload], deadline:
     return decoded, reservation
 
 
-async def infer(state: AppState, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                deadline: float, arrival: Arrival | None = None) -> list[JobResult]:
-    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time)."""
+async def infer(state: AppState, images: list[Any], object_name: str | None, heatmap: bool,
+                deadline: float, arrival: Arrival | None = None, memory: Any = None, task: Any = None) -> list[JobResult]:
+    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time).
+
+    `memory` scores them in few-shot mode; `task(detector, items)` runs instead of `detect` (see `worker.Job`)."""
     state.require_ready()
     try:
-        futures = state.worker.submit_many(images, object_name, heatmap, arrival)
+        futures = state.worker.submit_many(images, object_name, heatmap, arrival, memory=memory, task=task)
     except QueueFull as exc:
         raise ApiError(503, "queue_full", "inference queue is full, retry later",
                        {"Retry-After": str(exc.retry_after)}) from None
@@ -246,15 +248,16 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
     state.require_ready()  # before spending time on decoding
     decoded, pixels = await decode_within_budget(state, uploads, deadline)
     try:  # the decoded pixels are held until the answer is encoded
+        ref = await to_thread.run_sync(state.references.lookup, opts.product, opts.line, state.detector)
         results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none",
-                              deadline, arrival)
+                              deadline, arrival, memory=ref.memory)
 
         manifest = state.detector.manifest if state.detector is not None else None
         keep_png = state.results.keep_heatmaps
 
         def _post() -> tuple[Any, list[tuple]]:  # database reads (thresholds) and encoding stay off the event loop
             resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                                settings.default_threshold, manifest, settings.mask_threshold)
+                                                settings.default_threshold, manifest, settings.mask_threshold, ref.mode)
             return resolved, [_encode_one(state, d, r, opts, resolved, keep_png) for d, r in zip(decoded, results)]
 
         resolved, encoded = await to_thread.run_sync(_post)
@@ -282,6 +285,8 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
             "batch_size": res.batch_size,
             "image": {"width": dec.width, "height": dec.height, "format": dec.format},
             "heatmap": payload, "regions": found,
+            "mode": getattr(res.detection, "mode", ref.mode), "shots": getattr(res.detection, "shots", ref.shots),
+            "reference": ref.info,
         })
         state.metrics.observe_stages({"decode": dec.seconds, "encode": enc_s})
 
@@ -305,16 +310,24 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
 
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
-                            store: bool, pixel: bool = True, caller: str | None = None) -> dict[str, Any]:
+                            store: bool, pixel: bool = True, reference: bool = False,
+                            caller: str | None = None) -> dict[str, Any]:
     """Score normal images exactly as /v1/detect would, fit the threshold at `target_frr` and store it; with `pixel`
     the images also run with heatmaps and the pixel threshold is `PIXEL_QUANTILE` of their heat
     (`calibration.NormalHeat`).
 
     Decoded and scored a micro-batch at a time (within the pixel budget), each upload's bytes released once scored and
     the maps folded into a fixed-size histogram: memory stays bounded by the batch, not by the (up to
-    `calibration_max_images`) images of the request."""
+    `calibration_max_images`) images of the request.
+
+    With `reference` the images also become the product's (line's) few-shot reference memory
+    (`calibrate_few_shot`); without it, storing the threshold also removes any memory of that product (line), so the
+    product is judged zero-shot against the threshold just fitted zero-shot."""
     from ..calibration import NormalHeat
 
+    if reference:
+        return await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
+                                        pixel, caller)
     s = state.settings
     deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
     scores: list[float] = []
@@ -347,10 +360,143 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
     if store:
         await to_thread.run_sync(lambda: state.thresholds.put(product, threshold, score_name, line, "calibration",
                                                               summary, updated_by=caller,
-                                                              pixel_threshold=pixel_threshold))
+                                                              pixel_threshold=pixel_threshold, mode="zero_shot",
+                                                              shots=0))
+        await to_thread.run_sync(_drop_memory, state, product, line)
     # every calibration is kept as a record (who, when, how many images, the fitted values; stored or proposed)
     await to_thread.run_sync(lambda: state.thresholds.record_calibration(
-        product, line, score_name, threshold, target_frr, len(scores), model, caller, store, summary))
+        product, line, score_name, threshold, target_frr, len(scores), model, caller, store,
+        {**summary, "mode": "zero_shot", "shots": 0}))
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
             "target_frr": target_frr, "pixel_threshold": pixel_threshold, "stored": store, "model": model,
-            "distribution": dist, "pixel_distribution": pixel_dist}
+            "distribution": dist, "pixel_distribution": pixel_dist, "mode": "zero_shot", "shots": 0, "reference": None}
+
+
+def _drop_memory(state: AppState, product: str, line: str | None) -> None:
+    """Remove the memory of exactly this (product, line): a line's own, or the product's (lines keep theirs)."""
+    state.references.store.delete(product, line)
+    state.references.forget(product, line)
+
+
+def _shot_indices(n: int, k: int) -> list[int]:
+    """`k` of `n` upload positions spread evenly (first and last included), so a long upload of one shift does not
+    give a memory of its first minutes only."""
+    if k >= n:
+        return list(range(n))
+    return sorted({round(i * (n - 1) / (k - 1)) for i in range(k)}) if k > 1 else [0]
+
+
+async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: str, line: str | None,
+                             score_name: str, target_frr: float, object_name: str | None,
+                             store: bool, pixel: bool = True, caller: str | None = None) -> dict[str, Any]:
+    """Few-shot calibration: up to `reference_max_shots` of the images become the reference memory, and the
+    threshold (and, with `pixel`, the pixel threshold) is fitted on few-shot scores and maps in which no image is
+    compared with its own embeddings: the other images against the whole memory, each shot against the memory
+    without its rows (leave-one-out; with one shot that shot is left out of the fit). Everything runs on the
+    inference thread, a micro-batch at a time, decoded within the pixel budget."""
+    from ..calibration import NormalHeat
+    from ..fewshot import ReferenceMemoryError, build_memory
+    from ..store import utc_now
+
+    s = state.settings
+    n = len(uploads)
+    if n < 2:
+        raise ApiError(400, "bad_request", "a few-shot calibration needs at least 2 good images (the memory, and "
+                       "images to fit the threshold on without scoring them against themselves); or reference=false")
+    chunk = max(1, s.max_batch_size)
+    deadline = time.perf_counter() + s.request_timeout_s * max(1, 2 * n // chunk)
+    shots = _shot_indices(n, min(s.reference_max_shots, n))
+    shot_set = set(shots)
+
+    def embed(det: Any, items: list[Any]) -> list[Any]:
+        from ..detector import ImageEmbedding
+
+        return [ImageEmbedding(e.global_emb.cpu(), {k: w.cpu() for k, w in e.windows.items()}, e.grid, e.geometry,
+                               e.patches.cpu() if e.patches is not None else None)
+                for e in det.embed(items, heatmap=True)]
+
+    embs: list[Any] = []
+    model = None
+    for i in range(0, len(shots), chunk):
+        part = [uploads[j] for j in shots[i: i + chunk]]
+        decoded, pixels = await decode_within_budget(state, part, deadline)
+        async with pixels:
+            results = await infer(state, [d.model_input for d in decoded], object_name, True, deadline, task=embed)
+        embs += [r.detection for r in results]
+        model = {"name": results[0].model_name, "version": results[0].model_version, "clip": results[0].clip}
+        del decoded
+    stride = state.detector.settings.window_stride
+    meta = {"created_at": utc_now(), "product": product, "line": line}
+    try:
+        memory = await to_thread.run_sync(build_memory, embs, model, stride, s.reference_max_rows, meta)
+    except ReferenceMemoryError as exc:
+        raise ApiError(422, "validation_error", f"this model cannot build a reference memory: {exc}") from None
+    device = getattr(state.detector.backend, "device", None)
+    on_device = memory.to(device) if device is not None else memory
+
+    def loo(det: Any, items: list[Any]) -> list[Any]:
+        return det.score([e for e, _ in items], object_name, memory=on_device, exclude=[k for _, k in items],
+                         maps=pixel)
+
+    by_upload: dict[int, float] = {}  # the distribution lists scores in upload order, as the zero-shot path does
+    normal_heat = NormalHeat()
+
+    def take(positions: list[int], results: list[Any]) -> None:
+        for j, r in zip(positions, results):
+            by_upload[j] = float(r.detection.scores[score_name])
+            if pixel:
+                normal_heat.add(r.detection.heat[score_name])
+
+    rest = [j for j in range(n) if j not in shot_set]
+    try:
+        if len(shots) > 1:
+            for i in range(0, len(shots), chunk):
+                items = [(embs[k], k) for k in range(i, min(i + chunk, len(shots)))]
+                take(shots[i: i + chunk], await infer(state, items, object_name, pixel, deadline, task=loo))
+        for i in range(0, len(rest), chunk):
+            part = [uploads[j] for j in rest[i: i + chunk]]
+            decoded, pixels = await decode_within_budget(state, part, deadline)
+            async with pixels:
+                take(rest[i: i + chunk], await infer(state, [d.model_input for d in decoded], object_name, pixel,
+                                                     deadline, memory=on_device))
+            for u in part:
+                u.data = b""
+            del decoded
+    except ReferenceMemoryError as exc:  # the model was swapped while this ran
+        raise ApiError(503, "unavailable", f"the model changed during calibration ({exc}); retry",
+                       {"Retry-After": "5"}) from None
+    for u in uploads:
+        u.data = b""
+    scores = [by_upload[j] for j in sorted(by_upload)]
+    threshold, dist = calibrate(scores, target_frr)
+    dist["fit"] = (f"{len(scores)} few-shot scores: {len(rest)} images against the {len(shots)}-shot memory"
+                   + (f", {len(shots)} shots each against the other {len(shots) - 1} (leave-one-out)" if len(shots) > 1
+                      else "; the one shot is not scored against itself, so it is left out of the fit"))
+    pixel_dist = normal_heat.summary() if pixel else None
+    pixel_threshold = pixel_dist["threshold"] if pixel_dist else None
+    data = memory.to_bytes()
+    info = {"shots": memory.shots, "rows": memory.rows, "coreset": memory.meta.get("coreset") or {},
+            "bytes": len(data), "model": model, "line": line}
+    summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
+    summary["model"] = model
+    if pixel_dist is not None:
+        summary["pixel"] = pixel_dist
+    if store:
+
+        def _persist() -> None:
+            state.references.store.put(product, line, data)
+            state.references.forget(product, line)
+            state.thresholds.put(product, threshold, score_name, line, "calibration", summary, updated_by=caller,
+                                 pixel_threshold=pixel_threshold, mode="few_shot", shots=memory.shots)
+
+        try:
+            await to_thread.run_sync(_persist)
+        except ValueError as exc:  # MemoryStoreError: over the size limit
+            raise ApiError(413, "payload_too_large", str(exc)) from None
+    await to_thread.run_sync(lambda: state.thresholds.record_calibration(
+        product, line, score_name, threshold, target_frr, len(scores), model, caller, store,
+        {**summary, "mode": "few_shot", "shots": memory.shots}))
+    return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
+            "target_frr": target_frr, "pixel_threshold": pixel_threshold, "stored": store, "model": model,
+            "distribution": dist, "pixel_distribution": pixel_dist, "mode": "few_shot", "shots": memory.shots,
+            "reference": info}

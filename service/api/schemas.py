@@ -8,6 +8,7 @@ from pydantic import BaseModel, ConfigDict, Field, create_model
 from ..constants import NAME_PATTERN, SCORES, ScoreName
 
 Label = Literal["anomalous", "normal", "review"]  # review: uncalibrated product under ZSAD_UNCALIBRATED=review
+Mode = Literal["zero_shot", "few_shot"]  # constants.MODES
 ThresholdSource = Literal["line", "product", "settings", "manifest", "fallback"]
 
 
@@ -158,6 +159,12 @@ class DetectResult(ResultRecord):
         None, description="Connected regions of heat above the pixel threshold, hottest first, each at least "
         "ZSAD_MIN_REGION_AREA of the image; they agree with the verdict (score > threshold): at least one, holding the "
         "heat's maximum, when it is anomalous, none when it is normal. Image pixels, bbox end-exclusive.")
+    mode: Mode = Field("zero_shot", description="few_shot: scored against the product's reference memory (WinCLIP+); "
+                       "zero_shot: text prompts only (no memory, or a stale one: see `reference`).")
+    shots: int = Field(0, description="Reference images in the memory used (0 in zero-shot mode).")
+    reference: dict[str, Any] | None = Field(
+        None, description="The product's (line's) reference memory: shots, rows, model, and `stale`/`note` when it was "
+        "made by another model than the one serving (then the image was scored zero-shot). Null: none.")
 
 
 class BatchResult(BaseModel):
@@ -254,6 +261,11 @@ class CalibrationResult(BaseModel):
     pixel_distribution: dict[str, Any] | None = Field(
         None, description="How the pixel threshold was fitted: images, pixels, quantile, the share of pixels and of "
         "images above it, percentiles of the images' heat maxima.")
+    mode: Mode = Field("zero_shot", description="few_shot: the images also became the reference memory, and the "
+                       "threshold was fitted on few-shot scores (leave-one-out for the shots).")
+    shots: int = Field(0, description="Images in the reference memory (0 with reference=false).")
+    reference: dict[str, Any] | None = Field(None, description="The memory built: shots, rows per bank, coreset "
+                                             "subsampling (if any), size in bytes, model.")
 
 
 class CalibrationRecord(BaseModel):

@@ -21,11 +21,13 @@ from ..db import migrate
 from ..db.engine import database_url, is_sqlite, make_engine
 from ..db.fleet import Candidate, Desired, FleetStore
 from ..db.thresholds import ThresholdFileError, import_file
+from ..memory_store import store_from_settings
 from ..settings import Settings
 from .auth import KeyChecker
 from .errors import ApiError, public_text
 from .limits import PixelBudget
 from .metrics import Metrics
+from .references import References
 from .results import ResultsStore
 from .thresholds import ThresholdStore
 from .worker import InferenceWorker
@@ -57,6 +59,8 @@ class AppState:
         self.db_url = database_url(settings)
         self.engine = make_engine(self.db_url)  # one engine: results, thresholds and the fleet share its pool
         self.thresholds = ThresholdStore(self.engine)
+        # few-shot memories per product / line: still files (service/memory_store.py), not database rows yet
+        self.references = References(store_from_settings(settings))
         self.results = ResultsStore(settings.results_url, settings.results_path, settings.keep_heatmaps,
                                     settings.heatmap_retention, engine=self.engine)
         self.fleet = FleetStore(self.engine)

@@ -46,6 +46,8 @@ class Job:
     heatmap: bool
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    memory: Any = None  # fewshot.ReferenceMemory: score in few-shot mode against it
+    task: Any = None  # callable (detector, items) -> list, run instead of detect (calibration: embed, score)
 
 
 @dataclass
@@ -137,10 +139,11 @@ class InferenceWorker:
         backlog = self.queue.qsize() + self.max_batch_size
         return int(min(60, max(1, math.ceil(backlog * self._per_image_s))))
 
-    def submit(self, image: Image.Image, object_name: str | None, heatmap: bool) -> Future:
+    def submit(self, image: Image.Image, object_name: str | None, heatmap: bool, memory: Any = None,
+               task: Any = None) -> Future:
         if self._stopping.is_set():
             raise WorkerStopped("the service is shutting down")
-        job = Job(image, object_name, heatmap)
+        job = Job(image, object_name, heatmap, memory=memory, task=task)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -152,15 +155,16 @@ class InferenceWorker:
         return job.future
 
     def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                    arrival: Arrival | None = None) -> list[Future]:
+                    arrival: Arrival | None = None, memory: Any = None, task: Any = None) -> list[Future]:
         """All or nothing: when the queue cannot take every image, the ones already queued are cancelled.
 
         `arrival` (from `arrival()`) is settled once the images are queued, so the batcher stops waiting for them.
+        `memory` scores in few-shot mode; `task(detector, items)` replaces `detect` (same batching and queue).
         """
         futures: list[Future] = []
         try:
             for image in images:
-                futures.append(self.submit(image, object_name, heatmap))
+                futures.append(self.submit(image, object_name, heatmap, memory, task))
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -203,20 +207,27 @@ class InferenceWorker:
                 self.metrics.queue_depth.set(self.queue.qsize())
             # Drop jobs whose requests gave up (timeout, disconnect): their futures were cancelled.
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            groups: dict[tuple[str | None, bool], list[Job]] = {}
+            groups: dict[tuple[str | None, bool, int, int], list[Job]] = {}
             for job in live:
-                groups.setdefault((job.object_name, job.heatmap), []).append(job)
-            for (object_name, heatmap), jobs in groups.items():
+                groups.setdefault((job.object_name, job.heatmap, id(job.memory), id(job.task)), []).append(job)
+            for (object_name, heatmap, _, _), jobs in groups.items():
                 self._run_group(jobs, object_name, heatmap)
 
     def _run_group(self, jobs: list[Job], object_name: str | None, heatmap: bool) -> None:
         start = time.perf_counter()
+        memory, task = jobs[0].memory, jobs[0].task
         try:
             detector = self.get_detector()
             if detector is None:
                 raise WorkerStopped("no model is loaded")
             timings: dict[str, float] = {}
-            detections = detector.detect([j.image for j in jobs], object_name, heatmap=heatmap, timings=timings)
+            items = [j.image for j in jobs]
+            if task is not None:
+                detections = task(detector, items)
+            elif memory is not None:
+                detections = detector.detect(items, object_name, heatmap=heatmap, timings=timings, memory=memory)
+            else:
+                detections = detector.detect(items, object_name, heatmap=heatmap, timings=timings)
             if len(detections) != len(jobs):
                 raise RuntimeError(f"detector returned {len(detections)} results for {len(jobs)} images")
             clip = detector.backend.spec.label()

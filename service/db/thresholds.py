@@ -140,13 +140,15 @@ class ThresholdStore:
         settings_default: float | None,
         manifest: dict[str, Any] | None,
         settings_pixel: float | None = None,
+        mode: str | None = None,
     ) -> Resolved:
-        """Read on every request (no cache), so a threshold written through any replica applies at once."""
+        """Read on every request (no cache), so a threshold written through any replica applies at once. `mode`
+        (zero_shot / few_shot): entries fitted in the other mode do not apply (see `resolve_entry`)."""
         entry = None
         if product:
             with self.engine.connect() as conn:
                 entry = _entries(self._rows(conn, product, line or PRODUCT)).get(product)
-        return resolve_entry(entry, line, score, default_score, settings_default, manifest, settings_pixel)
+        return resolve_entry(entry, line, score, default_score, settings_default, manifest, settings_pixel, mode)
 
     # --- writing ----------------------------------------------------------------------------------------------------
     def _write(self, fn) -> Any:
@@ -197,8 +199,9 @@ class ThresholdStore:
             _check(product, line, expected_version, row)
             now = time.time()
             old_pixel = (row.extra or {}).get("pixel_threshold") if row is not None else None
+            same_mode = values["extra"].get("mode") in (None, (row.extra or {}).get("mode")) if row is not None else False
             if "pixel_threshold" not in values["extra"] and row is not None and row.score == score \
-                    and old_pixel is not None:
+                    and old_pixel is not None and same_mode:  # a few-shot pixel threshold never rides into zero-shot
                 values["extra"] = {**values["extra"], "pixel_threshold": old_pixel}
             if row is None:
                 conn.execute(insert(thresholds_table).values(product=product, line=key, version=1, updated_at=now,

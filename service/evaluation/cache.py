@@ -34,6 +34,7 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "cnn_window_mode": s.cnn_window_mode if heatmap else "",
         "centred": backend.image_center is not None,
         "tta_views": detector.tta_views,
+        "patches": heatmap,  # grid-cell tokens for the few-shot memory (caches made before them are not reused)
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -65,13 +66,15 @@ class EmbeddingCache:
             return None
         self.hits += 1
         windows = {int(k[1:]): v for k, v in tensors.items() if k.startswith("w")}
-        return ImageEmbedding(tensors["global"], windows, grid, geometry)
+        return ImageEmbedding(tensors["global"], windows, grid, geometry, tensors.get("patches"))
 
     def put(self, digest: str, emb: ImageEmbedding) -> None:
         path = self._path(digest)
         path.parent.mkdir(parents=True, exist_ok=True)
         tensors = {"global": emb.global_emb.float().cpu().contiguous()}
         tensors.update({f"w{k}": v.float().cpu().contiguous() for k, v in emb.windows.items()})
+        if emb.patches is not None:
+            tensors["patches"] = emb.patches.float().cpu().contiguous()
         meta = {"geometry": json.dumps(asdict(emb.geometry)), "grid": json.dumps(list(emb.grid))}
         tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
@@ -91,7 +94,8 @@ def cached_embed(
     if todo:
         fresh = detector.embed([images_loader(data[i]) for i in todo], heatmap=heatmap)
         for i, emb in zip(todo, fresh):
-            emb = ImageEmbedding(emb.global_emb.cpu(), {k: v.cpu() for k, v in emb.windows.items()}, emb.grid, emb.geometry)
+            emb = ImageEmbedding(emb.global_emb.cpu(), {k: v.cpu() for k, v in emb.windows.items()}, emb.grid, emb.geometry,
+                                 emb.patches.cpu() if emb.patches is not None else None)
             found[i] = emb
             if cache:
                 cache.put(digests[i], emb)

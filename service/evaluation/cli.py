@@ -3,12 +3,16 @@
 Variants: `s_pr` (prompt score), `s_fnn` and `combined` for one FNN version; with `--versions v1,v2,...` the FNN
 variants are suffixed `@vN` (an N_p ablation is a loop over store versions, and the CLIP pass runs once thanks to the
 embedding cache). `--known-object` gives s_pr the category name ("known-object" setting); the default uses no names.
+`--shots 0,1,4` evaluates the few-shot mode (WinCLIP+) too: K normal images per category (from train/good, the VisA
+train split or `--reference-dir`, picked by `--shot-seed`, the same first K for every K) become that category's
+reference memory; each K gets its own report in `<out>/shots-K/`.
 
 Thresholds of the label variant (the `ZSAD_DEFAULT_SCORE` score of the last version), per category: fitted on up to
 `--calibrate N` of the category's train/good images (MVTec layout) at `--target-frr`, by the rules of
 `POST /v1/calibrate` (image threshold on their scores, pixel threshold a quantile of their heat); without such images, the
 model's advice, as an uncalibrated product gets. They decide the regions of the localisation metrics and the labels in
-the panels' captions (`--worst K`, `--best K`).
+the panels' captions (`--worst K`, `--best K`). In few-shot mode (K > 0) they are fitted on few-shot scores and
+maps of the train/good images that are not among the shots, as `POST /v1/calibrate?reference=true` does.
 """
 from __future__ import annotations
 
@@ -48,9 +52,35 @@ def register(sub: argparse._SubParsersAction) -> None:
     e.add_argument("--normal-dir", default="normal", help="folder layout: name of the normal folder")
     e.add_argument("--anomalous-dir", default="anomalous", help="folder layout: name of the anomalous folder")
     e.add_argument("--label-columns", help="csv layout: comma-separated defect label columns")
+    e.add_argument("--shots", default=[0], type=_parse_shots,
+                   help="comma-separated numbers of normal reference images per category (few-shot mode; 0 = "
+                        "zero-shot), e.g. 0,1,4 (default: 0)")
+    e.add_argument("--reference-dir", help="normal reference images: <dir>/<category>/* or images for every category "
+                   "(default: <category>/train/good, or the VisA train split)")
+    e.add_argument("--shot-seed", type=int, default=0, help="which reference images are the shots (default: %(default)s)")
     e.add_argument("--device", help="cpu, cuda or auto")
     e.add_argument("--quiet", action="store_true", help="no progress bar")
     e.set_defaults(func=cmd_evaluate)
+
+
+def _parse_shots(text: str) -> list[int]:
+    try:
+        shots = [int(x) for x in text.split(",") if x.strip()]
+    except ValueError:
+        raise argparse.ArgumentTypeError(f"must be comma-separated whole numbers, got {text!r}") from None
+    if not shots or any(k < 0 for k in shots):
+        raise argparse.ArgumentTypeError(f"must be numbers >= 0, got {text!r}")
+    return list(dict.fromkeys(shots))
+
+
+def pick_shots(paths: list[Path], k: int, seed: int) -> list[Path]:
+    """The first `k` of a seeded permutation of `paths`: nested (the 1-shot image is among the 4 shots)."""
+    import numpy as np
+
+    if k > len(paths):
+        raise ValueError(f"{k} shots asked, only {len(paths)} reference images in {paths[0].parent if paths else '?'}")
+    order = np.random.default_rng(seed).permutation(len(paths))
+    return [paths[i] for i in order[:k]]
 
 
 def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
@@ -65,11 +95,12 @@ def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
     from ..detector import load_detector
+    from ..fewshot import build_memory, model_ref
     from ..fnn import load_fnn
     from ..preprocess import load_image
     from ..store import ModelStore
     from .cache import EmbeddingCache, cached_embed, model_key
-    from .readers import detect_layout, read_dataset
+    from .readers import detect_layout, read_dataset, reference_images
     from .run import evaluate
 
     overrides = {}
@@ -78,6 +109,7 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     if args.device:
         overrides["device"] = args.device
     settings = Settings(**overrides)
+    shots = args.shots
     layout = args.layout or (detect_layout(args.dataset) if Path(args.dataset).is_dir() else "csv")
     dataset = read_dataset(args.dataset, layout, **_reader_options(args, layout))
     samples = dataset.samples
@@ -107,57 +139,89 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
                                                                if s.uses_fnn]
 
     heatmap = not args.no_pixel
-    cache = EmbeddingCache(args.cache, model_key(base, heatmap)) if args.cache else None
+    few = any(k > 0 for k in shots)  # the few-shot image score needs the windows even without pixel metrics
+    cache = EmbeddingCache(args.cache, model_key(base, heatmap or few)) if args.cache else None
     category_of = {str(s.path): s.category for s in samples}
+    few = any(k > 0 for k in shots)  # the few-shot image score needs the windows even without pixel metrics
+    cache = EmbeddingCache(args.cache, model_key(base, heatmap or few)) if args.cache else None
+    category_of = {str(s.path): s.category for s in samples}
+    categories = sorted(set(category_of.values()))
+    references = reference_images(args.dataset, layout, categories, args.reference_dir) if few else {}
     label_spec = next(spec for spec in SCORES if spec.name == settings.default_score)
     label_variant = variant(label_spec, versions[-1])
 
     def load(source: Path | bytes):
         return load_image(source, settings.max_pixels)
 
-    def score_fn(paths: list[Path]) -> list[dict]:
-        embs = cached_embed(base, paths, load, cache, heatmap)
-        outputs: list[dict] = [{"scores": {}, "maps": {}, "grid": e.grid, "patch": _patch(e)} for e in embs]
-        for version, det in detectors.items():
-            # Known-object: group by category so each batch uses one object word.
-            objects = [category_of[str(p)].replace("_", " ") if args.known_object else None for p in paths]
-            for obj in dict.fromkeys(objects):
-                idx = [i for i, o in enumerate(objects) if o == obj]
-                for i, d in zip(idx, det.score([embs[i] for i in idx], obj)):
-                    for spec in SCORES:
-                        outputs[i]["scores"][variant(spec, version)] = d.scores[spec.name]
-                        if heatmap:
-                            outputs[i]["maps"][variant(spec, version)] = d.heat[spec.name]
-        return outputs
+    def memories_for(k: int) -> dict[tuple[str, str], object]:
+        """(version, category) -> the k-shot memory (embeddings through the cache, like the test images)."""
+        out: dict[tuple[str, str], object] = {}
+        for cat in categories:
+            ref_paths = pick_shots(references[cat], k, args.shot_seed)
+            embs = cached_embed(base, ref_paths, load, cache, True)
+            for version, det in detectors.items():
+                out[(version, cat)] = build_memory(embs, model_ref(det), settings.window_stride,
+                                                   settings.reference_max_rows, {"category": cat})
+        return out
+
+    def score_fn_for(memories: dict):
+        def score_fn(paths: list[Path]) -> list[dict]:
+            embs = cached_embed(base, paths, load, cache, heatmap or bool(memories))
+            outputs: list[dict] = [{"scores": {}, "maps": {}, "grid": e.grid, "patch": _patch(e)} for e in embs]
+            for version, det in detectors.items():
+                # Known-object: group by category so each batch uses one object word (and, few-shot, one memory).
+                cats = [category_of[str(p)] for p in paths]
+                objects = [c.replace("_", " ") if args.known_object else None for c in cats]
+                for obj, cat in dict.fromkeys(zip(objects, cats)):
+                    idx = [i for i, (o, c) in enumerate(zip(objects, cats)) if (o, c) == (obj, cat)]
+                    memory = memories.get((version, cat))
+                    for i, d in zip(idx, det.score([embs[i] for i in idx], obj, memory=memory, maps=heatmap)):
+                        for spec in SCORES:
+                            outputs[i]["scores"][variant(spec, version)] = d.scores[spec.name]
+                            if heatmap:
+                                outputs[i]["maps"][variant(spec, version)] = d.heat[spec.name]
+            return outputs
+
+        return score_fn
 
     if not 0.0 < args.target_frr < 1.0:
         raise ValueError(f"--target-frr must be in (0, 1), got {args.target_frr}")
     det = detectors[versions[-1]]
-    thresholds = {cat: _category_thresholds(det, base, label_spec.name, settings, args, Path(args.dataset), layout, cat,
-                                            load, cache, heatmap)
-                  for cat in sorted({s.category for s in samples})}
-    metrics = evaluate(samples, score_fn, args.out, variants, limit=args.limit, progress=not args.quiet,
-                       pixel=heatmap, batch_size=args.batch_size, thresholds=thresholds, label_variant=label_variant,
-                       min_region_area=settings.min_region_area)
-    out = Path(args.out)
     setting = "known-object" if args.known_object else "unknown-object"
-    (out / "run.json").write_text(json.dumps({
-        "dataset": str(args.dataset), "layout": layout, "setting": setting, "model": base.name,
-        "versions": versions, "clip": base.backend.spec.to_manifest(), "n_images": len(samples) if not args.limit
-        else min(args.limit, len(samples)),
-        "cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
-    }, indent=2) + "\n")
-    panels = []
-    for kind, k in (("worst", args.worst), ("best", args.best)):
-        if k:
-            panels += _write_panels(samples, out, kind, label_variant, label_spec.name, k, base, det, load, cache,
-                                    thresholds, settings)
-    if panels:
-        from .report import append_panels
+    per_k: dict[str, dict] = {}
+    for k in shots:
+        out = Path(args.out) if shots == [0] else Path(args.out) / f"shots-{k}"
+        memories = memories_for(k) if k else {}
+        shot_paths = {c: pick_shots(references[c], k, args.shot_seed) for c in categories} if k else {}
+        thresholds = {cat: _category_thresholds(det, base, label_spec.name, settings, args, Path(args.dataset), layout,
+                                                cat, load, cache, heatmap, memories.get((versions[-1], cat)),
+                                                set(shot_paths.get(cat, [])))
+                      for cat in categories}
+        metrics = evaluate(samples, score_fn_for(memories), out, variants, limit=args.limit, progress=not args.quiet,
+                           pixel=heatmap, batch_size=args.batch_size, thresholds=thresholds,
+                           label_variant=label_variant, min_region_area=settings.min_region_area)
+        (out / "run.json").write_text(json.dumps({
+            "dataset": str(args.dataset), "layout": layout, "setting": setting, "model": base.name,
+            "versions": versions, "clip": base.backend.spec.to_manifest(), "n_images": len(samples) if not args.limit
+            else min(args.limit, len(samples)),
+            "mode": "few_shot" if k else "zero_shot", "shots": k, "shot_seed": args.shot_seed if k else None,
+            "reference": {c: [str(p) for p in ps] for c, ps in shot_paths.items()} if k else None,
+            "cache": {"hits": cache.hits, "misses": cache.misses} if cache else None,
+        }, indent=2) + "\n")
+        panels = []
+        for kind, n in (("worst", args.worst), ("best", args.best)):
+            if n:
+                panels += _write_panels(samples, out, kind, label_variant, label_spec.name, n, base, det, load, cache,
+                                        thresholds, settings, {c: memories.get((versions[-1], c)) for c in categories})
+        if panels:
+            from .report import append_panels
 
-        append_panels(out, panels)
-    mean = {v: metrics[v]["mean"] for v in variants}
-    print(json.dumps({"out": str(out), "setting": setting, "mean": mean}, default=float))
+            append_panels(out, panels)
+        per_k[str(k)] = {v: metrics[v]["mean"] for v in variants}
+    if shots == [0]:
+        print(json.dumps({"out": str(args.out), "setting": setting, "mean": per_k["0"]}, default=float))
+    else:
+        print(json.dumps({"out": str(args.out), "setting": setting, "shots": per_k}, default=float))
     return 0
 
 
@@ -183,14 +247,16 @@ def _train_good(root: Path, layout: str, category: str, limit: int) -> list[Path
 
 
 def _category_thresholds(det, base, score_name: str, settings: Settings, args, root: Path, layout: str, category: str,
-                         load, cache, heatmap: bool) -> dict:
+                         load, cache, heatmap: bool, memory=None, shots: set[Path] | None = None) -> dict:
     """The category's image and pixel thresholds: POST /v1/calibrate's rules on its train/good images, else the
-    model's advice (what an uncalibrated product gets)."""
+    model's advice (what an uncalibrated product gets). With a few-shot `memory`, the train/good images that are
+    among its `shots` are left out (never scored against themselves) and the rest are scored against it."""
     from ..calibration import NormalHeat
     from ..thresholds import calibrate, default_pixel_threshold, default_threshold
     from .cache import cached_embed
 
-    paths = _train_good(root, layout, category, args.calibrate)
+    paths = [p for p in _train_good(root, layout, category, args.calibrate + len(shots or ())) if p not in (shots or ())]
+    paths = paths[:args.calibrate]
     if not paths:
         d = default_threshold(score_name, settings.default_threshold, det.manifest)
         px = default_pixel_threshold(score_name, settings.mask_threshold, det.manifest)
@@ -198,8 +264,8 @@ def _category_thresholds(det, base, score_name: str, settings: Settings, args, r
                 "source": f"{d.source} / {px.pixel_source} (no train/good images)"}
     scores, normal_heat = [], NormalHeat()
     for start in range(0, len(paths), args.batch_size):
-        embs = cached_embed(base, paths[start:start + args.batch_size], load, cache, heatmap)
-        for d in det.score(embs):
+        embs = cached_embed(base, paths[start:start + args.batch_size], load, cache, heatmap or memory is not None)
+        for d in det.score(embs, memory=memory, maps=heatmap):
             scores.append(float(d.scores[score_name]))
             if heatmap:
                 normal_heat.add(d.heat[score_name])
@@ -208,12 +274,13 @@ def _category_thresholds(det, base, score_name: str, settings: Settings, args, r
         pixel = normal_heat.threshold()
     else:
         pixel = default_pixel_threshold(score_name, settings.mask_threshold, det.manifest).pixel_threshold
+    few = f" (few-shot, {memory.shots} shots left out)" if memory is not None else ""
     return {"threshold": threshold, "pixel_threshold": pixel,
-            "source": f"calibrated on {len(paths)} train/good images at {args.target_frr:g} false rejects"}
+            "source": f"calibrated on {len(paths)} train/good images{few} at {args.target_frr:g} false rejects"}
 
 
 def _write_panels(samples, out: Path, kind: str, variant: str, score_name: str, k: int, base, det, load, cache,
-                  thresholds: dict, settings: Settings) -> list[tuple[str, Path, str]]:
+                  thresholds: dict, settings: Settings, memories: dict | None = None) -> list[tuple[str, Path, str]]:
     """Panels (image | ground truth | heat with a colour bar | predicted mask, captioned) of the k worst misses or
     the k clearest calls of `variant`; returns (section, path, caption) for report.md."""
     import numpy as np
@@ -237,7 +304,7 @@ def _write_panels(samples, out: Path, kind: str, variant: str, score_name: str, 
         path = Path(rec.path)
         sample = by_path[rec.path]
         image = load(path)
-        d = det.score(cached_embed(base, [path], load, cache, True))[0]
+        d = det.score(cached_embed(base, [path], load, cache, True), memory=(memories or {}).get(sample.category))[0]
         heat = d.heat[score_name]
         score = float(d.scores[score_name])
         t = thresholds[sample.category]

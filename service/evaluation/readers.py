@@ -339,3 +339,42 @@ def read_dataset(root: str | Path, layout: str | None = None, **options) -> Data
     if layout not in readers:
         raise DatasetError(f"unknown layout {layout!r} (choose from {', '.join(LAYOUTS)})")
     return readers[layout](root, **options)
+
+
+# ------------------------------------------------------------------------------------------------------------------
+# Few-shot reference images (normal "shots"): train/good (MVTec), the VisA train split, or a folder of one's own
+# ------------------------------------------------------------------------------------------------------------------
+
+def reference_images(root: str | Path, layout: str, categories: Sequence[str],
+                     reference_dir: str | Path | None = None) -> dict[str, list[Path]]:
+    """Normal reference images per category, sorted: `<root>/<category>/train/good` (MVTec layout), the normal
+    `train` rows of the VisA split CSV, or `reference_dir` (`<dir>/<category>/*` when it has a folder per category,
+    else the images directly in it for every category). A category without any is an error naming where it looked."""
+    root = Path(root)
+    found: dict[str, list[Path]] = {}
+    if reference_dir is not None:
+        ref = Path(reference_dir)
+        if not ref.is_dir():
+            raise DatasetError(f"reference folder not found: {ref}")
+        per_category = any((ref / c).is_dir() for c in categories)
+        for c in categories:
+            found[c] = list_images(ref / c) if per_category and (ref / c).is_dir() else (
+                [] if per_category else list_images(ref))
+        where = f"{ref}/<category>" if per_category else str(ref)
+    elif layout == "mvtec":
+        single = (root / "test").is_dir()
+        for c in categories:
+            folder = (root if single else root / c) / "train" / "good"
+            found[c] = list_images(folder) if folder.is_dir() else []
+        where = f"{root}/<category>/train/good"
+    elif layout == "visa":
+        train = read_visa(root, split="train", categories=list(categories))
+        for c in categories:
+            found[c] = sorted(s.path for s in train.samples if s.category == c and s.label == 0)
+        where = f"the train split of {root}/split_csv"
+    else:
+        raise DatasetError(f"layout {layout!r} has no train images: give --reference-dir")
+    missing = [c for c in categories if not found.get(c)]
+    if missing:
+        raise DatasetError(f"no normal reference images for {', '.join(missing)} (looked in {where})")
+    return found

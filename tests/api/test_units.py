@@ -53,6 +53,25 @@ def test_threshold_resolution_order(tmp_path):
     assert ts.get("solo")["threshold"] is None and ts.get("solo")["lines"]["L9"]["threshold"] == 0.3
 
 
+def test_threshold_mode_from_extra_on_the_db_store(tmp_path):
+    """Few-shot `mode`/`shots` live in the row's JSON `extra`; a threshold fitted in one mode never applies to the
+    other mode's scores, an entry without a mode applies to both."""
+    ts = _threshold_store(tmp_path)
+    entry = ts.put("nut", 0.8, "combined", source="calibration", mode="few_shot", shots=4)
+    assert (entry["mode"], entry["shots"]) == ("few_shot", 4)
+    ts.put("nut", 0.3, "combined", line="L1", source="calibration", mode="zero_shot", shots=0)
+    assert ts.resolve("nut", None, None, "combined", 0.9, None, mode="few_shot").threshold == 0.8
+    assert ts.resolve("nut", None, None, "combined", 0.9, None, mode="zero_shot").source == "settings"
+    r = ts.resolve("nut", "L1", None, "combined", 0.9, None, mode="few_shot")
+    assert (r.threshold, r.source) == (0.8, "product")  # the line's zero-shot threshold is skipped
+    assert ts.resolve("nut", "L1", None, "combined", 0.9, None, mode="zero_shot").source == "line"
+    assert ts.resolve("nut", "L1", None, "combined", 0.9, None).source == "line"  # no mode given: no filter
+    ts.put("nut", 0.5, "combined")  # a manual threshold has no mode: both modes use it
+    assert ts.get("nut").get("mode") is None
+    for mode in ("few_shot", "zero_shot"):
+        assert ts.resolve("nut", None, None, "combined", 0.9, None, mode=mode).threshold == 0.5
+
+
 def test_calibration_threshold_meets_target_rate():
     scores = [i / 1000 for i in range(1000)]
     thr, info = calibrate(scores, 0.01)

@@ -148,6 +148,40 @@ def test_malformed_dataset_is_a_clear_cli_error(env, tmp_path, capsys):
     assert "000.png" in capsys.readouterr().err
 
 
+def test_few_shot_evaluation_per_k_equals_the_detector_with_that_memory(env, tmp_path, capsys):
+    from service.evaluation.cli import pick_shots
+    from service.fewshot import build_memory, model_ref
+
+    store, data = env
+    refs = tmp_path / "refs"
+    refs.mkdir()
+    rng = np.random.default_rng(5)
+    for i in range(3):
+        Image.fromarray(rng.integers(90, 110, (48, 64, 3), dtype=np.uint8)).save(refs / f"r{i}.png")
+    capsys.readouterr()
+    assert run(env, tmp_path / "out", "--shots", "0,2", "--reference-dir", str(refs)) == 0
+    printed = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert set(printed["shots"]) == {"0", "2"}
+    out = tmp_path / "out"
+    run_json = json.loads((out / "shots-2" / "run.json").read_text())
+    assert run_json["mode"] == "few_shot" and run_json["shots"] == 2 and len(run_json["reference"]["widget"]) == 2
+    rows = list(csv.DictReader((out / "shots-2" / "scores.csv").open()))
+    zero = {r["path"]: r for r in csv.DictReader((out / "shots-0" / "scores.csv").open())}
+    det = load_detector(Settings(model_store=store, device="cpu"))
+    shots = pick_shots(sorted(refs.glob("*.png")), 2, 0)
+    memory = build_memory(det.embed([load_image(p) for p in shots]), model_ref(det), 1, 4096)
+    for row in rows[:3]:
+        direct = det.detect([load_image(row["path"])], heatmap=False, memory=memory)[0].scores
+        assert float(row["combined"]) == pytest.approx(direct["combined"], abs=1e-5)
+        assert float(row["combined"]) != pytest.approx(float(zero[row["path"]]["combined"]), abs=1e-6)
+    # The MVTec layout's own train/good is empty here: a clear error naming where it looked.
+    assert run(env, tmp_path / "out2", "--shots", "1") == 1
+    assert "train/good" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:
+        run(env, tmp_path / "out3", "--shots", "1,x")
+    assert exc.value.code == 2
+
+
 def test_calibrated_localisation_per_defect_table_and_panels(env, tmp_path):
     """With train/good images the thresholds are calibrated per category; every panel is rendered and linked."""
     store, data = env

@@ -52,7 +52,9 @@ async def list_thresholds(state: StateDep):
     d = default_threshold(s.default_score, s.default_threshold, manifest)
     px = default_pixel_threshold(s.default_score, s.mask_threshold, manifest)
     data = await to_thread.run_sync(state.thresholds.all)
-    return {"products": data.get("products", {}),
+    products = data.get("products", {})
+    await to_thread.run_sync(state.references.annotate, products, state.detector)
+    return {"products": products,
             "default": {"threshold": d.threshold, "source": d.source, "score": d.score, "calibrated": False,
                         "pixel_threshold": px.pixel_threshold, "pixel_threshold_source": px.pixel_source}}
 
@@ -63,6 +65,7 @@ async def get_threshold(state: StateDep, product: ProductPath, response: Respons
     entry = await to_thread.run_sync(state.thresholds.get, product)
     if entry is None:
         raise ApiError(404, "not_found", f"no thresholds set for product {product!r}")
+    await to_thread.run_sync(state.references.annotate, {product: entry}, state.detector)
     response.headers.update(_etag(entry, None))
     return {"product": product, "entry": entry}
 
@@ -90,8 +93,16 @@ async def put_threshold(state: StateDep, caller: CallerDep, product: ProductPath
                responses=error_responses(400, 401, 403, 404, 409))
 async def delete_threshold(state: StateDep, product: ProductPath, line: LineQuery = None, if_match: IfMatch = None):
     expected = _expected(if_match)
+
+    def _delete() -> bool:  # the threshold and the reference memory fitted with it go together
+        done = state.thresholds.delete(product, line, expected_version=expected)  # a 409 leaves the memory as is
+        store = state.references.store
+        had_memory = store.delete(product, line) if line else store.delete_all(product)
+        state.references.forget(product, line)
+        return done or had_memory
+
     try:
-        done = await to_thread.run_sync(lambda: state.thresholds.delete(product, line, expected_version=expected))
+        done = await to_thread.run_sync(_delete)
     except VersionConflict as exc:
         raise _conflict(exc) from None
     if not done:
@@ -123,8 +134,13 @@ async def calibrate_product(
     store: Annotated[bool, Query(description="Store the threshold (false: only propose it).")] = True,
     pixel: Annotated[bool, Query(description="Also fit the pixel threshold of the regions and the mask from the same "
                                              "images (computes their heatmaps: slower).")] = True,
+    reference: Annotated[bool, Query(description="Few-shot (WinCLIP+): also make the images the product's (line's) "
+                                     "reference memory and fit the threshold on few-shot scores. Default false: "
+                                     "a zero-shot threshold only (any memory of this product/line is dropped); on "
+                                     "the embedded model few-shot measured worse image AUROC than zero-shot "
+                                     "(4 shots 79.9 vs 83.4, benchmarks/fewshot.py), see docs/service.md.")] = False,
 ):
     uploads, _ = await read_uploads(request, state.settings.calibration_max_images)
     obj = (object or "").strip().lower() or None
     return await calibrate_uploads(state, uploads, product, line, score or state.settings.default_score, target_frr,
-                                   obj, store, pixel, caller=caller)
+                                   obj, store, pixel, reference, caller=caller)

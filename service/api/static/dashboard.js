@@ -320,13 +320,22 @@
     }).join('\n');
   }
 
+  // zero-shot / few-shot (N shots), and whether the reference memory is stale (made by another model).
+  function modeCell(v) {
+    var ref = v.reference;
+    if (v.mode !== 'few_shot' && !ref) return el('td', { text: v.mode === 'zero_shot' ? 'zero-shot' : '' });
+    var shots = ref && ref.shots != null ? ref.shots : v.shots;
+    var text = 'few-shot, ' + shots + (shots === 1 ? ' shot' : ' shots') + (ref && ref.stale ? ' (stale)' : '');
+    return el('td', { text: text, title: ref && ref.note ? ref.note : 'reference memory: ' + JSON.stringify(ref && ref.rows) });
+  }
+
   function renderThresholds(t) {
     var body = $('thresholds').tBodies[0];
     var rows = [];
     var d = t.default || {};
     rows.push(el('tr', { class: 'default' }, [
       el('td', { text: '(default)' }), el('td', { text: '' }), el('td', { class: 'num', text: num(d.threshold) }),
-      el('td', { text: d.score || '' }), el('td', { text: d.source || '' }), el('td', { text: '' })
+      el('td', { text: d.score || '' }), el('td', { text: '' }), el('td', { text: d.source || '' }), el('td', { text: '' })
     ]));
     Object.keys(t.products || {}).sort().forEach(function (product) {
       var p = t.products[product];
@@ -337,7 +346,7 @@
         rows.push(el('tr', {}, [
           el('td', { text: e[0] }), el('td', { text: e[1] }),
           el('td', { class: 'num', text: v.threshold == null ? '–' : num(v.threshold) }),
-          el('td', { text: v.score || '' }), el('td', { text: v.source || '' }),
+          el('td', { text: v.score || '' }), modeCell(v), el('td', { text: v.source || '' }),
           el('td', { text: v.updated_at ? new Date(v.updated_at).toLocaleString() : '' })
         ]));
       });

@@ -1,0 +1,146 @@
+"""Few-shot mode (WinCLIP+) on the embedded model: quality with 0 / 1 / 4 (...) shots on the held-out kinds, and the
+CPU cost per image with 1, 4, 16, 64 shots against the zero-shot request it replaces.
+
+    python benchmarks/fewshot.py [--store model_store] [--seed 20261126] [--shots 0,1,4] [--cost-shots 1,4,16,64]
+
+Quality: a synthetic MVTec-layout set of the held-out kinds (never seen by the CLIP, never used for a choice) with
+the test seed; for each kind the first K images of `train/good` (a seeded permutation, nested: the 1-shot image is
+among the 4) become its memory, scored exactly as the service does (`Detector.score(..., memory=...)`). Per kind and
+K: image AUROC, pixel AUROC and the deformation image AUROC (good vs deformed parts), with the default score.
+
+Cost: one image per call (a quiet line), `Detector.detect(heatmap=False)`, in process on the CPU with
+`--threads` torch threads, p50 over `--repeats` calls, zero-shot and few-shot calls interleaved so load from other
+processes hits both alike. Ends with one `RESULT name=fewshot ...` line.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import numpy as np
+import torch
+from sklearn.metrics import roc_auc_score
+
+from service.detector import load_detector
+from service.evaluation.readers import list_images, load_mask, read_mvtec
+from service.fewshot import build_memory, model_ref
+from service.preprocess import load_image
+from service.settings import Settings
+from service.synthetic.dataset import DatasetSpec, write_mvtec
+from service.synthetic.world import HELD_OUT_KINDS
+
+
+def pick(paths: list[Path], k: int, seed: int) -> list[Path]:
+    order = np.random.default_rng(seed).permutation(len(paths))
+    return [paths[i] for i in order[:k]]
+
+
+def quality(det, root: Path, kinds, shots, score: str, shot_seed: int) -> dict:
+    samples = read_mvtec(root).samples
+    out = {}
+    for kind in kinds:
+        ks = [s for s in samples if s.category == kind]
+        images = [load_image(s.path) for s in ks]
+        embs = []
+        for i in range(0, len(images), 16):
+            embs += det.embed(images[i:i + 16], heatmap=True)
+        train = list_images(root / kind / "train" / "good")
+        labels = np.array([s.label for s in ks])
+        deform = np.array([s.defect in ("good", "deformation") for s in ks])
+        masks = [load_mask(s.mask_path) if s.label else None for s in ks]
+        for k in shots:
+            memory = None
+            if k:
+                ref = det.embed([load_image(p) for p in pick(train, k, shot_seed)], heatmap=True)
+                memory = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows)
+            dets = det.score(embs, memory=memory)
+            sc = np.array([d.scores[score] for d in dets])
+            heat = np.concatenate([d.heat[score].ravel() for d in dets])
+            gt = np.concatenate([(m if m is not None else np.zeros(d.heat[score].shape, bool)).ravel()
+                                 for m, d in zip(masks, dets)])
+            out[(kind, k)] = {"image": roc_auc_score(labels, sc), "pixel": roc_auc_score(gt, heat),
+                              "deformation": roc_auc_score(labels[deform], sc[deform])}
+            r = out[(kind, k)]
+            print(f"{kind:8s} {k:2d} shots: image {100 * r['image']:.1f}  pixel {100 * r['pixel']:.1f}  "
+                  f"deformation {100 * r['deformation']:.1f}", flush=True)
+    return out
+
+
+def cost(det, root: Path, kind: str, shots, repeats: int) -> dict:
+    train = [load_image(p) for p in sorted(list_images(root / kind / "train" / "good"))]
+    query = [load_image(sorted(list_images(root / kind / "test" / "good"))[0])]
+    memories = {}
+    for k in shots:
+        ref = []
+        for i in range(0, k, 16):
+            ref += det.embed(train[i:min(k, i + 16)], heatmap=True)
+        memories[k] = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows)
+    for _ in range(5):  # warm-up: anchors, packed weights
+        det.detect(query, heatmap=False)
+        for m in memories.values():
+            det.detect(query, heatmap=False, memory=m)
+    times: dict[str, list[float]] = {"zero": [], **{f"k{k}": [] for k in shots}}
+    for _ in range(repeats):
+        t = time.perf_counter()
+        det.detect(query, heatmap=False)
+        times["zero"].append(time.perf_counter() - t)
+        for k, m in memories.items():
+            t = time.perf_counter()
+            det.detect(query, heatmap=False, memory=m)
+            times[f"k{k}"].append(time.perf_counter() - t)
+    return {name: statistics.median(v) * 1000 for name, v in times.items()}
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default="model_store")
+    ap.add_argument("--seed", type=int, default=20261126, help="test-set seed (never used for a choice)")
+    ap.add_argument("--shot-seed", type=int, default=0, help="which train/good images are the shots")
+    ap.add_argument("--shots", default="0,1,4")
+    ap.add_argument("--cost-shots", default="1,4,16,64")
+    ap.add_argument("--n-good", type=int, default=30)
+    ap.add_argument("--n-defect", type=int, default=10)
+    ap.add_argument("--repeats", type=int, default=60)
+    ap.add_argument("--threads", type=int, default=1)
+    ap.add_argument("--score", default="combined")
+    ap.add_argument("--skip-quality", action="store_true")
+    ap.add_argument("--skip-cost", action="store_true")
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    shots = [int(x) for x in args.shots.split(",")]
+    cost_shots = [int(x) for x in args.cost_shots.split(",")]
+    det = load_detector(Settings(model_store=Path(args.store), device="cpu", precision="fp32"))
+    kinds = HELD_OUT_KINDS
+    result = [f"model={det.name}@{det.version}"]
+    with tempfile.TemporaryDirectory(prefix="zsad-fewshot-") as tmp:
+        if not args.skip_quality:
+            root = Path(tmp) / "test"
+            write_mvtec(root, DatasetSpec(kinds=kinds, seed=args.seed, n_train=max(16, max(shots)),
+                                          n_good=args.n_good, n_defect=args.n_defect))
+            print(f"held-out kinds {', '.join(kinds)}, seed {args.seed}: {args.n_good} good + {7 * args.n_defect} "
+                  f"defective test images per kind; score {args.score}")
+            q = quality(det, root, kinds, shots, args.score, args.shot_seed)
+            for k in shots:
+                mean = {m: 100 * float(np.mean([q[(kind, k)][m] for kind in kinds])) for m in ("image", "pixel",
+                                                                                               "deformation")}
+                print(f"mean {k:2d} shots: image {mean['image']:.1f}  pixel {mean['pixel']:.1f}  "
+                      f"deformation {mean['deformation']:.1f}")
+                result += [f"image_k{k}={mean['image']:.1f}", f"pixel_k{k}={mean['pixel']:.1f}",
+                           f"deformation_k{k}={mean['deformation']:.1f}"]
+        if not args.skip_cost:
+            root = Path(tmp) / "cost"
+            write_mvtec(root, DatasetSpec(kinds=(kinds[0],), seed=args.seed + 1, n_train=max(cost_shots), n_good=1,
+                                          n_defect=0))
+            c = cost(det, root, kinds[0], cost_shots, args.repeats)
+            print(f"CPU p50 per image ({args.threads} thread(s), heatmap=none): zero-shot {c['zero']:.1f} ms; "
+                  + ", ".join(f"{k} shots {c[f'k{k}']:.1f} ms (x{c[f'k{k}'] / c['zero']:.2f})" for k in cost_shots))
+            result += [f"zero_shot_ms={c['zero']:.1f}"] + [f"k{k}_ms={c[f'k{k}']:.1f}" for k in cost_shots]
+            result += [f"k{k}_ratio={c[f'k{k}'] / c['zero']:.2f}" for k in cost_shots]
+    print("RESULT name=fewshot " + " ".join(result))
+
+
+if __name__ == "__main__":
+    main()

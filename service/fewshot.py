@@ -1,0 +1,301 @@
+"""Few-normal-shot mode (WinCLIP+): a product's good parts become a visual reference memory.
+
+The memory holds, for K normal reference images ("shots"), the embeddings the scoring needs: the window embeddings
+at each scale, the grid cells' own tokens (`windows.Embeddings.patches`) and the global embeddings. A new image is
+scored as anomalib's WinCLIP few-shot path (`winclip/torch_model.py`, the paper's eq. 4) does:
+
+* visual association score of an embedding f against a bank R: min over r in R of (1 - cos(f, r)) / 2, in [0, 1];
+* few-shot map [h, w]: the arithmetic mean over {the cells' association with the cell bank} and, per window scale,
+  the harmonic per-cell aggregation (`aggregate.harmonic_patch_map`) of the windows' association with that scale's
+  window bank;
+* combination with the zero-shot path, for every registered score (s_fnn, s_pr, combined):
+      map   = (zero-shot map + few-shot map) / 2
+      image = (zero-shot image score + max of the few-shot map) / 2
+  For s_pr without calibration this is WinCLIP+ exactly (tests/test_fewshot.py checks it against a slow reference of
+  the same formulas to 1e-4); s_fnn and the calibrated scores are combined by the same rule, and `combined` stays
+  the weighted mean of the two (the rule is linear).
+
+Size is bounded: each bank keeps at most `max_rows` rows; above that a greedy coreset (as PatchCore: repeatedly add
+the row farthest from those kept) is kept, and the memory records that it did. Nearest-neighbour search runs on the
+memory's device (the model's) in chunks that bound the similarity matrix. Every bank row remembers the shot it came
+from, so a calibration can score a shot against the memory without its own rows (leave-one-out).
+
+(De)serialisation is safetensors bytes with a small JSON header (`to_bytes` / `from_bytes`); where the bytes live is
+`memory_store.py`'s business.
+"""
+from __future__ import annotations
+
+import json
+from collections.abc import Mapping, Sequence
+from dataclasses import dataclass, field, replace
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+
+from .aggregate import harmonic_patch_map
+from .window_grid import window_indices
+
+FORMAT = "zsad-reference-memory"
+FORMAT_VERSION = 1
+MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
+
+__all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
+           "greedy_coreset", "association", "few_shot_map", "combine_few_shot", "model_ref", "load_memory"]
+
+
+class ReferenceMemoryError(ValueError):
+    """A reference memory that cannot be built, read or used with this model."""
+
+
+def model_ref(detector: Any) -> dict[str, str]:
+    """What a memory is tied to: the FNN model, its version and the CLIP that made the embeddings."""
+    return {"name": str(detector.name), "version": str(detector.version), "clip": detector.backend.spec.label()}
+
+
+@dataclass
+class ReferenceMemory:
+    """Banks of unit-norm embeddings of K normal shots; `*_src` give each row's shot index (0..K-1)."""
+
+    windows: dict[int, torch.Tensor]  # scale -> [M_s, D]
+    window_src: dict[int, torch.Tensor]  # scale -> [M_s] long
+    patches: torch.Tensor  # [M_p, P]
+    patch_src: torch.Tensor  # [M_p] long
+    global_emb: torch.Tensor  # [K, D]
+    grid: tuple[int, int]
+    stride: int
+    shots: int
+    model: dict[str, str]
+    meta: dict[str, Any] = field(default_factory=dict)  # created_at, product, line, coreset, ...
+
+    @property
+    def scales(self) -> tuple[int, ...]:
+        return tuple(sorted(self.windows))
+
+    @property
+    def rows(self) -> dict[str, int]:
+        return {"patches": int(self.patches.shape[0]), **{f"windows_{s}": int(w.shape[0]) for s, w in self.windows.items()}}
+
+    def to(self, device: torch.device | str) -> ReferenceMemory:
+        return replace(self, windows={s: w.to(device) for s, w in self.windows.items()},
+                       window_src={s: w.to(device) for s, w in self.window_src.items()},
+                       patches=self.patches.to(device), patch_src=self.patch_src.to(device),
+                       global_emb=self.global_emb.to(device))
+
+    def header(self) -> dict[str, Any]:
+        """The JSON header stored with the tensors (and shown by the API): everything but the banks."""
+        return {"format": FORMAT, "format_version": FORMAT_VERSION, "shots": self.shots, "grid": list(self.grid),
+                "scales": list(self.scales), "stride": self.stride, "model": dict(self.model), "rows": self.rows,
+                "patch_dim": int(self.patches.shape[-1]), "embed_dim": int(self.global_emb.shape[-1]), **self.meta}
+
+    def incompatibility(self, model: Mapping[str, str], scales: Sequence[int], stride: int,
+                        grid: tuple[int, int] | None = None) -> str | None:
+        """Why this memory cannot score embeddings of `model` at these window settings (None: it can)."""
+        return incompatibility(self.header(), model, scales, stride, grid)
+
+    # --- serialisation ------------------------------------------------------------------------------------------
+    def to_bytes(self) -> bytes:
+        from safetensors.torch import save
+
+        tensors = {"patches": self.patches, "patch_src": self.patch_src, "global": self.global_emb}
+        for s in self.scales:
+            tensors[f"w{s}"] = self.windows[s]
+            tensors[f"w{s}_src"] = self.window_src[s]
+        tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
+        return save(tensors, metadata={"zsad": json.dumps(self.header(), sort_keys=True)})
+
+    @classmethod
+    def from_bytes(cls, data: bytes) -> ReferenceMemory:
+        """Parse and validate; anything malformed raises ReferenceMemoryError (never a half-usable memory)."""
+        from safetensors.torch import load
+
+        try:
+            header = json.loads(_safetensors_metadata(data).get("zsad", "null"))
+            tensors = load(data)
+        except Exception as exc:  # noqa: BLE001 - a torn or foreign file is a clean error
+            raise ReferenceMemoryError(f"not a readable reference memory ({type(exc).__name__}: {exc})") from None
+        if not isinstance(header, dict) or header.get("format") != FORMAT:
+            raise ReferenceMemoryError("not a zsad reference memory (no header)")
+        if header.get("format_version") != FORMAT_VERSION:
+            raise ReferenceMemoryError(f"reference memory format {header.get('format_version')} is not {FORMAT_VERSION}")
+        try:
+            scales = [int(s) for s in header["scales"]]
+            windows = {s: tensors[f"w{s}"].float() for s in scales}
+            window_src = {s: tensors[f"w{s}_src"].long() for s in scales}
+            patches, patch_src = tensors["patches"].float(), tensors["patch_src"].long()
+            glob = tensors["global"].float()
+            shots = int(header["shots"])
+            grid = (int(header["grid"][0]), int(header["grid"][1]))
+            model = {k: str(v) for k, v in header["model"].items()}
+            stride = int(header["stride"])
+        except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
+            raise ReferenceMemoryError(f"reference memory is incomplete: {exc!r}") from None
+        banks = [(patches, patch_src)] + [(windows[s], window_src[s]) for s in scales]
+        dims = {w.shape[-1] for w in windows.values()} | {glob.shape[-1]}
+        if (shots < 1 or glob.shape[0] != shots or len(dims) != 1 or any(
+                b.ndim != 2 or src.shape != (b.shape[0],) or b.shape[0] == 0 for b, src in banks)
+                or any(int(src.min()) < 0 or int(src.max()) >= shots for _, src in banks)
+                or not all(torch.isfinite(b).all() for b, _ in banks)):
+            raise ReferenceMemoryError("reference memory tensors are inconsistent")
+        meta = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
+        return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta)
+
+
+_HEADER_KEYS = {"format", "format_version", "shots", "grid", "scales", "stride", "model", "rows", "patch_dim",
+                "embed_dim"}
+
+
+def _safetensors_metadata(data: bytes) -> dict[str, str]:
+    n = int.from_bytes(data[:8], "little")
+    if n <= 0 or n > len(data) - 8 or n > 100_000_000:
+        raise ValueError("bad safetensors header length")
+    return json.loads(data[8:8 + n]).get("__metadata__") or {}
+
+
+def read_header(data: bytes) -> dict[str, Any] | None:
+    """The JSON header of serialised memory bytes without loading the tensors (None when unreadable)."""
+    try:
+        header = json.loads(_safetensors_metadata(data).get("zsad", "null"))
+    except (ValueError, UnicodeDecodeError):
+        return None
+    return header if isinstance(header, dict) and header.get("format") == FORMAT else None
+
+
+def incompatibility(header: Mapping[str, Any], model: Mapping[str, str], scales: Sequence[int], stride: int,
+                    grid: tuple[int, int] | None = None) -> str | None:
+    """Why a memory with this header cannot score embeddings of `model` at these window settings (None: it can).
+
+    A memory is tied to the FNN model name and version and the CLIP that made it: after a reload to another model
+    it is stale (its embeddings live in another space, or were fitted against other scores)."""
+    mine = header.get("model") or {}
+    if tuple(mine.get(k) for k in ("name", "version", "clip")) != tuple(model.get(k) for k in ("name", "version", "clip")):
+        return (f"made by model {mine.get('name')}@{mine.get('version')} (CLIP {mine.get('clip')}), the service runs "
+                f"{model.get('name')}@{model.get('version')} (CLIP {model.get('clip')})")
+    own_grid = tuple(header.get("grid") or (0, 0))
+    side = min(grid) if grid is not None else min(own_grid)
+    fitting = sorted(s for s in set(int(x) for x in scales) if s <= side)
+    if fitting != sorted(header.get("scales") or []) or int(stride) != int(header.get("stride", -1)):
+        return (f"made with window scales {header.get('scales')} stride {header.get('stride')}, the service uses "
+                f"{fitting} stride {stride}")
+    if grid is not None and tuple(grid) != own_grid:
+        return f"made on a {own_grid[0]}x{own_grid[1]} grid, this input gives {grid[0]}x{grid[1]}"
+    return None
+
+
+# --- building ----------------------------------------------------------------------------------------------------
+def greedy_coreset(x: torch.Tensor, m: int) -> torch.Tensor:
+    """Indices of `m` rows of x [N, D] chosen greedily, each the farthest (Euclidean) from those chosen so far,
+    starting from row 0 (PatchCore's k-center greedy). Deterministic; returns all rows when m >= N."""
+    n = x.shape[0]
+    if m >= n:
+        return torch.arange(n, device=x.device)
+    x = x.float()
+    chosen = torch.empty(m, dtype=torch.long, device=x.device)
+    chosen[0] = 0
+    dist = (x - x[0]).pow(2).sum(-1)
+    for i in range(1, m):
+        j = int(torch.argmax(dist))
+        chosen[i] = j
+        dist = torch.minimum(dist, (x - x[j]).pow(2).sum(-1))
+    return chosen
+
+
+def _bank(rows: list[torch.Tensor], max_rows: int, name: str, coreset: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+    bank = torch.cat(rows)
+    src = torch.cat([torch.full((r.shape[0],), i, dtype=torch.long) for i, r in enumerate(rows)])
+    if bank.shape[0] > max_rows:
+        keep = greedy_coreset(bank, max_rows).cpu()
+        coreset[name] = {"rows_before": int(bank.shape[0]), "rows_after": int(max_rows)}
+        bank, src = bank[keep], src[keep]
+    return bank, src
+
+
+def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max_rows: int,
+                 meta: Mapping[str, Any] | None = None) -> ReferenceMemory:
+    """A memory from `detector.embed(..., heatmap=True)` embeddings of K normal images (each with windows and
+    patches). Banks above `max_rows` rows are reduced by `greedy_coreset`; `meta["coreset"]` says which."""
+    if not embs:
+        raise ReferenceMemoryError("no reference images")
+    if max_rows < 1:
+        raise ReferenceMemoryError(f"max_rows must be >= 1, got {max_rows}")
+    first = embs[0]
+    if not first.windows or getattr(first, "patches", None) is None:
+        raise ReferenceMemoryError("reference embeddings need windows and patch tokens (embed with heatmap=True, attnpool or "
+                          "ViT windows)")
+    scales = sorted(first.windows)
+    for e in embs:
+        if tuple(e.grid) != tuple(first.grid) or sorted(e.windows) != scales or e.patches is None:
+            raise ReferenceMemoryError("reference images were embedded with different grids or window scales")
+    coreset: dict[str, Any] = {}
+    patches, patch_src = _bank([F.normalize(e.patches.detach().float().cpu(), dim=-1) for e in embs], max_rows,
+                               "patches", coreset)
+    windows, window_src = {}, {}
+    for s in scales:
+        windows[s], window_src[s] = _bank([F.normalize(e.windows[s].detach().float().cpu(), dim=-1) for e in embs],
+                                          max_rows, f"windows_{s}", coreset)
+    glob = torch.stack([F.normalize(e.global_emb.detach().float().cpu(), dim=-1) for e in embs])
+    info = {**(meta or {}), "coreset": coreset, "max_rows": int(max_rows)}
+    return ReferenceMemory(windows, window_src, patches, patch_src, glob, tuple(first.grid), int(stride), len(embs),
+                           dict(model), info)
+
+
+# --- scoring -----------------------------------------------------------------------------------------------------
+def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor | None = None,
+                exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Visual association scores [B, n]: min over bank rows of (1 - cos) / 2 for queries [B, n, D].
+
+    `exclude` [B] (shot index, or -1 for none) leaves out the bank rows of that shot for each query image
+    (leave-one-out). Runs on the bank's device in chunks of at most MAX_SIM_ELEMENTS similarities.
+    """
+    b, n, _ = query.shape
+    q = F.normalize(query.to(bank.device, torch.float32), dim=-1)
+    bank = F.normalize(bank.float(), dim=-1)
+    m = bank.shape[0]
+    best = torch.full((b, n), -2.0, device=bank.device)
+    rows_per_chunk = max(1, MAX_SIM_ELEMENTS // max(1, b * n))
+    for start in range(0, m, rows_per_chunk):
+        sims = q @ bank[start:start + rows_per_chunk].T  # [B, n, c]
+        if exclude is not None and bank_src is not None:
+            own = bank_src[start:start + rows_per_chunk].to(bank.device)[None, :] == exclude.to(bank.device)[:, None]
+            sims = sims.masked_fill(own[:, None, :], -2.0)
+        best = torch.maximum(best, sims.amax(dim=-1))
+    if bool((best <= -2.0).any()):
+        raise ReferenceMemoryError("a query has no reference rows left to compare with (leave-one-out of a one-shot memory)")
+    return (1.0 - best.clamp(-1.0, 1.0)) / 2.0
+
+
+def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, memory: ReferenceMemory,
+                 exclude: torch.Tensor | None = None) -> torch.Tensor:
+    """Few-shot map [B, h, w]: mean of the cells' association map and each scale's harmonic window map.
+
+    `windows[scale]` [B, n_windows, D] (in `window_grid.window_indices` order) and `patches` [B, h*w, P] of the
+    query images, from the same model and window settings as the memory."""
+    h, w = memory.grid
+    b = patches.shape[0]
+    maps = [association(patches, memory.patches, memory.patch_src, exclude).reshape(b, h, w)]
+    for s in memory.scales:
+        if s not in windows:
+            raise ReferenceMemoryError(f"query embeddings lack window scale {s} of the memory")
+        idx = window_indices(h, w, s, memory.stride)
+        scores = association(windows[s], memory.windows[s], memory.window_src[s], exclude)
+        maps.append(harmonic_patch_map(scores, idx, (h, w)))
+    return torch.stack(maps).mean(dim=0)
+
+
+def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
+    """WinCLIP+'s rule: image = (zero-shot image score + max few-shot map) / 2, map = (zero-shot + few-shot) / 2."""
+    fs_map = fs_map.to(zero_map.device)
+    image = (zero_image.double() + fs_map.amax(dim=(-2, -1)).to(zero_image.device).double()) / 2  # scores stay fp64
+    return image, (zero_map + fs_map.to(zero_map.dtype)) / 2
+
+
+def load_memory(store: Any, product: str, line: str | None = None) -> ReferenceMemory | None:
+    """The memory `store` (a `memory_store.MemoryStore`) holds for `product` on `line` (else the product's), parsed;
+    None when there is none. The CLI's `zsad score --product` reads memories through this."""
+    stored = store.get(product, line)
+    if stored is None:
+        return None
+    memory = ReferenceMemory.from_bytes(stored.data)
+    memory.meta["stored_line"] = stored.line
+    return memory

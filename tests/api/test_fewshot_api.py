@@ -1,0 +1,121 @@
+"""Few-shot mode through the API: calibrate builds the memory (or not), detect uses it, thresholds show it, a reload to
+another model makes it stale, deleting the product removes it; and `zsad score --product` reads the same memory."""
+from __future__ import annotations
+
+import json
+import os
+import shutil
+import stat
+
+import pytest
+from fastapi.testclient import TestClient
+
+from service.api.app import create_app
+from tests.conftest import publish_tiny_model
+
+from .helpers import image_bytes, make_settings, wait_ready
+
+
+@pytest.fixture(scope="module")
+def served(api_store, tmp_path_factory):
+    tmp = tmp_path_factory.mktemp("fewshot-api")
+    store = tmp / "store"
+    shutil.copytree(api_store, store)
+    settings = make_settings(tmp, store)
+    with TestClient(create_app(settings)) as c:
+        assert wait_ready(c)["ready"]
+        yield c, tmp, store, settings
+
+
+def _files(n: int, offset: int = 0):
+    return [("files", (f"g{i}.png", image_bytes(seed=100 + offset + i), "image/png")) for i in range(n)]
+
+
+def _detect(c, seed: int, **params):
+    r = c.post("/v1/detect", content=image_bytes(seed=seed), headers={"content-type": "image/png"}, params=params)
+    assert r.status_code == 200, r.text
+    return r.json()
+
+
+def test_few_shot_lifecycle(served, capsys):
+    c, tmp, store, settings = served
+    r = c.post("/v1/calibrate/nut", files=_files(6), params={"target_frr": 0.2, "reference": "true"})
+    assert r.status_code == 200, r.text
+    cal = r.json()
+    assert cal["mode"] == "few_shot" and cal["shots"] == 6 and cal["reference"]["rows"]["patches"] > 0
+    assert "leave-one-out" in cal["distribution"]["fit"] and cal["distribution"]["n"] == 6
+    path = tmp / "memories" / "nut" / "_product.zsadmem"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+
+    body = _detect(c, 1, product="nut")
+    assert body["mode"] == "few_shot" and body["shots"] == 6 and body["reference"]["stale"] is False
+    assert body["threshold_source"] == "product" and body["threshold"] == cal["threshold"]
+    zero = _detect(c, 1)
+    assert zero["mode"] == "zero_shot" and zero["reference"] is None
+    assert zero["scores"] != body["scores"]
+
+    listed = c.get("/v1/thresholds").json()["products"]["nut"]
+    assert listed["mode"] == "few_shot" and listed["shots"] == 6 and listed["reference"]["stale"] is False
+    assert c.get("/v1/thresholds/nut").json()["entry"]["reference"]["shots"] == 6
+
+    # The CLI scores the same image against the same memory (no service involved).
+    from service.cli import main
+
+    img = tmp / "one.png"
+    img.write_bytes(image_bytes(seed=1))
+    os.environ["ZSAD_THRESHOLDS_PATH"] = str(settings.thresholds_path)
+    try:
+        assert main(["--store", str(store), "score", str(img), "--product", "nut", "--device", "cpu"]) == 0
+    finally:
+        del os.environ["ZSAD_THRESHOLDS_PATH"]
+    line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
+    assert line["mode"] == "few_shot" and line["shots"] == 6
+    assert abs(line["combined"] - body["scores"]["combined"]) < 1e-5
+
+    # A line calibrated with reference=false keeps only a threshold; the product's memory still serves the line.
+    r = c.post("/v1/calibrate/nut", files=_files(4, 10), params={"target_frr": 0.2, "line": "L1", "reference": "false"})
+    assert r.status_code == 200 and r.json()["mode"] == "zero_shot" and r.json()["shots"] == 0
+    body = _detect(c, 2, product="nut", line="L1")
+    assert body["mode"] == "few_shot" and body["threshold_source"] == "product"  # a zero-shot threshold is not applied
+
+    # Reloading another model makes the memory stale: zero-shot, said so, and its few-shot threshold not applied.
+    version = publish_tiny_model(store, seed=1)
+    assert c.post("/v1/models/reload", json={"version": version}).status_code == 200
+    body = _detect(c, 1, product="nut")
+    assert body["mode"] == "zero_shot" and body["reference"]["stale"] is True and "stale" in body["reference"]["note"]
+    assert body["threshold_source"] not in ("product", "line")
+    assert c.get("/v1/thresholds").json()["products"]["nut"]["reference"]["stale"] is True
+
+    # Re-calibrating re-embeds; deleting the product removes threshold and memory together.
+    assert c.post("/v1/calibrate/nut", files=_files(3), params={"reference": "true"}).json()["mode"] == "few_shot"
+    assert _detect(c, 1, product="nut")["mode"] == "few_shot"
+    assert c.delete("/v1/thresholds/nut").status_code == 204
+    assert not (tmp / "memories" / "nut").exists()
+    assert _detect(c, 1, product="nut")["mode"] == "zero_shot"
+
+
+def test_few_shot_calibration_refusals(served):
+    c, *_ = served
+    r = c.post("/v1/calibrate/bolt", files=_files(1), params={"reference": "true"})
+    assert r.status_code == 400 and "at least 2" in r.json()["error"]["message"]
+    r = c.post("/v1/calibrate/bolt", files=_files(2), params={"store": "false", "reference": "true"})
+    assert r.status_code == 200 and r.json()["mode"] == "few_shot" and not r.json()["stored"]
+    assert "bolt" not in c.get("/v1/thresholds").json()["products"]
+    assert _detect(c, 3, product="bolt")["mode"] == "zero_shot"  # store=false stores no memory either
+
+
+def test_calibration_defaults_to_zero_shot_and_delete_honours_if_match(served):
+    c, tmp, *_ = served
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2})  # no reference=: zero-shot
+    assert r.status_code == 200 and r.json()["mode"] == "zero_shot" and r.json()["reference"] is None
+    assert not (tmp / "memories" / "gear").exists()
+    assert c.get("/v1/thresholds/gear").json()["entry"]["mode"] == "zero_shot"
+    assert c.get("/v1/thresholds/gear/calibrations").json()[0]["details"]["mode"] == "zero_shot"
+
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2, "reference": "true"})
+    assert r.status_code == 200 and r.json()["mode"] == "few_shot"
+    etag = c.get("/v1/thresholds/gear").headers["etag"]
+    assert c.delete("/v1/thresholds/gear", headers={"If-Match": '"999"'}).status_code == 409
+    assert (tmp / "memories" / "gear" / "_product.zsadmem").exists()  # a refused delete removes nothing
+    assert c.delete("/v1/thresholds/gear", headers={"If-Match": etag}).status_code == 204
+    assert not (tmp / "memories" / "gear").exists()

@@ -1,0 +1,294 @@
+"""Few-shot mode (WinCLIP+): embeddings, the memory, its scoring against a slow reference of anomalib's formulas,
+leave-one-out, the coreset, serialisation and the file store.
+
+The reference below is written from WinCLIP's few-shot path (anomalib `winclip/torch_model.py` / `utils.py`, the
+paper's eq. 4) as plainly as possible: per-window and per-patch loops, explicit nearest neighbours, no shared code
+with `service/fewshot.py` or `service/aggregate.py`. ViT embeddings are taken from open_clip's own forward
+(`output_tokens`) and from windows masked out of the token sequence and sent through the module's transformer, as
+anomalib does.
+"""
+from __future__ import annotations
+
+import os
+import stat
+
+import pytest
+import torch
+import torch.nn.functional as F
+from PIL import Image
+
+from service.detector import Detector, ImageEmbedding
+from service.fewshot import (
+    ReferenceMemory,
+    ReferenceMemoryError,
+    association,
+    build_memory,
+    greedy_coreset,
+    load_memory,
+    model_ref,
+)
+from service.fnn import FNN
+from service.memory_store import FileMemoryStore, MemoryStoreError
+from service.preprocess import Geometry
+from service.scoring import PromptAnchors
+from service.settings import Settings
+from service.windows import embed_image_and_windows
+from tests.helpers_models import tiny_backend
+
+T = 0.07
+
+
+@pytest.fixture(scope="module")
+def vit(tmp_path_factory):
+    return tiny_backend(tmp_path_factory.mktemp("fs_vit"), "vit", seed=3)
+
+
+@pytest.fixture(scope="module")
+def cnn(tmp_path_factory):
+    return tiny_backend(tmp_path_factory.mktemp("fs_cnn"), "cnn", seed=4)
+
+
+def _detector(backend, scales=(2, 3)) -> Detector:
+    d = backend.embed_dim
+    gen = torch.Generator().manual_seed(5)
+    torch.manual_seed(5)
+    anchors = PromptAnchors("object", F.normalize(torch.randn(d, generator=gen), dim=0),
+                            F.normalize(torch.randn(d, generator=gen), dim=0))
+    return Detector.from_parts(backend, FNN(d), Settings(device="cpu", precision="fp32"),
+                               manifest={"windows": {"scales": list(scales)}}, anchors={"object": anchors})
+
+
+def _pixels(backend, n, seed):
+    s = backend.image_size
+    return torch.randn(n, 3, s, s, generator=torch.Generator().manual_seed(seed))
+
+
+def _embs(det: Detector, pixels: torch.Tensor) -> list[ImageEmbedding]:
+    e = embed_image_and_windows(det.backend, pixels, det.window_scales, 1, 1024)
+    s = det.backend.image_size
+    geo = Geometry(s, s, s, "stretch", (0, 0, s, s), (0, 0, s, s))
+    return [ImageEmbedding(e.global_emb[i], {k: w[i] for k, w in e.windows.items()}, e.grid, geo, e.patches[i])
+            for i in range(pixels.shape[0])]
+
+
+# --- the slow reference of WinCLIP+ -----------------------------------------------------------------------------------
+def _cos(a: torch.Tensor, b: torch.Tensor) -> float:
+    return float(torch.dot(a, b) / (a.norm() * b.norm()))
+
+
+def _class_score(f: torch.Tensor, t_n: torch.Tensor, t_a: torch.Tensor) -> float:
+    """softmax([cos(f, t_n), cos(f, t_a)] / T)[anomalous] (WinCLIP eq. 1)."""
+    logits = torch.tensor([_cos(f, t_n), _cos(f, t_a)], dtype=torch.float64) / T
+    return float(torch.softmax(logits, 0)[1])
+
+
+def _vas(f: torch.Tensor, refs: list[torch.Tensor]) -> float:
+    """min over reference embeddings of (1 - cos) / 2 (WinCLIP eq. 4)."""
+    return min((1 - _cos(f, r)) / 2 for r in refs)
+
+
+def _windows(h: int, w: int, k: int) -> list[list[int]]:
+    """Row-major k x k windows at stride 1, each as its row-major cell indices."""
+    return [[(r + i) * w + (c + j) for i in range(k) for j in range(k)] for r in range(h - k + 1) for c in range(w - k + 1)]
+
+
+def _harmonic(window_scores: list[float], windows: list[list[int]], n_cells: int) -> list[float]:
+    out = []
+    for p in range(n_cells):
+        covering = [s for s, cells in zip(window_scores, windows) if p in cells]
+        out.append(len(covering) / sum(1 / s for s in covering) if all(s > 0 for s in covering) else 0.0)
+    return out
+
+
+def _reference(query: dict, refs: list[dict], t_n, t_a, grid, scales) -> tuple[float, list[float]]:
+    """WinCLIP+ image score and flat map of one query from embeddings {'global', 'windows': {k: [n, D]}, 'patches'}."""
+    h, w = grid
+    n = h * w
+    image = _class_score(query["global"], t_n, t_a)
+    zero = [[image] * n]
+    few = [[_vas(query["patches"][p], [r["patches"][q] for r in refs for q in range(n)]) for p in range(n)]]
+    for k in scales:
+        wins = _windows(h, w, k)
+        zero.append(_harmonic([_class_score(f, t_n, t_a) for f in query["windows"][k]], wins, n))
+        bank = [r["windows"][k][i] for r in refs for i in range(len(wins))]
+        few.append(_harmonic([_vas(f, bank) for f in query["windows"][k]], wins, n))
+    zs_map = [len(zero) / sum(1 / m[p] for m in zero) for p in range(n)]
+    fs_map = [sum(m[p] for m in few) / len(few) for p in range(n)]
+    return (image + max(fs_map)) / 2, [(a + b) / 2 for a, b in zip(zs_map, fs_map)]
+
+
+@torch.inference_mode()
+def _open_clip_vit_embeddings(backend, pixels, scales) -> list[dict]:
+    """Embeddings as anomalib takes them: `encode_image` with output_tokens (pooled + projected, and the patch
+    tokens after ln_post), and windows masked out of the pre-ln_pre token sequence through the module transformer."""
+    visual = backend.model.visual
+    visual.output_tokens = True
+    try:
+        pooled, tokens = visual(pixels)
+    finally:
+        visual.output_tokens = False
+    x = visual.conv1(pixels)  # the tokens anomalib's hook catches: patch embedding + class token + positions
+    x = x.reshape(x.shape[0], x.shape[1], -1).permute(0, 2, 1)
+    cls = visual.class_embedding.view(1, 1, -1).expand(x.shape[0], 1, -1)
+    seq = torch.cat([cls, x], dim=1) + visual.positional_embedding
+    h = w = int(round((seq.shape[1] - 1) ** 0.5))
+    out = []
+    for b in range(pixels.shape[0]):
+        item = {"global": pooled[b].float(), "patches": tokens[b].float(), "windows": {}}
+        for k in scales:
+            embs = []
+            for cells in _windows(h, w, k):
+                x = visual.ln_pre(seq[b, [0] + [c + 1 for c in cells]][None])
+                x = visual.ln_post(visual.transformer(x))
+                embs.append((x[0, 0] @ visual.proj).float())
+            item["windows"][k] = embs
+        out.append(item)
+    return out
+
+
+def _as_dicts(embs: list[ImageEmbedding]) -> list[dict]:
+    return [{"global": e.global_emb, "patches": e.patches, "windows": {k: list(v) for k, v in e.windows.items()}}
+            for e in embs]
+
+
+def test_vit_embeddings_are_open_clips_tokens_and_masked_windows(vit):
+    det = _detector(vit)
+    px = _pixels(vit, 2, 0)
+    ours = _embs(det, px)
+    ref = _open_clip_vit_embeddings(vit, px, det.window_scales)
+    for e, r in zip(ours, ref):
+        assert e.patches.shape == r["patches"].shape  # transformer width, not projected (as WinCLIP's few-shot path)
+        torch.testing.assert_close(e.patches, F.normalize(r["patches"], dim=-1), atol=1e-5, rtol=0)
+        torch.testing.assert_close(e.global_emb, F.normalize(r["global"], dim=-1), atol=1e-5, rtol=0)
+        for k in det.window_scales:
+            torch.testing.assert_close(e.windows[k], F.normalize(torch.stack(r["windows"][k]), dim=-1), atol=1e-5,
+                                       rtol=0)
+
+
+@pytest.mark.parametrize("kind", ["vit", "cnn"])
+@pytest.mark.parametrize("k_shot", [1, 3])
+def test_few_shot_score_and_map_match_the_slow_winclip_reference(vit, cnn, kind, k_shot):
+    backend = vit if kind == "vit" else cnn
+    det = _detector(backend)
+    refs = _embs(det, _pixels(backend, k_shot, 10))
+    queries = _embs(det, _pixels(backend, 3, 20))
+    anchors = det.anchors()
+    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    got = det.score(queries, memory=memory)
+    if kind == "vit":  # the reference reads open_clip's own forward: the whole path is compared, not only formulas
+        ref_q = _open_clip_vit_embeddings(backend, _pixels(backend, 3, 20), det.window_scales)
+        ref_r = _open_clip_vit_embeddings(backend, _pixels(backend, k_shot, 10), det.window_scales)
+    else:
+        ref_q, ref_r = _as_dicts(queries), _as_dicts(refs)
+    for d, q in zip(got, ref_q):
+        image, flat = _reference(q, ref_r, anchors.normal, anchors.anomalous, queries[0].grid, det.window_scales)
+        assert d.mode == "few_shot" and d.shots == k_shot
+        assert abs(d.scores["prompt"] - image) < 1e-4
+        assert float(abs(torch.tensor(d.grid["prompt"]).flatten() - torch.tensor(flat)).max()) < 1e-4
+
+
+def test_few_shot_rule_holds_for_every_score_and_combined_stays_the_weighted_mean(cnn):
+    det = _detector(cnn)
+    refs, queries = _embs(det, _pixels(cnn, 2, 1)), _embs(det, _pixels(cnn, 2, 2))
+    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    zero = det.score(queries)
+    few = det.score(queries, memory=memory)
+    w = det.settings.combine_weight
+    for z, f in zip(zero, few):
+        fs_max = None
+        for name in ("fnn", "prompt"):
+            fs_map = 2 * f.grid[name] - z.grid[name]  # map = (zero + few) / 2
+            fs_max = float(fs_map.max())
+            assert abs(f.scores[name] - (z.scores[name] + fs_max) / 2) < 1e-6
+        assert abs(f.scores["combined"] - (w * f.scores["fnn"] + (1 - w) * f.scores["prompt"])) < 1e-6
+    assert all(z.mode == "zero_shot" for z in zero)
+
+
+def test_a_shot_scored_against_its_own_memory_is_perfectly_normal_and_leave_one_out_is_not(cnn):
+    det = _detector(cnn)
+    refs = _embs(det, _pixels(cnn, 3, 7))
+    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    patches = torch.stack([e.patches for e in refs])
+    assert float(association(patches, memory.patches).max()) < 1e-6  # each shot finds itself
+    loo = association(patches, memory.patches, memory.patch_src, torch.tensor([0, 1, 2]))
+    for i in range(3):  # leaving shot i out equals a memory built without it
+        others = build_memory([r for j, r in enumerate(refs) if j != i], model_ref(det), 1, 10_000)
+        torch.testing.assert_close(loo[i], association(patches[i:i + 1], others.patches)[0])
+    with pytest.raises(ReferenceMemoryError, match="no reference rows"):
+        one = build_memory(refs[:1], model_ref(det), 1, 10_000)
+        association(patches[:1], one.patches, one.patch_src, torch.tensor([0]))
+
+
+def test_greedy_coreset_is_farthest_first_and_recorded(cnn):
+    x = torch.tensor([[0.0, 0.0], [1.0, 0.0], [10.0, 0.0], [10.0, 1.0], [5.0, 5.0]])
+    assert greedy_coreset(x, 3).tolist() == [0, 3, 4]  # (10, 1) is farthest from (0, 0), then (5, 5)
+    assert greedy_coreset(x, 9).tolist() == [0, 1, 2, 3, 4]
+    det = _detector(cnn)
+    refs = _embs(det, _pixels(cnn, 4, 3))
+    grid_cells = refs[0].patches.shape[0]
+    memory = build_memory(refs, model_ref(det), 1, max_rows=grid_cells + 1)
+    assert memory.rows["patches"] == grid_cells + 1
+    assert memory.meta["coreset"]["patches"] == {"rows_before": 4 * grid_cells, "rows_after": grid_cells + 1}
+    assert memory.patch_src.unique().numel() > 1
+
+
+def test_serialisation_round_trip_and_refusals(cnn):
+    det = _detector(cnn)
+    memory = build_memory(_embs(det, _pixels(cnn, 2, 4)), model_ref(det), 1, 10_000, {"product": "nut"})
+    data = memory.to_bytes()
+    back = ReferenceMemory.from_bytes(data)
+    assert back.header() == memory.header() and back.meta["product"] == "nut"
+    for s in memory.scales:
+        assert torch.equal(back.windows[s], memory.windows[s]) and torch.equal(back.window_src[s], memory.window_src[s])
+    assert torch.equal(back.patches, memory.patches)
+    for bad in (b"", b"junk" * 10, data[: len(data) // 2], b"\x08" + b"\0" * 7 + b"{}       "):
+        with pytest.raises(ReferenceMemoryError):
+            ReferenceMemory.from_bytes(bad)
+
+
+def test_stale_memory_is_refused_with_the_reason(cnn):
+    det = _detector(cnn)
+    memory = build_memory(_embs(det, _pixels(cnn, 2, 4)), {**model_ref(det), "version": "v9"}, 1, 10_000)
+    assert "v9" in memory.incompatibility(model_ref(det), det.window_scales, 1)
+    queries = _embs(det, _pixels(cnn, 1, 5))
+    with pytest.raises(ReferenceMemoryError, match="cannot score"):
+        det.score(queries, memory=memory)
+    fresh = build_memory(_embs(det, _pixels(cnn, 2, 4)), model_ref(det), 1, 10_000)
+    assert fresh.incompatibility(model_ref(det), (1, 2), 1) is not None  # other window scales
+    assert fresh.incompatibility(model_ref(det), det.window_scales, 1) is None
+
+
+def test_detect_uses_the_memory_without_a_heatmap_too(cnn):
+    det = _detector(cnn)
+    s = cnn.image_size
+    good = [Image.new("RGB", (s, s), (100, 120, 140)), Image.new("RGB", (s, s), (102, 118, 141))]
+    memory = build_memory(det.embed(good, heatmap=True), model_ref(det), 1, 10_000)
+    with_map = det.detect(good[:1], memory=memory)[0]
+    no_map = det.detect(good[:1], heatmap=False, memory=memory)[0]
+    assert no_map.mode == "few_shot" and not no_map.heat and with_map.heat
+    assert no_map.scores == pytest.approx(with_map.scores, abs=1e-9)
+
+
+# --- the file store ----------------------------------------------------------------------------------------------------
+def test_file_store_atomic_private_bounded_and_line_fallback(tmp_path, cnn):
+    det = _detector(cnn)
+    data = build_memory(_embs(det, _pixels(cnn, 2, 4)), model_ref(det), 1, 10_000).to_bytes()
+    store = FileMemoryStore(tmp_path / "mem", max_bytes=len(data) + 10)
+    assert store.get("nut") is None and store.list() == []
+    store.put("nut", None, data)
+    path = tmp_path / "mem" / "nut" / "_product.zsadmem"
+    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
+    assert store.get("nut", "L1").line is None  # a line without its own memory uses the product's
+    store.put("nut", "L1", data)
+    assert store.get("nut", "L1").line == "L1" and store.list() == [("nut", None), ("nut", "L1")]
+    assert store.header("nut", "L1")["shots"] == 2
+    assert load_memory(store, "nut", "L1").shots == 2
+    with pytest.raises(MemoryStoreError, match="above the limit"):
+        store.put("nut", None, data + b"x" * 20)
+    assert store.get("nut").data == data  # a refused write leaves the old memory
+    for bad in ("../x", "a/b", "", ".hidden"):
+        with pytest.raises(MemoryStoreError):
+            store.put(bad, None, data)
+    assert store.delete("nut", "L1") and store.get("nut", "L1").line is None
+    assert store.delete_all("nut") and store.get("nut") is None and not store.delete("nut")
