@@ -104,13 +104,19 @@ def test_few_shot_calibration_refusals(served):
     assert _detect(c, 3, product="bolt")["mode"] == "zero_shot"  # store=false stores no memory either
 
 
-def test_calibration_defaults_to_zero_shot_and_delete_honours_if_match(served):
+def test_calibration_defaults_to_few_shot_from_two_images_and_delete_honours_if_match(served):
     c, tmp, *_ = served
-    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2})  # no reference=: zero-shot
+    r = c.post("/v1/calibrate/gear", files=_files(1), params={"target_frr": 0.2})  # one image: zero-shot by default
     assert r.status_code == 200 and r.json()["mode"] == "zero_shot" and r.json()["reference"] is None
     assert ("gear", None) not in _memories(c)
     assert c.get("/v1/thresholds/gear").json()["entry"]["mode"] == "zero_shot"
     assert c.get("/v1/thresholds/gear/calibrations").json()[0]["details"]["mode"] == "zero_shot"
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2})  # no reference=: few-shot
+    assert r.status_code == 200 and r.json()["mode"] == "few_shot" and r.json()["shots"] == 3
+    assert ("gear", None) in _memories(c) and _detect(c, 5, product="gear")["mode"] == "few_shot"
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2, "reference": "false"})
+    assert r.status_code == 200 and r.json()["mode"] == "zero_shot"
+    assert ("gear", None) not in _memories(c)  # reference=false drops the memory with the new zero-shot threshold
 
     r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2, "reference": "true"})
     assert r.status_code == 200 and r.json()["mode"] == "few_shot"
