@@ -1,21 +1,30 @@
-"""Few-shot mode (WinCLIP+) on the embedded model: quality with 0 / 1 / 4 (...) shots on the held-out kinds, and the
-CPU cost per image with 1, 4, 16, 64 shots against the zero-shot request it replaces.
+"""Few-shot mode (WinCLIP+) on the embedded model: quality with 0 / 1 / 4 (...) shots on the held-out kinds, per kind,
+and the CPU cost per image with 1, 4, 16, 64 shots against the zero-shot request it replaces.
 
-    python benchmarks/fewshot.py [--store model_store] [--seed 20261126] [--shots 0,1,4] [--cost-shots 1,4,16,64]
+    python benchmarks/fewshot.py [--store model_store] [--seed 20261126] [--shots 0,1,4] [--world product,random]
+                                 [--cost-shots 1,4,16,64] [--kinds hex_nut,pill,leather]
 
-Quality: a synthetic MVTec-layout set of the held-out kinds (never seen by the CLIP, never used for a choice) with
-the test seed; for each kind the first K images of `train/good` (a seeded permutation, nested: the 1-shot image is
-among the 4) become its memory, scored exactly as the service does (`Detector.score(..., memory=...)`). Per kind and
-K: image AUROC, pixel AUROC and the deformation image AUROC (good vs deformed parts), with the default score.
+What it measures. Quality: for each world (`benchmarks/_product_sets.py`) a synthetic MVTec-layout set of the held-out
+kinds (never seen by the CLIP, never used for a choice) with the test seed; for each kind the first K images of
+`train/good` (a seeded permutation, nested: the 1-shot image is among the 4) become its memory, and the test images
+are scored exactly as the service does (`Detector.score(..., memory=...)`). Per kind and K: image AUROC, pixel AUROC
+and the deformation image AUROC (good vs deformed parts), with the default score.
+
+* `product` (the default, the realistic one): each kind is ONE product variant (fixed colour, background, size,
+  parts, lighting; pose jitter only), as on a production line, where few-shot mode is meant to be used.
+* `random`: the generator's own sets, where every image of a kind is a new scene (its own colour, background, size,
+  tooth count...): a kind is a category of products, which a handful of shots cannot describe (what the first
+  measurement of this benchmark used).
 
 Cost: one image per call (a quiet line), `Detector.detect(heatmap=False)`, in process on the CPU with
 `--threads` torch threads, p50 over `--repeats` calls, zero-shot and few-shot calls interleaved so load from other
-processes hits both alike. Ends with one `RESULT name=fewshot ...` line.
+processes hits both alike. Ends with one `RESULT name=fewshot ...` line (`<world>_image_k1=...`, `k16_ratio=...`).
 """
 from __future__ import annotations
 
 import argparse
 import statistics
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -32,13 +41,16 @@ from service.settings import Settings
 from service.synthetic.dataset import DatasetSpec, write_mvtec
 from service.synthetic.world import HELD_OUT_KINDS
 
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _product_sets import WORLDS, write_set
+
 
 def pick(paths: list[Path], k: int, seed: int) -> list[Path]:
     order = np.random.default_rng(seed).permutation(len(paths))
     return [paths[i] for i in order[:k]]
 
 
-def quality(det, root: Path, kinds, shots, score: str, shot_seed: int) -> dict:
+def quality(det, root: Path, kinds, shots, score: str, shot_seed: int, world: str) -> dict:
     samples = read_mvtec(root).samples
     out = {}
     for kind in kinds:
@@ -64,7 +76,7 @@ def quality(det, root: Path, kinds, shots, score: str, shot_seed: int) -> dict:
             out[(kind, k)] = {"image": roc_auc_score(labels, sc), "pixel": roc_auc_score(gt, heat),
                               "deformation": roc_auc_score(labels[deform], sc[deform])}
             r = out[(kind, k)]
-            print(f"{kind:8s} {k:2d} shots: image {100 * r['image']:.1f}  pixel {100 * r['pixel']:.1f}  "
+            print(f"{world:7s} {kind:8s} {k:2d} shots: image {100 * r['image']:.1f}  pixel {100 * r['pixel']:.1f}  "
                   f"deformation {100 * r['deformation']:.1f}", flush=True)
     return out
 
@@ -106,6 +118,8 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--score", default="combined")
+    ap.add_argument("--world", default="product,random", help="comma-separated: product, random")
+    ap.add_argument("--kinds", default=",".join(HELD_OUT_KINDS))
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")
     args = ap.parse_args()
@@ -113,23 +127,28 @@ def main() -> None:
     shots = [int(x) for x in args.shots.split(",")]
     cost_shots = [int(x) for x in args.cost_shots.split(",")]
     det = load_detector(Settings(model_store=Path(args.store), device="cpu", precision="fp32"))
-    kinds = HELD_OUT_KINDS
+    kinds = tuple(args.kinds.split(","))
+    worlds = args.world.split(",")
+    if any(w not in WORLDS for w in worlds):
+        raise SystemExit(f"--world must be among {WORLDS}")
     result = [f"model={det.name}@{det.version}"]
     with tempfile.TemporaryDirectory(prefix="zsad-fewshot-") as tmp:
-        if not args.skip_quality:
-            root = Path(tmp) / "test"
-            write_mvtec(root, DatasetSpec(kinds=kinds, seed=args.seed, n_train=max(16, max(shots)),
-                                          n_good=args.n_good, n_defect=args.n_defect))
-            print(f"held-out kinds {', '.join(kinds)}, seed {args.seed}: {args.n_good} good + {7 * args.n_defect} "
-                  f"defective test images per kind; score {args.score}")
-            q = quality(det, root, kinds, shots, args.score, args.shot_seed)
+        for world in ([] if args.skip_quality else worlds):
+            root = Path(tmp) / world
+            write_set(root, world, kinds, args.seed, max(16, max(shots)), args.n_good, args.n_defect)
+            print(f"{world} world, kinds {', '.join(kinds)}, seed {args.seed}: {args.n_good} good + "
+                  f"{7 * args.n_defect} defective test images per kind; score {args.score}", flush=True)
+            q = quality(det, root, kinds, shots, args.score, args.shot_seed, world)
+            print(f"| {world} | shots | image | pixel | deformation | "
+                  + " | ".join(f"{kind} image / pixel" for kind in kinds) + " |")
             for k in shots:
                 mean = {m: 100 * float(np.mean([q[(kind, k)][m] for kind in kinds])) for m in ("image", "pixel",
                                                                                                "deformation")}
-                print(f"mean {k:2d} shots: image {mean['image']:.1f}  pixel {mean['pixel']:.1f}  "
-                      f"deformation {mean['deformation']:.1f}")
-                result += [f"image_k{k}={mean['image']:.1f}", f"pixel_k{k}={mean['pixel']:.1f}",
-                           f"deformation_k{k}={mean['deformation']:.1f}"]
+                print(f"| {world} | {k} | {mean['image']:.1f} | {mean['pixel']:.1f} | {mean['deformation']:.1f} | "
+                      + " | ".join(f"{100 * q[(kind, k)]['image']:.1f} / {100 * q[(kind, k)]['pixel']:.1f}"
+                                   for kind in kinds) + " |")
+                result += [f"{world}_image_k{k}={mean['image']:.1f}", f"{world}_pixel_k{k}={mean['pixel']:.1f}",
+                           f"{world}_deformation_k{k}={mean['deformation']:.1f}"]
         if not args.skip_cost:
             root = Path(tmp) / "cost"
             write_mvtec(root, DatasetSpec(kinds=(kinds[0],), seed=args.seed + 1, n_train=max(cost_shots), n_good=1,

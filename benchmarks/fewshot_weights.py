@@ -1,13 +1,17 @@
-"""The few-shot combination weight, judged on seen kinds (never the held-out ones): image / pixel / deformation AUROC
-of (1 - w) * zero-shot + w * few-shot for w in 0, 0.5 (WinCLIP+'s), 0.75, 0.9, 1 (the few-shot map alone).
+"""The few-shot combination weight, judged on validation and seen kinds (never the held-out ones): image / pixel /
+deformation AUROC of (1 - w) * zero-shot + w * few-shot for w in 0, 0.25, 0.5 (WinCLIP+'s), 0.75, 1 (the few-shot
+map alone), for the image score (few-shot part: the map's maximum) and the map alike.
 
-    python benchmarks/fewshot_weights.py [--seed 1919] [--shots 4] [--kinds bottle_cap,screw,cable,gear,wood]
+    python benchmarks/fewshot_weights.py [--seed 1919] [--shots 4] [--world product] [--kinds widget,pattern,...]
 
-A tuning seed of its own (1919: not the test seed of benchmarks/fewshot.py). Ends with `RESULT name=fewshot_weights`.
+A tuning seed of its own (1919: not the test seed of benchmarks/fewshot.py); `--world` as in benchmarks/fewshot.py
+(`product`: one product variant per kind, pose jitter only; `random`: every image a new scene). Ends with
+`RESULT name=fewshot_weights`.
 """
 from __future__ import annotations
 
 import argparse
+import sys
 import tempfile
 from pathlib import Path
 
@@ -20,10 +24,12 @@ from service.evaluation.readers import list_images, load_mask, read_mvtec
 from service.fewshot import build_memory, model_ref
 from service.preprocess import load_image
 from service.settings import Settings
-from service.synthetic.dataset import DatasetSpec, write_mvtec
-from service.synthetic.world import TRAIN_KINDS
+from service.synthetic.world import RANDOM_KINDS, TRAIN_KINDS
 
-WEIGHTS = (0.0, 0.5, 0.75, 0.9, 1.0)
+sys.path.insert(0, str(Path(__file__).resolve().parent))
+from _product_sets import write_set
+
+WEIGHTS = (0.0, 0.25, 0.5, 0.75, 1.0)
 
 
 def main() -> None:
@@ -31,7 +37,8 @@ def main() -> None:
     ap.add_argument("--store", default="model_store")
     ap.add_argument("--seed", type=int, default=1919)
     ap.add_argument("--shots", type=int, default=4)
-    ap.add_argument("--kinds", default=",".join(TRAIN_KINDS[:5]))
+    ap.add_argument("--kinds", default=",".join(RANDOM_KINDS + TRAIN_KINDS))
+    ap.add_argument("--world", default="product", help="product or random (benchmarks/_product_sets.py)")
     ap.add_argument("--score", default="combined")
     args = ap.parse_args()
     torch.set_num_threads(1)
@@ -40,7 +47,7 @@ def main() -> None:
     rows = []
     with tempfile.TemporaryDirectory(prefix="zsad-fsw-") as tmp:
         root = Path(tmp)
-        write_mvtec(root, DatasetSpec(kinds=kinds, seed=args.seed, n_train=16, n_good=20, n_defect=6))
+        write_set(root, args.world, kinds, args.seed, 16, 20, 6)
         samples = read_mvtec(root).samples
         for kind in kinds:
             ks = [s for s in samples if s.category == kind]

@@ -116,6 +116,40 @@ def _images_in(folders: list[str]) -> list[Path]:
     return found
 
 
+def _open_database(args: argparse.Namespace, settings: Settings):
+    """The service's database (`--db URL`, default `ZSAD_RESULTS_URL` / `ZSAD_RESULTS_PATH`) for reading, or None when
+    it is a SQLite file that does not exist (no thresholds, no memories; it is not created)."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from .db.engine import database_url, make_engine, sqlite_path
+
+    url = args.db or database_url(settings)
+    path = sqlite_path(url)
+    if path is not None and not path.is_file():
+        return None
+    try:
+        return make_engine(url)
+    except (SQLAlchemyError, ValueError) as exc:
+        raise CliError(f"cannot use database URL: {type(exc).__name__}: {exc}") from None
+
+
+def _read_database(args: argparse.Namespace, settings: Settings, what: str, read):
+    """`read(engine)` on the service's database (None when there is none), its errors one CliError line."""
+    from sqlalchemy.exc import SQLAlchemyError
+
+    engine = _open_database(args, settings)
+    if engine is None:
+        return None
+    try:
+        return read(engine)
+    except SQLAlchemyError as exc:
+        where = engine.url.render_as_string(hide_password=True)
+        raise CliError(f"cannot read {what} from database {where}: {type(exc).__name__}: "
+                       f"{str(exc).splitlines()[0]} (is it migrated? zsad db upgrade)") from None
+    finally:
+        engine.dispose()
+
+
 def _threshold_entry(args: argparse.Namespace, settings: Settings) -> dict | None:
     """The product's threshold entry: from `--thresholds FILE` (a JSON thresholds file, the previous release's
     format), else from the service's database (`--db URL`, default `ZSAD_RESULTS_URL` / `ZSAD_RESULTS_PATH`), read
@@ -127,27 +161,20 @@ def _threshold_entry(args: argparse.Namespace, settings: Settings) -> dict | Non
         return products.get(args.product) if args.product else None
     if not args.product:
         return None
-    from sqlalchemy.exc import SQLAlchemyError
-
-    from .db.engine import database_url, make_engine, sqlite_path
     from .db.thresholds import ThresholdStore
 
-    url = args.db or database_url(settings)
-    path = sqlite_path(url)
-    if path is not None and not path.is_file():
+    return _read_database(args, settings, "thresholds", lambda engine: ThresholdStore(engine).get(args.product))
+
+
+def _stored_memory(args: argparse.Namespace, settings: Settings):
+    """The product's (line's, else the product's) few-shot reference memory bytes from the service's database, as
+    the service reads them (`service/db/memories.py`); None when there is none."""
+    if not args.product:
         return None
-    try:
-        engine = make_engine(url)
-    except (SQLAlchemyError, ValueError) as exc:
-        raise CliError(f"cannot use database URL: {type(exc).__name__}: {exc}") from None
-    try:
-        return ThresholdStore(engine).get(args.product)
-    except SQLAlchemyError as exc:
-        where = engine.url.render_as_string(hide_password=True)
-        raise CliError(f"cannot read thresholds from database {where}: {type(exc).__name__}: "
-                       f"{str(exc).splitlines()[0]}") from None
-    finally:
-        engine.dispose()
+    from .db.memories import DbMemoryStore
+
+    return _read_database(args, settings, "reference memories", lambda engine: DbMemoryStore(
+        engine, settings.reference_max_bytes).get(args.product, args.line))
 
 
 # --- score ------------------------------------------------------------------------------------------------------
@@ -162,9 +189,10 @@ def cmd_score(args: argparse.Namespace) -> int:
 
     settings = _settings(args)
     entry = _threshold_entry(args, settings)  # read first: an unreadable store is an error before loading a model
+    stored = _stored_memory(args, settings)
     name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
     detector = load_detector(settings, name, version)
-    memory = _product_memory(detector, settings, args.product, args.line) if args.product else None
+    memory = _product_memory(detector, settings, args.product, stored) if args.product else None
     resolved = resolve_entry(entry, args.line, args.score, settings.default_score, settings.default_threshold,
                              detector.manifest, settings.mask_threshold, "few_shot" if memory else "zero_shot")
     heat_dir = Path(args.heatmap) if args.heatmap else None
@@ -202,17 +230,19 @@ def cmd_score(args: argparse.Namespace) -> int:
     return 0
 
 
-def _product_memory(detector, settings: Settings, product: str, line: str | None):
-    """The product's (line's) few-shot reference memory as the service stores it, or None (zero-shot) with a note on
-    stderr when there is none or it was made by another model."""
-    from .fewshot import load_memory, model_ref
-    from .memory_store import memory_dir, store_from_settings
+def _product_memory(detector, settings: Settings, product: str, stored):
+    """The stored few-shot reference memory parsed for `detector`, or None (zero-shot) with a note on stderr when
+    there is none or it was made by another model."""
+    from .fewshot import ReferenceMemory, ReferenceMemoryError, model_ref
 
-    memory = load_memory(store_from_settings(settings), product, line)
-    if memory is None:
-        print(f"zsad score: no reference memory for product {product!r} in {memory_dir(settings)}; scoring zero-shot "
-              "(POST /v1/calibrate/{product} builds one)", file=sys.stderr)
+    if stored is None:
+        print(f"zsad score: no reference memory for product {product!r}; scoring zero-shot "
+              "(POST /v1/calibrate/{product}?reference=true builds one)", file=sys.stderr)
         return None
+    try:
+        memory = ReferenceMemory.from_bytes(stored.data)
+    except ReferenceMemoryError as exc:
+        raise CliError(f"the reference memory of {product!r} is unreadable: {exc}") from None
     why = memory.incompatibility(model_ref(detector), detector.window_scales, settings.window_stride)
     if why:
         print(f"zsad score: the reference memory of {product!r} is stale ({why}); scoring zero-shot. Re-calibrate "

@@ -34,9 +34,9 @@ import torch
 import torch.nn.functional as F
 
 from .aggregate import harmonic_patch_map
+from .memory_store import FORMAT, read_header
 from .window_grid import window_indices
 
-FORMAT = "zsad-reference-memory"
 FORMAT_VERSION = 1
 MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
 
@@ -150,15 +150,6 @@ def _safetensors_metadata(data: bytes) -> dict[str, str]:
     if n <= 0 or n > len(data) - 8 or n > 100_000_000:
         raise ValueError("bad safetensors header length")
     return json.loads(data[8:8 + n]).get("__metadata__") or {}
-
-
-def read_header(data: bytes) -> dict[str, Any] | None:
-    """The JSON header of serialised memory bytes without loading the tensors (None when unreadable)."""
-    try:
-        header = json.loads(_safetensors_metadata(data).get("zsad", "null"))
-    except (ValueError, UnicodeDecodeError):
-        return None
-    return header if isinstance(header, dict) and header.get("format") == FORMAT else None
 
 
 def incompatibility(header: Mapping[str, Any], model: Mapping[str, str], scales: Sequence[int], stride: int,

@@ -137,10 +137,6 @@ class Settings(BaseSettings):
     default_threshold: float | None = Field(
         None, description="Threshold when no product threshold is set; None uses the model manifest's advice."
     )
-    reference_dir: Path | None = Field(
-        None, description="Few-shot reference memories (one file per product / line); None: a `memories` folder next "
-        "to the thresholds file."
-    )
     reference_max_shots: int = Field(
         REFERENCE_MAX_SHOTS, ge=1, description="Most calibration images embedded into a product's reference memory "
         "(evenly spread over the upload); the others only fit the threshold."

@@ -1,5 +1,5 @@
 """Few-shot mode (WinCLIP+): embeddings, the memory, its scoring against a slow reference of anomalib's formulas,
-leave-one-out, the coreset, serialisation and the file store.
+leave-one-out, the coreset and serialisation (the database store: tests/test_memory_db.py).
 
 The reference below is written from WinCLIP's few-shot path (anomalib `winclip/torch_model.py` / `utils.py`, the
 paper's eq. 4) as plainly as possible: per-window and per-patch loops, explicit nearest neighbours, no shared code
@@ -8,9 +8,6 @@ with `service/fewshot.py` or `service/aggregate.py`. ViT embeddings are taken fr
 anomalib does.
 """
 from __future__ import annotations
-
-import os
-import stat
 
 import pytest
 import torch
@@ -24,11 +21,9 @@ from service.fewshot import (
     association,
     build_memory,
     greedy_coreset,
-    load_memory,
     model_ref,
 )
 from service.fnn import FNN
-from service.memory_store import FileMemoryStore, MemoryStoreError
 from service.preprocess import Geometry
 from service.scoring import PromptAnchors
 from service.settings import Settings
@@ -267,28 +262,3 @@ def test_detect_uses_the_memory_without_a_heatmap_too(cnn):
     no_map = det.detect(good[:1], heatmap=False, memory=memory)[0]
     assert no_map.mode == "few_shot" and not no_map.heat and with_map.heat
     assert no_map.scores == pytest.approx(with_map.scores, abs=1e-9)
-
-
-# --- the file store ----------------------------------------------------------------------------------------------------
-def test_file_store_atomic_private_bounded_and_line_fallback(tmp_path, cnn):
-    det = _detector(cnn)
-    data = build_memory(_embs(det, _pixels(cnn, 2, 4)), model_ref(det), 1, 10_000).to_bytes()
-    store = FileMemoryStore(tmp_path / "mem", max_bytes=len(data) + 10)
-    assert store.get("nut") is None and store.list() == []
-    store.put("nut", None, data)
-    path = tmp_path / "mem" / "nut" / "_product.zsadmem"
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
-    assert not [p for p in path.parent.iterdir() if p.name.endswith(".tmp")]
-    assert store.get("nut", "L1").line is None  # a line without its own memory uses the product's
-    store.put("nut", "L1", data)
-    assert store.get("nut", "L1").line == "L1" and store.list() == [("nut", None), ("nut", "L1")]
-    assert store.header("nut", "L1")["shots"] == 2
-    assert load_memory(store, "nut", "L1").shots == 2
-    with pytest.raises(MemoryStoreError, match="above the limit"):
-        store.put("nut", None, data + b"x" * 20)
-    assert store.get("nut").data == data  # a refused write leaves the old memory
-    for bad in ("../x", "a/b", "", ".hidden"):
-        with pytest.raises(MemoryStoreError):
-            store.put(bad, None, data)
-    assert store.delete("nut", "L1") and store.get("nut", "L1").line is None
-    assert store.delete_all("nut") and store.get("nut") is None and not store.delete("nut")

@@ -310,7 +310,7 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
 
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
-                            store: bool, pixel: bool = True, reference: bool = False,
+                            store: bool, pixel: bool = True, reference: bool | None = False,
                             caller: str | None = None) -> dict[str, Any]:
     """Score normal images exactly as /v1/detect would, fit the threshold at `target_frr` and store it; with `pixel`
     the images also run with heatmaps and the pixel threshold is `PIXEL_QUANTILE` of their heat
@@ -321,13 +321,16 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
     `calibration_max_images`) images of the request.
 
     With `reference` the images also become the product's (line's) few-shot reference memory
-    (`calibrate_few_shot`); without it, storing the threshold also removes any memory of that product (line), so the
-    product is judged zero-shot against the threshold just fitted zero-shot."""
+    (`calibrate_few_shot`); `reference=None` (the API's default) does so when there are at least 2 images and the model
+    can make a memory, else calibrates zero-shot. Without it, storing the threshold also removes any memory of that
+    product (line), so the product is judged zero-shot against the threshold just fitted zero-shot."""
     from ..calibration import NormalHeat
 
-    if reference:
-        return await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
-                                        pixel, caller)
+    if reference or (reference is None and len(uploads) >= 2):
+        few = await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
+                                       pixel, caller, required=bool(reference))
+        if few is not None:
+            return few
     s = state.settings
     deadline = time.perf_counter() + s.request_timeout_s * max(1, len(uploads) // max(1, s.max_batch_size))
     scores: list[float] = []
@@ -388,12 +391,14 @@ def _shot_indices(n: int, k: int) -> list[int]:
 
 async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: str, line: str | None,
                              score_name: str, target_frr: float, object_name: str | None,
-                             store: bool, pixel: bool = True, caller: str | None = None) -> dict[str, Any]:
+                             store: bool, pixel: bool = True, caller: str | None = None,
+                             required: bool = True) -> dict[str, Any] | None:
     """Few-shot calibration: up to `reference_max_shots` of the images become the reference memory, and the
     threshold (and, with `pixel`, the pixel threshold) is fitted on few-shot scores and maps in which no image is
     compared with its own embeddings: the other images against the whole memory, each shot against the memory
     without its rows (leave-one-out; with one shot that shot is left out of the fit). Everything runs on the
-    inference thread, a micro-batch at a time, decoded within the pixel budget."""
+    inference thread, a micro-batch at a time, decoded within the pixel budget. Not `required` (the default mode):
+    None, before anything is stored, when this model cannot make a memory (the caller calibrates zero-shot)."""
     from ..calibration import NormalHeat
     from ..fewshot import ReferenceMemoryError, build_memory
     from ..store import utc_now
@@ -430,6 +435,8 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     try:
         memory = await to_thread.run_sync(build_memory, embs, model, stride, s.reference_max_rows, meta)
     except ReferenceMemoryError as exc:
+        if not required:
+            return None
         raise ApiError(422, "validation_error", f"this model cannot build a reference memory: {exc}") from None
     device = getattr(state.detector.backend, "device", None)
     on_device = memory.to(device) if device is not None else memory

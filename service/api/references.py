@@ -2,9 +2,9 @@
 model's device, and checked against the model that serves (a memory made by another model is stale: the request is
 scored zero-shot and the answer says why).
 
-The bytes live in a `memory_store.MemoryStore` (files next to the thresholds file today); this module only caches
-parsed memories, at most `MAX_CACHED` of them, re-reading one when its stamp changes (another replica or an admin
-replaced it).
+The bytes live in a `memory_store.MemoryStore` (database rows next to the thresholds, `service/db/memories.py`); this
+module only caches parsed memories, at most `MAX_CACHED` of them, re-reading one when its stamp changes (another
+replica or an admin replaced it).
 """
 from __future__ import annotations
 

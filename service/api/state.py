@@ -20,8 +20,8 @@ from ..constants import FLEET_STALE_POLLS, check_score_names
 from ..db import migrate
 from ..db.engine import database_url, is_sqlite, make_engine
 from ..db.fleet import Candidate, Desired, FleetStore
+from ..db.memories import DbMemoryStore
 from ..db.thresholds import ThresholdFileError, import_file
-from ..memory_store import store_from_settings
 from ..settings import Settings
 from .auth import KeyChecker
 from .errors import ApiError, public_text
@@ -59,8 +59,8 @@ class AppState:
         self.db_url = database_url(settings)
         self.engine = make_engine(self.db_url)  # one engine: results, thresholds and the fleet share its pool
         self.thresholds = ThresholdStore(self.engine)
-        # few-shot memories per product / line: still files (service/memory_store.py), not database rows yet
-        self.references = References(store_from_settings(settings))
+        # few-shot memories per product / line, rows next to the thresholds (service/db/memories.py)
+        self.references = References(DbMemoryStore(self.engine, settings.reference_max_bytes))
         self.results = ResultsStore(settings.results_url, settings.results_path, settings.keep_heatmaps,
                                     settings.heatmap_retention, engine=self.engine)
         self.fleet = FleetStore(self.engine)

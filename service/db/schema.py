@@ -13,8 +13,9 @@ upgraded to the head revision has exactly these tables, columns and indexes.
   progress (the version the receiving replica is verifying; the others load it ahead, and swap once it is desired).
 - `replicas`: one heartbeat row per replica (what it serves, whether it is ready, its last rollout error).
 
-A per-product few-shot reference memory fits the same pattern later: a `reference_memories` table keyed by
-(product, line) with the model it was embedded with and a binary blob, added by a new revision.
+- `reference_memories` (0004): one few-shot reference memory per product (`line` = '') and per product line that has
+  its own (`service/db/memories.py`): the serialised memory, its JSON header (shots, rows, the model that embedded it),
+  its size, and a `stamp` that changes on every write (the replicas' caches key on it).
 """
 from __future__ import annotations
 
@@ -135,4 +136,16 @@ replicas_table = Table(
     Column("applied_generation", Integer),
     Column("error", Text),
     Column("package_version", String(32)),
+)
+
+reference_memories_table = Table(
+    "reference_memories",
+    metadata,
+    Column("product", String(NAME_LEN), primary_key=True),
+    Column("line", String(NAME_LEN), primary_key=True),  # '' = the product's own memory
+    Column("data", LargeBinary, nullable=False),  # fewshot.ReferenceMemory.to_bytes()
+    Column("header", JSON, nullable=False),
+    Column("bytes", Integer, nullable=False),
+    Column("stamp", String(32), nullable=False),
+    Column("updated_at", Float, nullable=False),
 )

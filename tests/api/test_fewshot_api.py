@@ -3,14 +3,13 @@ another model makes it stale, deleting the product removes it; and `zsad score -
 from __future__ import annotations
 
 import json
-import os
 import shutil
-import stat
 
 import pytest
 from fastapi.testclient import TestClient
 
 from service.api.app import create_app
+from service.db.engine import database_url
 from tests.conftest import publish_tiny_model
 
 from .helpers import image_bytes, make_settings, wait_ready
@@ -31,6 +30,10 @@ def _files(n: int, offset: int = 0):
     return [("files", (f"g{i}.png", image_bytes(seed=100 + offset + i), "image/png")) for i in range(n)]
 
 
+def _memories(c) -> list:
+    return c.app.state.zsad.references.store.list()
+
+
 def _detect(c, seed: int, **params):
     r = c.post("/v1/detect", content=image_bytes(seed=seed), headers={"content-type": "image/png"}, params=params)
     assert r.status_code == 200, r.text
@@ -44,8 +47,7 @@ def test_few_shot_lifecycle(served, capsys):
     cal = r.json()
     assert cal["mode"] == "few_shot" and cal["shots"] == 6 and cal["reference"]["rows"]["patches"] > 0
     assert "leave-one-out" in cal["distribution"]["fit"] and cal["distribution"]["n"] == 6
-    path = tmp / "memories" / "nut" / "_product.zsadmem"
-    assert stat.S_IMODE(os.stat(path).st_mode) == 0o600
+    assert _memories(c) == [("nut", None)]  # a database row next to the threshold (service/db/memories.py)
 
     body = _detect(c, 1, product="nut")
     assert body["mode"] == "few_shot" and body["shots"] == 6 and body["reference"]["stale"] is False
@@ -63,14 +65,12 @@ def test_few_shot_lifecycle(served, capsys):
 
     img = tmp / "one.png"
     img.write_bytes(image_bytes(seed=1))
-    os.environ["ZSAD_THRESHOLDS_PATH"] = str(settings.thresholds_path)
-    try:
-        assert main(["--store", str(store), "score", str(img), "--product", "nut", "--device", "cpu"]) == 0
-    finally:
-        del os.environ["ZSAD_THRESHOLDS_PATH"]
+    db = database_url(settings)
+    assert main(["--store", str(store), "score", str(img), "--product", "nut", "--db", db, "--device", "cpu"]) == 0
     line = json.loads(capsys.readouterr().out.strip().splitlines()[-1])
     assert line["mode"] == "few_shot" and line["shots"] == 6
     assert abs(line["combined"] - body["scores"]["combined"]) < 1e-5
+    assert (line["label"], line["threshold"], line["calibrated"]) == (body["label"], body["threshold"], True)
 
     # A line calibrated with reference=false keeps only a threshold; the product's memory still serves the line.
     r = c.post("/v1/calibrate/nut", files=_files(4, 10), params={"target_frr": 0.2, "line": "L1", "reference": "false"})
@@ -90,7 +90,7 @@ def test_few_shot_lifecycle(served, capsys):
     assert c.post("/v1/calibrate/nut", files=_files(3), params={"reference": "true"}).json()["mode"] == "few_shot"
     assert _detect(c, 1, product="nut")["mode"] == "few_shot"
     assert c.delete("/v1/thresholds/nut").status_code == 204
-    assert not (tmp / "memories" / "nut").exists()
+    assert _memories(c) == []
     assert _detect(c, 1, product="nut")["mode"] == "zero_shot"
 
 
@@ -104,18 +104,24 @@ def test_few_shot_calibration_refusals(served):
     assert _detect(c, 3, product="bolt")["mode"] == "zero_shot"  # store=false stores no memory either
 
 
-def test_calibration_defaults_to_zero_shot_and_delete_honours_if_match(served):
+def test_calibration_defaults_to_few_shot_from_two_images_and_delete_honours_if_match(served):
     c, tmp, *_ = served
-    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2})  # no reference=: zero-shot
+    r = c.post("/v1/calibrate/gear", files=_files(1), params={"target_frr": 0.2})  # one image: zero-shot by default
     assert r.status_code == 200 and r.json()["mode"] == "zero_shot" and r.json()["reference"] is None
-    assert not (tmp / "memories" / "gear").exists()
+    assert ("gear", None) not in _memories(c)
     assert c.get("/v1/thresholds/gear").json()["entry"]["mode"] == "zero_shot"
     assert c.get("/v1/thresholds/gear/calibrations").json()[0]["details"]["mode"] == "zero_shot"
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2})  # no reference=: few-shot
+    assert r.status_code == 200 and r.json()["mode"] == "few_shot" and r.json()["shots"] == 3
+    assert ("gear", None) in _memories(c) and _detect(c, 5, product="gear")["mode"] == "few_shot"
+    r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2, "reference": "false"})
+    assert r.status_code == 200 and r.json()["mode"] == "zero_shot"
+    assert ("gear", None) not in _memories(c)  # reference=false drops the memory with the new zero-shot threshold
 
     r = c.post("/v1/calibrate/gear", files=_files(3), params={"target_frr": 0.2, "reference": "true"})
     assert r.status_code == 200 and r.json()["mode"] == "few_shot"
     etag = c.get("/v1/thresholds/gear").headers["etag"]
     assert c.delete("/v1/thresholds/gear", headers={"If-Match": '"999"'}).status_code == 409
-    assert (tmp / "memories" / "gear" / "_product.zsadmem").exists()  # a refused delete removes nothing
+    assert ("gear", None) in _memories(c)  # a refused delete removes nothing
     assert c.delete("/v1/thresholds/gear", headers={"If-Match": etag}).status_code == 204
-    assert not (tmp / "memories" / "gear").exists()
+    assert ("gear", None) not in _memories(c)

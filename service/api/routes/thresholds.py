@@ -134,11 +134,12 @@ async def calibrate_product(
     store: Annotated[bool, Query(description="Store the threshold (false: only propose it).")] = True,
     pixel: Annotated[bool, Query(description="Also fit the pixel threshold of the regions and the mask from the same "
                                              "images (computes their heatmaps: slower).")] = True,
-    reference: Annotated[bool, Query(description="Few-shot (WinCLIP+): also make the images the product's (line's) "
-                                     "reference memory and fit the threshold on few-shot scores. Default false: "
-                                     "a zero-shot threshold only (any memory of this product/line is dropped); on "
-                                     "the embedded model few-shot measured worse image AUROC than zero-shot "
-                                     "(4 shots 79.9 vs 83.4, benchmarks/fewshot.py), see docs/service.md.")] = False,
+    reference: Annotated[bool | None, Query(
+        description="Few-shot (WinCLIP+): also make the images the product's (line's) reference memory and fit the "
+        "thresholds on few-shot scores and maps (leave-one-out). Default: few-shot when at least 2 images are given "
+        "and the model can make a memory, else zero-shot (the answer's `mode` says which); true: few-shot or an "
+        "error; false: a zero-shot threshold only (any memory of this product/line is dropped). See docs/service.md "
+        "for when each pays.")] = None,
 ):
     uploads, _ = await read_uploads(request, state.settings.calibration_max_images)
     obj = (object or "").strip().lower() or None
