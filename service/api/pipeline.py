@@ -174,11 +174,12 @@ async def decode_within_budget(state: AppState, uploads: list[Upload], deadline:
 
 
 async def infer(state: AppState, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                deadline: float, arrival: Arrival | None = None) -> list[JobResult]:
-    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time)."""
+                deadline: float, arrival: Arrival | None = None, on_done: Any = None) -> list[JobResult]:
+    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time). `on_done` runs
+    on the inference thread when the last image is scored (`InferenceWorker.submit_many`)."""
     state.require_ready()
     try:
-        futures = state.worker.submit_many(images, object_name, heatmap, arrival)
+        futures = state.worker.submit_many(images, object_name, heatmap, arrival, on_done)
     except QueueFull as exc:
         raise ApiError(503, "queue_full", "inference queue is full, retry later",
                        {"Retry-After": str(exc.retry_after)}) from None
@@ -224,11 +225,13 @@ def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptio
     png = overlay_png(dec.image, heat) if (opts.heatmap == "png" or want_png_for_store) else None
     if opts.heatmap == "png":
         payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii"),
+                   "grid": None, "rows": None, "cols": None,
                    "mask_png_base64": base64.b64encode(mask_png(mask)).decode("ascii"),
                    "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     else:
         grid = det.grid[score_name]
-        payload = {"format": "json", "score": score_name, "rows": int(grid.shape[0]), "cols": int(grid.shape[1]),
+        payload = {"format": "json", "score": score_name, "png_base64": None, "mask_png_base64": None,
+                   "rows": int(grid.shape[0]), "cols": int(grid.shape[1]),
                    "grid": [[round(float(v), 4) for v in row] for row in grid],
                    "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     return payload, found, png, time.perf_counter() - t
@@ -240,29 +243,37 @@ def _ms(seconds: float | None) -> float | None:
 
 async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOptions,
                          arrival: Arrival | None = None) -> list[dict[str, Any]]:
+    """Decode, score, then one trip to the thread pool that resolves the threshold, shapes the answers and commits
+    the rows (with the rest of the micro-batch: `results.CommitSlot`); the answers are built once committed."""
     settings = state.settings
     start = time.perf_counter()
     deadline = start + settings.request_timeout_s
     state.require_ready()  # before spending time on decoding
-    decoded, pixels = await decode_within_budget(state, uploads, deadline)
-    try:  # the decoded pixels are held until the answer is encoded
-        results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none",
-                              deadline, arrival)
-
-        manifest = state.detector.manifest if state.detector is not None else None
-        keep_png = state.results.keep_heatmaps
-
-        def _post() -> tuple[Any, list[tuple]]:  # database reads (thresholds) and encoding stay off the event loop
-            resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                                settings.default_threshold, manifest, settings.mask_threshold)
-            return resolved, [_encode_one(state, d, r, opts, resolved, keep_png) for d, r in zip(decoded, results)]
-
-        resolved, encoded = await to_thread.run_sync(_post)
+    slot = state.results.commit_slot()
+    try:
+        decoded, pixels = await decode_within_budget(state, uploads, deadline)
+        try:  # the decoded pixels are held until the answer is encoded
+            results = await infer(state, [d.model_input for d in decoded], opts.object_name,
+                                  opts.heatmap != "none", deadline, arrival, slot.expect)
+            manifest = state.detector.manifest if state.detector is not None else None
+            return await to_thread.run_sync(_finish, state, decoded, results, opts, manifest, start, slot)
+        finally:
+            pixels.release()
     finally:
-        pixels.release()
+        slot.settle()  # a request that ends without rows (an error, a timeout) is not waited for
+
+
+def _finish(state: AppState, decoded: list[Decoded], results: list[JobResult], opts: DetectOptions,
+            manifest: dict[str, Any] | None, start: float, slot: Any) -> list[dict[str, Any]]:
+    """Thresholds (a database read), answer payloads, the durable commit, the answers: one thread, no hops between."""
+    settings = state.settings
+    keep_png = state.results.keep_heatmaps
+    resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
+                                        settings.default_threshold, manifest, settings.mask_threshold)
     records: list[NewResult] = []
     extras: list[dict[str, Any]] = []
-    for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):
+    for dec, res in zip(decoded, results):
+        payload, found, png, enc_s = _encode_one(state, dec, res, opts, resolved, keep_png)
         score = float(res.detection.scores[resolved.score])
         label = decide(score, resolved, settings.uncalibrated)
         stage_s = {k: res.timings.get(k) for k in MODEL_STAGES}
@@ -286,7 +297,7 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
         state.metrics.observe_stages({"decode": dec.seconds, "encode": enc_s})
 
     t = time.perf_counter()
-    ids = await to_thread.run_sync(state.results.add_many, records)  # committed before we answer
+    ids = state.results.add_many(records, slot)  # committed before we answer
     persist_s = time.perf_counter() - t
     state.metrics.observe_stages({"persist": persist_s})
     total = time.perf_counter() - start

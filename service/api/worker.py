@@ -9,6 +9,10 @@ a quiet line runs at once instead of paying the wait for company that is not com
 separate `Detector.detect` calls from the same batch. A full queue raises `QueueFull` at once (the API turns it into
 503 + Retry-After) instead of letting latency grow without bound.
 
+When a batch is scored, the requests it completes are told so (`submit_many(on_done=...)`) before any of their
+answers is handed back: the results store then commits the rows of the whole batch in one transaction
+(`results.CommitSlot`) instead of one per request.
+
 The detector is read through `get_detector` at every batch, so a reload swaps models between batches without a
 pause. `stop()` refuses new work, lets the thread finish what is queued, then fails anything left.
 """
@@ -39,6 +43,15 @@ class WorkerStopped(Exception):
     """The worker is shutting down (or has no model) and takes no new work."""
 
 
+class _Request:
+    """The images of one request still being scored; `on_done` runs when the last of them is."""
+
+    __slots__ = ("remaining", "on_done")
+
+    def __init__(self, count: int, on_done: Callable[[], None]):
+        self.remaining, self.on_done = count, on_done
+
+
 @dataclass
 class Job:
     image: Any  # a PIL image, or a detector.Prepared made in the decode threads
@@ -46,6 +59,7 @@ class Job:
     heatmap: bool
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
+    request: _Request | None = None
 
 
 @dataclass
@@ -137,10 +151,11 @@ class InferenceWorker:
         backlog = self.queue.qsize() + self.max_batch_size
         return int(min(60, max(1, math.ceil(backlog * self._per_image_s))))
 
-    def submit(self, image: Image.Image, object_name: str | None, heatmap: bool) -> Future:
+    def submit(self, image: Image.Image, object_name: str | None, heatmap: bool,
+               request: _Request | None = None) -> Future:
         if self._stopping.is_set():
             raise WorkerStopped("the service is shutting down")
-        job = Job(image, object_name, heatmap)
+        job = Job(image, object_name, heatmap, request=request)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -152,15 +167,18 @@ class InferenceWorker:
         return job.future
 
     def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                    arrival: Arrival | None = None) -> list[Future]:
+                    arrival: Arrival | None = None, on_done: Callable[[], None] | None = None) -> list[Future]:
         """All or nothing: when the queue cannot take every image, the ones already queued are cancelled.
 
         `arrival` (from `arrival()`) is settled once the images are queued, so the batcher stops waiting for them.
+        `on_done` runs on the inference thread once every image is scored, before the last result is handed back
+        (and before any result of the batch that completes it).
         """
         futures: list[Future] = []
+        request = _Request(len(images), on_done) if on_done is not None else None
         try:
             for image in images:
-                futures.append(self.submit(image, object_name, heatmap))
+                futures.append(self.submit(image, object_name, heatmap, request))
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -233,6 +251,15 @@ class InferenceWorker:
         if m is not None:
             m.batch_size.observe(len(jobs))
             m.observe_stages(timings)
+        for job in jobs:  # first tell the requests this batch completes, then hand back any answer
+            req = job.request
+            if req is not None:
+                req.remaining -= 1
+                if req.remaining == 0:
+                    try:
+                        req.on_done()
+                    except Exception:  # a hook must never cost the batch its answers
+                        log.exception("on_done hook failed")
         for job, detection in zip(jobs, detections):
             wait = start - job.enqueued
             if m is not None:
