@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .clip_backend import ClipBackend, ClipLoadError, ClipSpec, load_clip
-from .constants import SCORE_NAMES, WINDOW_SCALES
+from .constants import WINDOW_SCALES
 from .fnn import FNN, load_fnn
 from .prompts import Vocabulary, ensemble
 from .scoring import Calibration, PromptAnchors, all_logits, all_scores, anchors_from_embeddings
@@ -41,10 +41,10 @@ class MapsOnDemand(Mapping):
     image's size from its patch grid the first time it is read (then keeps it). A detection in flight holds only
     its grids; a caller that reads one score's map pays for one map, not for every score's."""
 
-    def __init__(self, grid: dict[str, np.ndarray], geometry: Geometry):
+    def __init__(self, grid: dict[str, np.ndarray], geometry: Geometry, made: dict[str, np.ndarray] | None = None):
         self._grid = grid
         self._geometry = geometry
-        self._made: dict[str, np.ndarray] = {}
+        self._made: dict[str, np.ndarray] = dict(made or {})  # maps made in the batch (`Detector.detect(map_score=)`)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._made:
@@ -102,6 +102,9 @@ class Detector:
     _anchors: dict[str, PromptAnchors] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     full_maps: bool = True  # False: Detection.heat makes each map when it is read (`MapsOnDemand`)
+    maps_in_batch: bool | None = None  # make `map_score`'s map on the model's device in the batch; None: off the CPU
+
+    maps_on_device = True  # the worker may pass `map_score` (fakes in tests do not take it)
 
     MAX_CACHED_WORDS = 256  # object words come from requests: the anchor cache is bounded
 
@@ -257,8 +260,15 @@ class Detector:
         embs: Sequence[ImageEmbedding],
         object_name: str | None = None,
         timings: dict[str, float] | None = None,
+        map_score: str | None = None,
     ) -> list[Detection]:
-        """Scores (and maps, when the embeddings have windows) for a batch of embeddings from `embed`."""
+        """Scores (and maps, when the embeddings have windows) for a batch of embeddings from `embed`.
+
+        Everything stays on the model's device for the whole batch: the scores of every registered score, the window
+        scores, the harmonic aggregation (all scores stacked into one batch) and the maps at each image's size. What
+        crosses to the host: the image scores (one transfer), the patch grids (one transfer), and the final maps
+        (all of them with `full_maps`; else only `map_score`'s, when given and `maps_in_batch`; the other maps are
+        made from the grid when read, see `MapsOnDemand`)."""
         from .aggregate import winclip_map
         from .window_grid import window_indices
 
@@ -266,24 +276,34 @@ class Detector:
         t = time.perf_counter()
         device = self.backend.device
         scores = self.score_embeddings(torch.stack([e.global_emb for e in embs]).to(device), object_name)
-        results = [Detection({k: float(v[i]) for k, v in scores.items()}, (e.geometry.width, e.geometry.height))
+        names = list(scores)
+        image_scores = torch.stack([scores[k] for k in names])  # [S, B] on the device
+        host = image_scores.cpu().tolist()  # one transfer for every score of the batch
+        results = [Detection({k: host[j][i] for j, k in enumerate(names)}, (e.geometry.width, e.geometry.height))
                    for i, e in enumerate(embs)]
         if embs[0].windows:
+            b = len(embs)
             grid, stride = embs[0].grid, self.settings.window_stride
             indices = {sc: window_indices(grid[0], grid[1], sc, stride) for sc in embs[0].windows}
             window_scores = {
                 sc: self.score_embeddings(torch.stack([e.windows[sc] for e in embs]).to(device), object_name)
                 for sc in indices
             }
-            for name in SCORE_NAMES:
-                maps = winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, indices, grid)
-                for i, (e, det) in enumerate(zip(embs, results)):
-                    det.grid[name] = maps[i].cpu().numpy()
-                    if self.full_maps:
-                        det.heat[name] = e.geometry.to_original(maps[i])
-            if not self.full_maps:
-                for e, det in zip(embs, results):
-                    det.heat = MapsOnDemand(det.grid, e.geometry)
+            # every score's maps in one aggregation: the scores are stacked along the batch ([S * B, ...])
+            stacked = {sc: torch.stack([ws[k] for k in names]).flatten(0, 1) for sc, ws in window_scores.items()}
+            maps = winclip_map(image_scores.flatten(), stacked, indices, grid).reshape(len(names), b, *grid)
+            grids = maps.cpu().numpy()  # one transfer: the patch grids of every score and image
+            in_batch = self.maps_in_batch if self.maps_in_batch is not None else device.type != "cpu"
+            for i, (e, det) in enumerate(zip(embs, results)):
+                det.grid = {k: grids[j, i] for j, k in enumerate(names)}
+                if self.full_maps:  # every score's map at the image's size, made on the device, one transfer
+                    heat = e.geometry.to_original_tensor(maps[:, i]).cpu().numpy()
+                    det.heat = {k: heat[j] for j, k in enumerate(names)}
+                else:
+                    made = {}
+                    if map_score in names and in_batch:  # the answer's map, made on the device
+                        made[map_score] = e.geometry.to_original_tensor(maps[names.index(map_score), i]).cpu().numpy()
+                    det.heat = MapsOnDemand(det.grid, e.geometry, made)
         lap(timings, "aggregate", t)
         return results
 
@@ -293,10 +313,13 @@ class Detector:
         object_name: str | None = None,
         heatmap: bool = True,
         timings: dict[str, float] | None = None,
+        map_score: str | None = None,
     ) -> list[Detection]:
-        """Score a batch of RGB images; with `heatmap`, also WinCLIP-style maps at each image's resolution."""
+        """Score a batch of RGB images; with `heatmap`, also WinCLIP-style maps at each image's resolution.
+        `map_score`: the score whose map the caller will read (the service's answer), made in the batch when
+        `maps_in_batch` (see `score`)."""
         timings = timings if timings is not None else {}
-        return self.score(self.embed(images, heatmap, timings), object_name, timings)
+        return self.score(self.embed(images, heatmap, timings), object_name, timings, map_score)
 
     def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> Detector:
         """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""

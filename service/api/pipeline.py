@@ -1,10 +1,14 @@
-"""The use cases behind the HTTP routes: detect (decode -> queue for inference -> threshold -> heatmap -> persist)
+"""The use cases behind the HTTP routes: detect (headers + threshold -> decode -> queue for inference -> heatmap ->
+persist)
 and calibrate (decode -> score normal images -> threshold at a false-reject rate -> store).
 
 Kept apart from the routes so the batch endpoint, the single endpoint and calibration share one path, and the
 routers only parse and shape. Everything CPU-heavy runs off the event loop: decoding and heatmap encoding in the
 thread pool, the model in the inference worker thread, database writes in the thread pool (committed before the
-response is built).
+response is built). A detect request makes three trips to the pool (headers and threshold, decode, then answer +
+commit) and one to the inference thread; the threshold is read first because its score names the one map the answer
+shows, which the detector makes in the batch on the model's device (`Detector.score`). Overlay PNGs are encoded in
+the pool, never on the inference thread, and only when asked for (or kept: ZSAD_KEEP_HEATMAPS).
 """
 from __future__ import annotations
 
@@ -150,10 +154,16 @@ async def decode_within_budget(state: AppState, uploads: list[Upload], deadline:
     plus every image at its reduced size, so the pixels decoded at once stay within `max_pixels_in_flight`
     however many requests and batches arrive. The caller releases the returned reservation once its answer is
     encoded."""
+    sizes = await to_thread.run_sync(inspect_all, uploads, state.settings.max_pixels, limiter=state.decode_limiter)
+    return await reserve_and_decode(state, uploads, deadline, sizes)
+
+
+async def reserve_and_decode(state: AppState, uploads: list[Upload], deadline: float,
+                             sizes: list[tuple[int, int]]) -> tuple[list[Decoded], Reservation]:
+    """`decode_within_budget` once the images' header sizes are known."""
     from ..preprocess import reduction_factor
 
     s = state.settings
-    sizes = await to_thread.run_sync(inspect_all, uploads, s.max_pixels, limiter=state.decode_limiter)
     reduced = []
     for w, h in sizes:
         f = reduction_factor(w, h, s.max_heatmap_pixels)
@@ -174,12 +184,14 @@ async def decode_within_budget(state: AppState, uploads: list[Upload], deadline:
 
 
 async def infer(state: AppState, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                deadline: float, arrival: Arrival | None = None, on_done: Any = None) -> list[JobResult]:
+                deadline: float, arrival: Arrival | None = None, on_done: Any = None,
+                map_score: str | None = None) -> list[JobResult]:
     """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time). `on_done` runs
-    on the inference thread when the last image is scored (`InferenceWorker.submit_many`)."""
+    on the inference thread when the last image is scored; `map_score`'s map is made in the batch
+    (`InferenceWorker.submit_many`)."""
     state.require_ready()
     try:
-        futures = state.worker.submit_many(images, object_name, heatmap, arrival, on_done)
+        futures = state.worker.submit_many(images, object_name, heatmap, arrival, on_done, map_score)
     except QueueFull as exc:
         raise ApiError(503, "queue_full", "inference queue is full, retry later",
                        {"Retry-After": str(exc.retry_after)}) from None
@@ -250,13 +262,21 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
     deadline = start + settings.request_timeout_s
     state.require_ready()  # before spending time on decoding
     slot = state.results.commit_slot()
+    manifest = state.detector.manifest if state.detector is not None else None
+
+    def _headers_and_threshold() -> tuple[list[tuple[int, int]], Resolved]:
+        # one trip to the pool: the headers, and the threshold (its score names the map the answer shows)
+        sizes = inspect_all(uploads, settings.max_pixels)
+        return sizes, state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
+                                               settings.default_threshold, manifest, settings.mask_threshold)
+
     try:
-        decoded, pixels = await decode_within_budget(state, uploads, deadline)
+        sizes, resolved = await to_thread.run_sync(_headers_and_threshold, limiter=state.decode_limiter)
+        decoded, pixels = await reserve_and_decode(state, uploads, deadline, sizes)
         try:  # the decoded pixels are held until the answer is encoded
             results = await infer(state, [d.model_input for d in decoded], opts.object_name,
-                                  opts.heatmap != "none", deadline, arrival, slot.expect)
-            manifest = state.detector.manifest if state.detector is not None else None
-            return await to_thread.run_sync(_finish, state, decoded, results, opts, manifest, start, slot)
+                                  opts.heatmap != "none", deadline, arrival, slot.expect, resolved.score)
+            return await to_thread.run_sync(_finish, state, decoded, results, opts, resolved, start, slot)
         finally:
             pixels.release()
     finally:
@@ -264,12 +284,10 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
 
 
 def _finish(state: AppState, decoded: list[Decoded], results: list[JobResult], opts: DetectOptions,
-            manifest: dict[str, Any] | None, start: float, slot: Any) -> list[dict[str, Any]]:
-    """Thresholds (a database read), answer payloads, the durable commit, the answers: one thread, no hops between."""
+            resolved: Resolved, start: float, slot: Any) -> list[dict[str, Any]]:
+    """Answer payloads, the durable commit, the answers: one thread, no hops between."""
     settings = state.settings
     keep_png = state.results.keep_heatmaps
-    resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                        settings.default_threshold, manifest, settings.mask_threshold)
     records: list[NewResult] = []
     extras: list[dict[str, Any]] = []
     for dec, res in zip(decoded, results):

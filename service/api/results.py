@@ -19,6 +19,7 @@ from __future__ import annotations
 import datetime as _dt
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -168,7 +169,8 @@ class ResultsStore:
         self._pending: list[_Ticket] = []
         self._expected = 0  # requests of finished micro-batches whose rows have not joined a commit yet
         self.group_wait_s = GROUP_COMMIT_WAIT_S
-        self.commits = 0  # transactions committed by add_many (tests, the benchmark)
+        self.commits = 0  # transactions committed by add_many
+        self.on_commit: Callable[[], None] | None = None  # the service counts them (zsad_result_commits_total)
         self.engine = engine if engine is not None else make_engine(url)  # the app shares one engine (AppState)
 
     def open(self) -> None:
@@ -241,6 +243,8 @@ class ResultsStore:
                     if cutoff is not None:
                         conn.execute(delete(heatmaps_table).where(heatmaps_table.c.result_id <= cutoff))
             self.commits += 1
+            if self.on_commit is not None:
+                self.on_commit()
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
             for ticket in group:
                 ticket.ids, ticket.error = [], exc

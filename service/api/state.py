@@ -59,6 +59,7 @@ class AppState:
         self.thresholds = ThresholdStore(self.engine)
         self.results = ResultsStore(settings.results_url, settings.results_path, settings.keep_heatmaps,
                                     settings.heatmap_retention, engine=self.engine)
+        self.results.on_commit = self.metrics.result_commits.inc
         self.fleet = FleetStore(self.engine)
         self.started_at = time.time()
         self.desired: Desired | None = None  # the fleet's desired model as last read

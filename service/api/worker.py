@@ -60,6 +60,7 @@ class Job:
     future: Future = field(default_factory=Future)
     enqueued: float = field(default_factory=time.perf_counter)
     request: _Request | None = None
+    map_score: str | None = None  # the score whose map the answer shows: made in the batch (`Detector.detect`)
 
 
 @dataclass
@@ -152,10 +153,10 @@ class InferenceWorker:
         return int(min(60, max(1, math.ceil(backlog * self._per_image_s))))
 
     def submit(self, image: Image.Image, object_name: str | None, heatmap: bool,
-               request: _Request | None = None) -> Future:
+               request: _Request | None = None, map_score: str | None = None) -> Future:
         if self._stopping.is_set():
             raise WorkerStopped("the service is shutting down")
-        job = Job(image, object_name, heatmap, request=request)
+        job = Job(image, object_name, heatmap, request=request, map_score=map_score if heatmap else None)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -167,7 +168,8 @@ class InferenceWorker:
         return job.future
 
     def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                    arrival: Arrival | None = None, on_done: Callable[[], None] | None = None) -> list[Future]:
+                    arrival: Arrival | None = None, on_done: Callable[[], None] | None = None,
+                    map_score: str | None = None) -> list[Future]:
         """All or nothing: when the queue cannot take every image, the ones already queued are cancelled.
 
         `arrival` (from `arrival()`) is settled once the images are queued, so the batcher stops waiting for them.
@@ -178,7 +180,7 @@ class InferenceWorker:
         request = _Request(len(images), on_done) if on_done is not None else None
         try:
             for image in images:
-                futures.append(self.submit(image, object_name, heatmap, request))
+                futures.append(self.submit(image, object_name, heatmap, request, map_score))
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -221,20 +223,23 @@ class InferenceWorker:
                 self.metrics.queue_depth.set(self.queue.qsize())
             # Drop jobs whose requests gave up (timeout, disconnect): their futures were cancelled.
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            groups: dict[tuple[str | None, bool], list[Job]] = {}
+            groups: dict[tuple[str | None, bool, str | None], list[Job]] = {}
             for job in live:
-                groups.setdefault((job.object_name, job.heatmap), []).append(job)
-            for (object_name, heatmap), jobs in groups.items():
-                self._run_group(jobs, object_name, heatmap)
+                groups.setdefault((job.object_name, job.heatmap, job.map_score), []).append(job)
+            for (object_name, heatmap, map_score), jobs in groups.items():
+                self._run_group(jobs, object_name, heatmap, map_score)
 
-    def _run_group(self, jobs: list[Job], object_name: str | None, heatmap: bool) -> None:
+    def _run_group(self, jobs: list[Job], object_name: str | None, heatmap: bool,
+                   map_score: str | None = None) -> None:
         start = time.perf_counter()
         try:
             detector = self.get_detector()
             if detector is None:
                 raise WorkerStopped("no model is loaded")
             timings: dict[str, float] = {}
-            detections = detector.detect([j.image for j in jobs], object_name, heatmap=heatmap, timings=timings)
+            extra = {"map_score": map_score} if map_score and getattr(detector, "maps_on_device", False) else {}
+            detections = detector.detect([j.image for j in jobs], object_name, heatmap=heatmap, timings=timings,
+                                         **extra)
             if len(detections) != len(jobs):
                 raise RuntimeError(f"detector returned {len(detections)} results for {len(jobs)} images")
             clip = detector.backend.spec.label()

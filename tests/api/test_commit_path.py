@@ -174,3 +174,52 @@ def test_answers_equal_their_schema_validated_dump(tmp_path, heatmap):
         body = orjson.loads(r.content)
         assert body == BatchResult.model_validate(body).model_dump(mode="json")
         assert body["count"] == 2 and len(body["results"]) == 2
+
+
+# --- heatmaps: the PNG only when asked for, the answer's map named to the detector --------------------------------------
+@pytest.mark.parametrize("keep", [False, True])
+def test_no_overlay_png_is_encoded_unless_asked_for_or_kept(tmp_path, monkeypatch, keep):
+    import service.heatmap as heatmap
+
+    calls: list[int] = []
+    original = heatmap.overlay_png
+    monkeypatch.setattr(heatmap, "overlay_png", lambda *a, **k: calls.append(1) or original(*a, **k))
+    app, _ = _app(tmp_path, FakeDetector(), keep_heatmaps=keep)
+    with TestClient(app) as c:
+        wait_ready(c)
+        counts = {}
+        for mode in ("none", "json", "png"):
+            before = len(calls)
+            assert c.post("/v1/detect", content=image_bytes(), headers=PNG, params={"heatmap": mode}).status_code == 200
+            counts[mode] = len(calls) - before
+    # none: no map at all; json: a PNG only to keep it in the results store; png: the answer's overlay
+    assert counts == {"none": 0, "json": 1 if keep else 0, "png": 1}
+
+
+class _MapAwareDetector(FakeDetector):
+    maps_on_device = True
+
+    def __init__(self):
+        super().__init__()
+        self.map_scores: list[str | None] = []
+
+    def detect(self, images, object_name=None, heatmap=True, timings=None, map_score=None):
+        self.map_scores.append(map_score)
+        return super().detect(images, object_name, heatmap, timings)
+
+
+def test_the_detector_is_told_which_map_the_answer_shows(tmp_path):
+    det = _MapAwareDetector()
+    app, _ = _app(tmp_path, det)
+    with TestClient(app) as c:
+        wait_ready(c)
+        c.put("/v1/thresholds/widget", json={"threshold": 0.4, "score": "fnn"})
+        det.map_scores.clear()
+        for params in ({"heatmap": "png", "product": "widget"}, {"heatmap": "json", "score": "prompt"},
+                       {"heatmap": "none", "product": "widget"}, {"heatmap": "png"}):
+            r = c.post("/v1/detect", content=image_bytes(), headers=PNG, params=params)
+            assert r.status_code == 200
+            if params["heatmap"] != "none":
+                assert r.json()["heatmap"]["score"] == det.map_scores[-1]
+    # the product's threshold is on fnn; an explicit score wins; no heatmap, no map; else the default score
+    assert det.map_scores == ["fnn", "prompt", None, "combined"]
