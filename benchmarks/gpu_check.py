@@ -12,11 +12,23 @@ Run on a machine with a CUDA GPU (CI has none; this is run by hand or on a lent 
 5. The embedded default model from the store on CUDA vs CPU: score agreement.
 6. With --profile: where one batch-1 heatmap call spends its time (torch.profiler, CPU and CUDA), because the
    first run measured 8.8 images/s at batch 1 against 86 at batch 32: about 100 ms per call that batching hides.
-Ends with one `RESULT name=gpu_check ...` line.
+7. The serving pipeline (issue #17): the detector as the service runs it (maps on demand, the answer's map made in
+   the batch on the GPU, inputs prepared beforehand as the decode threads do) against the window forward alone
+   (`embed_image_and_windows` on pixels already on the GPU), both in images/s at batch 32, in alternating turns;
+   the batch-1 p50 latency of that detect; and the largest difference between the map made on the GPU and the one
+   made on the host from the grid. Targets: pipeline >= 70% of the forward's images/s at batch 32, p50 <= 15 ms.
+Ends with one `RESULT name=gpu_check ...` line; with `$OUT` set (the device machine), the output is also written to
+`$OUT/gpu_check.txt` and the RESULT fields to `$OUT/gpu_check.json`.
+
+One run on a lent machine: `PYTHONPATH=. python benchmarks/gpu_check.py --profile --seconds 6` with a timeout
+that leaves time to rerun (its duration on a GPU is not measured yet). `--smoke` runs everything on the CPU.
 """
 from __future__ import annotations
 
 import argparse
+import json
+import os
+import sys
 import tempfile
 import time
 from pathlib import Path
@@ -87,6 +99,74 @@ def profile_call(det: Detector, ims: list[Image.Image]) -> None:
         print(table.table(sort_by="self_cuda_time_total", row_limit=10))
 
 
+def serving_pipeline(det: Detector, seconds: float, batch: int = 32) -> dict[str, str]:
+    """Step 7: the service's detect path against the window forward alone, alternating, plus batch-1 latency."""
+    from service.windows import embed_image_and_windows
+
+    det = det.with_full_maps(False)  # what the service loads (state.default_loader)
+    s = det.settings
+    prepared = [det.prepare(im) for im in images(batch)]  # the decode threads' work, not the inference thread's
+    pixels = torch.stack([p.pixels for p in prepared]).to(det.backend.device)
+
+    def forward() -> None:
+        embed_image_and_windows(det.backend, pixels, det.window_scales, s.window_stride, s.window_chunk,
+                                s.cnn_window_mode)
+
+    def pipeline() -> None:
+        for d in det.detect(prepared, map_score=s.default_score):
+            d.heat[s.default_score]  # the answer's map, on the host
+
+    def rate(fn, secs: float) -> float:
+        fn()
+        sync()
+        n, t0 = 0, time.perf_counter()
+        while time.perf_counter() - t0 < secs:
+            fn()
+            n += batch
+        sync()
+        return n / (time.perf_counter() - t0)
+
+    fw, pl = [], []
+    for _ in range(3):  # alternating turns: both see the same clocks and the same neighbours
+        fw.append(rate(forward, seconds / 6))
+        pl.append(rate(pipeline, seconds / 6))
+    fwd, pipe = float(np.median(fw)), float(np.median(pl))
+    one = [det.prepare(images(1, seed=5)[0])]
+    lat = []
+    for i in range(40):
+        t0 = time.perf_counter()
+        det.detect(one, map_score=s.default_score)[0].heat[s.default_score]
+        sync()
+        if i >= 5:
+            lat.append(time.perf_counter() - t0)
+    p50 = float(np.percentile(lat, 50)) * 1000
+    made = det.detect(one, map_score=s.default_score)[0]
+    host = det.with_full_maps(False)
+    host.maps_in_batch = False
+    ref = host.detect(one)[0].heat[s.default_score]
+    diff = float(np.abs(made.heat[s.default_score] - ref).max())
+    print(f"7. serving pipeline batch {batch}: {pipe:.1f} images/s vs window forward alone {fwd:.1f} images/s "
+          f"({pipe / fwd:.2f}; target >= 0.70); batch-1 detect p50 {p50:.2f} ms (target <= 15); GPU map vs host map "
+          f"max diff {diff:.2e}")
+    return {"pipeline_b32_ips": f"{pipe:.1f}", "forward_b32_ips": f"{fwd:.1f}", "pipeline_over_forward": f"{pipe / fwd:.3f}",
+            "pipeline_b1_p50_ms": f"{p50:.2f}", "device_map_diff": f"{diff:.2e}"}
+
+
+class _Tee:
+    """stdout also into $OUT/gpu_check.txt, so a lent machine's run comes back whole."""
+
+    def __init__(self, path: Path):
+        self.file, self.stdout = open(path, "w"), sys.stdout
+
+    def write(self, text: str) -> None:
+        self.stdout.write(text)
+        self.file.write(text)
+        self.file.flush()
+
+    def flush(self) -> None:
+        self.stdout.flush()
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default="model_store")
@@ -95,6 +175,9 @@ def main() -> None:
     ap.add_argument("--profile", action="store_true", help="profile one batch-1 heatmap call (step 6)")
     args = ap.parse_args()
     global DEV
+    out_dir = Path(os.environ["OUT"]) if os.environ.get("OUT") else None
+    if out_dir is not None:
+        sys.stdout = _Tee(out_dir / "gpu_check.txt")
     if args.smoke:
         DEV = "cpu"
     else:
@@ -136,6 +219,10 @@ def main() -> None:
             out["peak_gpu_gib"] = f"{torch.cuda.max_memory_allocated() / 2**30:.2f}"
         if args.profile:
             profile_call(det16, images(1))
+        try:
+            out.update(serving_pipeline(det16, args.seconds, 32 if DEV == "cuda" else 2))
+        except Exception as exc:  # noqa: BLE001 - the check must still report the rest
+            print(f"7. serving pipeline: failed ({type(exc).__name__}: {exc})")
 
         pairs = random_word_pairs(vocab, RandomWordConfig(n_pairs=1000 if DEV == "cuda" else 20, seed=0))
         prompts = [p.normal for p in pairs] + [p.anomalous for p in pairs]
@@ -169,6 +256,8 @@ def main() -> None:
     except Exception as exc:  # noqa: BLE001 - the check must still report the rest
         print(f"5. embedded model: skipped ({exc})")
     print("RESULT name=gpu_check " + " ".join(f"{k}={v}" for k, v in out.items()))
+    if out_dir is not None:
+        (out_dir / "gpu_check.json").write_text(json.dumps(out, indent=2))
 
 
 if __name__ == "__main__":

@@ -81,6 +81,7 @@ ALLOWED_FORMATS: tuple[str, ...] = ("JPEG", "PNG", "BMP", "TIFF", "WEBP", "GIF")
 IMAGE_EXTENSIONS: tuple[str, ...] = (".png", ".jpg", ".jpeg", ".bmp", ".tif", ".tiff", ".webp", ".gif")
 
 # --- the shared database (service/db/) --------------------------------------------------------------------------------
+GROUP_COMMIT_WAIT_S = 0.025  # the longest a result commit waits for the rest of its micro-batch (results.CommitSlot)
 FLEET_POLL_S = 2.0  # how often a replica reads the fleet's desired model and writes its heartbeat
 FLEET_STALE_POLLS = 3  # a replica not seen for this many poll intervals (at least 10 s) is listed as stale
 FLEET_FORGET_S = 3600.0  # heartbeat rows not updated for this long are deleted

@@ -20,7 +20,7 @@ import torch
 from PIL import Image
 
 from .clip_backend import ClipBackend, ClipLoadError, ClipSpec, load_clip
-from .constants import SCORE_NAMES, WINDOW_SCALES
+from .constants import WINDOW_SCALES
 from .fnn import FNN, load_fnn
 from .prompts import Vocabulary, ensemble
 from .scoring import Calibration, PromptAnchors, all_logits, all_scores, anchors_from_embeddings
@@ -42,10 +42,10 @@ class MapsOnDemand(Mapping):
     image's size from its patch grid the first time it is read (then keeps it). A detection in flight holds only
     its grids; a caller that reads one score's map pays for one map, not for every score's."""
 
-    def __init__(self, grid: dict[str, np.ndarray], geometry: Geometry):
+    def __init__(self, grid: dict[str, np.ndarray], geometry: Geometry, made: dict[str, np.ndarray] | None = None):
         self._grid = grid
         self._geometry = geometry
-        self._made: dict[str, np.ndarray] = {}
+        self._made: dict[str, np.ndarray] = dict(made or {})  # maps made in the batch (`Detector.detect(map_score=)`)
 
     def __getitem__(self, name: str) -> np.ndarray:
         if name not in self._made:
@@ -106,6 +106,9 @@ class Detector:
     _anchors: dict[str, PromptAnchors] = field(default_factory=dict, repr=False)
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     full_maps: bool = True  # False: Detection.heat makes each map when it is read (`MapsOnDemand`)
+    maps_in_batch: bool | None = None  # make `map_score`'s map on the model's device in the batch; None: off the CPU
+
+    maps_on_device = True  # the worker may pass `map_score` (fakes in tests do not take it)
 
     MAX_CACHED_WORDS = 256  # object words come from requests: the anchor cache is bounded
 
@@ -265,8 +268,15 @@ class Detector:
         memory: ReferenceMemory | None = None,
         exclude: Sequence[int] | None = None,
         maps: bool = True,
+        map_score: str | None = None,
     ) -> list[Detection]:
         """Scores (and maps, when the embeddings have windows) for a batch of embeddings from `embed`.
+
+        Everything stays on the model's device for the whole batch: the scores of every registered score, the window
+        scores, the harmonic aggregation (all scores stacked into one batch) and the maps at each image's size. What
+        crosses to the host: the image scores (one transfer), the patch grids (one transfer), and the final maps
+        (all of them with `full_maps`; else only `map_score`'s, when given and `maps_in_batch`; the other maps are
+        made from the grid when read, see `MapsOnDemand`).
 
         With a reference `memory` (few-shot mode, `fewshot.py`) every score and map is combined with the memory's
         few-shot map by WinCLIP+'s rule; `exclude[i]` (a shot index, or -1) leaves that shot's rows out for image i
@@ -280,39 +290,51 @@ class Detector:
         t = time.perf_counter()
         device = self.backend.device
         scores = self.score_embeddings(torch.stack([e.global_emb for e in embs]).to(device), object_name)
-        fs_map = None
-        if memory is not None:
-            fs_map = self._few_shot_map(embs, memory, exclude)
-        grids: dict[str, torch.Tensor] = {}
+        names = list(scores)
+        fs_map = self._few_shot_map(embs, memory, exclude) if memory is not None else None
+        grid_maps = None  # [S, B, gh, gw]: every score's patch grid, on the device
         if fs_map is not None and not maps:  # the image score needs only the few-shot map's maximum
             from .fewshot import combine_few_shot
 
             zero = torch.zeros_like(fs_map, dtype=torch.float64)
             scores = {name: combine_few_shot(v, zero, fs_map)[0] for name, v in scores.items()}
         elif embs[0].windows:
+            b = len(embs)
             grid, stride = embs[0].grid, self.settings.window_stride
             indices = {sc: window_indices(grid[0], grid[1], sc, stride) for sc in embs[0].windows}
             window_scores = {
                 sc: self.score_embeddings(torch.stack([e.windows[sc] for e in embs]).to(device), object_name)
                 for sc in indices
             }
-            for name in SCORE_NAMES:
-                grids[name] = winclip_map(scores[name], {sc: ws[name] for sc, ws in window_scores.items()}, indices,
-                                          grid)
-                if fs_map is not None:
-                    from .fewshot import combine_few_shot
+            # every score's maps in one aggregation: the scores are stacked along the batch ([S * B, ...])
+            stacked = {sc: torch.stack([ws[k] for k in names]).flatten(0, 1) for sc, ws in window_scores.items()}
+            image_scores = torch.stack([scores[k] for k in names])  # [S, B] on the device
+            grid_maps = winclip_map(image_scores.flatten(), stacked, indices, grid).reshape(len(names), b, *grid)
+            if fs_map is not None:
+                from .fewshot import combine_few_shot
 
-                    scores[name], grids[name] = combine_few_shot(scores[name], grids[name], fs_map)
-        results = [Detection({k: float(v[i]) for k, v in scores.items()}, (e.geometry.width, e.geometry.height))
+                combined = [combine_few_shot(scores[k], grid_maps[j], fs_map) for j, k in enumerate(names)]
+                scores = {k: c[0] for k, c in zip(names, combined)}
+                grid_maps = torch.stack([c[1] for c in combined])
+        host = torch.stack([scores[k] for k in names]).cpu().tolist()  # one transfer for every score of the batch
+        results = [Detection({k: host[j][i] for j, k in enumerate(names)}, (e.geometry.width, e.geometry.height))
                    for i, e in enumerate(embs)]
-        for name, grid_maps in grids.items():
+        if grid_maps is not None:
+            grids = grid_maps.cpu().numpy()  # one transfer: the patch grids of every score and image
+            in_batch = self.maps_in_batch if self.maps_in_batch is not None else device.type != "cpu"
             for i, (e, det) in enumerate(zip(embs, results)):
-                det.grid[name] = grid_maps[i].cpu().numpy()
-                if maps and self.full_maps:
-                    det.heat[name] = e.geometry.to_original(grid_maps[i])
-        if grids and maps and not self.full_maps:  # maps at the image's size only when asked (pixel budget)
-            for e, det in zip(embs, results):
-                det.heat = MapsOnDemand(det.grid, e.geometry)
+                det.grid = {k: grids[j, i] for j, k in enumerate(names)}
+                if not maps:  # maps at the image's size only when asked (pixel budget)
+                    continue
+                if self.full_maps:  # every score's map at the image's size, made on the device, one transfer
+                    heat = e.geometry.to_original_tensor(grid_maps[:, i]).cpu().numpy()
+                    det.heat = {k: heat[j] for j, k in enumerate(names)}
+                else:
+                    made = {}
+                    if map_score in names and in_batch:  # the answer's map, made on the device
+                        made[map_score] = e.geometry.to_original_tensor(
+                            grid_maps[names.index(map_score), i]).cpu().numpy()
+                    det.heat = MapsOnDemand(det.grid, e.geometry, made)
         if memory is not None:
             for det in results:
                 det.mode, det.shots = "few_shot", memory.shots
@@ -341,15 +363,19 @@ class Detector:
         heatmap: bool = True,
         timings: dict[str, float] | None = None,
         memory: ReferenceMemory | None = None,
+        map_score: str | None = None,
     ) -> list[Detection]:
         """Score a batch of RGB images; with `heatmap`, also WinCLIP-style maps at each image's resolution.
+        `map_score`: the score whose map the caller will read (the service's answer), made in the batch when
+        `maps_in_batch` (see `score`).
 
         With a reference `memory` the images are scored in few-shot mode (WinCLIP+, `fewshot.py`); the windows are
         then computed even without `heatmap`, since the image score takes the few-shot map's maximum."""
         timings = timings if timings is not None else {}
         if memory is None:
-            return self.score(self.embed(images, heatmap, timings), object_name, timings)
-        return self.score(self.embed(images, True, timings), object_name, timings, memory=memory, maps=heatmap)
+            return self.score(self.embed(images, heatmap, timings), object_name, timings, map_score=map_score)
+        return self.score(self.embed(images, True, timings), object_name, timings, memory=memory, maps=heatmap,
+                          map_score=map_score)
 
     def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> Detector:
         """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""

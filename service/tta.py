@@ -46,14 +46,17 @@ def encode_global(backend, pixels: torch.Tensor, n_views: int = 1, identity: tor
     more than about 8 images get slower per image (they fall out of cache: 4 views of 32 images took 1.14 s in one
     forward and 0.57 s in four), so views are grouped into forwards of at most max(B, 8) images.
     """
+    from .preprocess import cnn_layout
+
+    visual = getattr(getattr(backend, "model", None), "visual", None)
     if n_views == 1:
-        return identity if identity is not None else backend.encode_image(pixels)
+        return identity if identity is not None else backend.encode_image(cnn_layout(pixels, visual))
     views = dihedral_views(pixels, n_views)
     todo = views[1:] if identity is not None else views
     b = pixels.shape[0]
     per_forward = len(todo) if pixels.device.type != "cpu" else max(1, max(b, CPU_IMAGES_PER_FORWARD) // b)
     out: list[torch.Tensor] = []
     for i in range(0, len(todo), per_forward):
-        out += backend.encode_image(torch.cat(todo[i:i + per_forward])).split(b)
+        out += backend.encode_image(cnn_layout(torch.cat(todo[i:i + per_forward]), visual)).split(b)
     per_view = ([identity] if identity is not None else []) + out
     return average_embeddings(per_view).to(per_view[0].dtype)

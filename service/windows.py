@@ -265,7 +265,9 @@ def _gather_rows(n_windows: int, start: int, stop: int) -> tuple[torch.Tensor, t
 
 def cnn_feature_map(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Final ModifiedResNet feature map [B, C, h, w] (stem + layer1..4), before the attention pool."""
-    x = visual.stem(pixels)
+    from .preprocess import cnn_layout
+
+    x = visual.stem(cnn_layout(pixels, visual))
     x = visual.layer1(x)
     x = visual.layer2(x)
     x = visual.layer3(x)

@@ -59,7 +59,8 @@ def test_a_given_identity_embedding_is_used_not_recomputed(tiny_backend):
     x = torch.randn(3, 3, tiny_backend.image_size, tiny_backend.image_size, generator=torch.Generator().manual_seed(2))
     full = encode_global(tiny_backend, x, 2)
     assert torch.allclose(encode_global(tiny_backend, x, 2, identity=tiny_backend.encode_image(x)), full, atol=1e-6)
-    assert torch.equal(encode_global(tiny_backend, x, 1), tiny_backend.encode_image(x))
+    # one view is the plain embedding (a CNN's input in channels-last layout on the CPU: the same up to rounding)
+    assert torch.allclose(encode_global(tiny_backend, x, 1), tiny_backend.encode_image(x), atol=1e-6)
 
 
 @pytest.fixture(scope="module")

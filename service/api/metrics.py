@@ -143,6 +143,8 @@ class Metrics:
         self.model_load_seconds = Gauge("zsad_model_load_duration_seconds", "Time the last successful load took.",
                                         registry=r)
         self.reloads = Counter("zsad_model_reloads", "Model reload attempts by outcome.", ["outcome"], registry=r)
+        self.result_commits = Counter("zsad_result_commits", "Transactions that stored results (the requests of a "
+                                      "micro-batch share one: group commit).", registry=r)
         self.client_disconnects = Counter("zsad_client_disconnects", "Requests whose client went away before the "
                                           "request was read (not server errors).", registry=r)
         self.slo_detect_p95 = Gauge("zsad_slo_detect_p95_seconds", "Objective for the p95 latency of POST /v1/detect "

@@ -1,10 +1,14 @@
-"""The use cases behind the HTTP routes: detect (decode -> queue for inference -> threshold -> heatmap -> persist)
+"""The use cases behind the HTTP routes: detect (headers + threshold -> decode -> queue for inference -> heatmap ->
+persist)
 and calibrate (decode -> score normal images -> threshold at a false-reject rate -> store).
 
 Kept apart from the routes so the batch endpoint, the single endpoint and calibration share one path, and the
 routers only parse and shape. Everything CPU-heavy runs off the event loop: decoding and heatmap encoding in the
 thread pool, the model in the inference worker thread, database writes in the thread pool (committed before the
-response is built).
+response is built). A detect request makes three trips to the pool (headers and threshold, decode, then answer +
+commit) and one to the inference thread; the threshold is read first because its score names the one map the answer
+shows, which the detector makes in the batch on the model's device (`Detector.score`). Overlay PNGs are encoded in
+the pool, never on the inference thread, and only when asked for (or kept: ZSAD_KEEP_HEATMAPS).
 """
 from __future__ import annotations
 
@@ -150,10 +154,16 @@ async def decode_within_budget(state: AppState, uploads: list[Upload], deadline:
     plus every image at its reduced size, so the pixels decoded at once stay within `max_pixels_in_flight`
     however many requests and batches arrive. The caller releases the returned reservation once its answer is
     encoded."""
+    sizes = await to_thread.run_sync(inspect_all, uploads, state.settings.max_pixels, limiter=state.decode_limiter)
+    return await reserve_and_decode(state, uploads, deadline, sizes)
+
+
+async def reserve_and_decode(state: AppState, uploads: list[Upload], deadline: float,
+                             sizes: list[tuple[int, int]]) -> tuple[list[Decoded], Reservation]:
+    """`decode_within_budget` once the images' header sizes are known."""
     from ..preprocess import reduction_factor
 
     s = state.settings
-    sizes = await to_thread.run_sync(inspect_all, uploads, s.max_pixels, limiter=state.decode_limiter)
     reduced = []
     for w, h in sizes:
         f = reduction_factor(w, h, s.max_heatmap_pixels)
@@ -174,13 +184,16 @@ async def decode_within_budget(state: AppState, uploads: list[Upload], deadline:
 
 
 async def infer(state: AppState, images: list[Any], object_name: str | None, heatmap: bool,
-                deadline: float, arrival: Arrival | None = None, memory: Any = None, task: Any = None) -> list[JobResult]:
-    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time).
-
-    `memory` scores them in few-shot mode; `task(detector, items)` runs instead of `detect` (see `worker.Job`)."""
+                deadline: float, arrival: Arrival | None = None, on_done: Any = None,
+                map_score: str | None = None, memory: Any = None, task: Any = None) -> list[JobResult]:
+    """Queue images for the worker and wait for all of them (until `deadline`, a perf_counter time). `on_done` runs
+    on the inference thread when the last image is scored; `map_score`'s map is made in the batch
+    (`InferenceWorker.submit_many`). `memory` scores them in few-shot mode; `task(detector, items)` runs instead of
+    `detect` (see `worker.Job`)."""
     state.require_ready()
     try:
-        futures = state.worker.submit_many(images, object_name, heatmap, arrival, memory=memory, task=task)
+        futures = state.worker.submit_many(images, object_name, heatmap, arrival, memory=memory, task=task,
+                                           on_done=on_done, map_score=map_score)
     except QueueFull as exc:
         raise ApiError(503, "queue_full", "inference queue is full, retry later",
                        {"Retry-After": str(exc.retry_after)}) from None
@@ -226,11 +239,13 @@ def _encode_one(state: AppState, dec: Decoded, res: JobResult, opts: DetectOptio
     png = overlay_png(dec.image, heat) if (opts.heatmap == "png" or want_png_for_store) else None
     if opts.heatmap == "png":
         payload = {"format": "png", "score": score_name, "png_base64": base64.b64encode(png).decode("ascii"),
+                   "grid": None, "rows": None, "cols": None,
                    "mask_png_base64": base64.b64encode(mask_png(mask)).decode("ascii"),
                    "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     else:
         grid = det.grid[score_name]
-        payload = {"format": "json", "score": score_name, "rows": int(grid.shape[0]), "cols": int(grid.shape[1]),
+        payload = {"format": "json", "score": score_name, "png_base64": None, "mask_png_base64": None,
+                   "rows": int(grid.shape[0]), "cols": int(grid.shape[1]),
                    "grid": [[round(float(v), 4) for v in row] for row in grid],
                    "pixel_threshold": resolved.pixel_threshold, "pixel_threshold_source": resolved.pixel_source}
     return payload, found, png, time.perf_counter() - t
@@ -242,30 +257,47 @@ def _ms(seconds: float | None) -> float | None:
 
 async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOptions,
                          arrival: Arrival | None = None) -> list[dict[str, Any]]:
+    """Decode, score, then one trip to the thread pool that resolves the threshold, shapes the answers and commits
+    the rows (with the rest of the micro-batch: `results.CommitSlot`); the answers are built once committed."""
     settings = state.settings
     start = time.perf_counter()
     deadline = start + settings.request_timeout_s
     state.require_ready()  # before spending time on decoding
-    decoded, pixels = await decode_within_budget(state, uploads, deadline)
-    try:  # the decoded pixels are held until the answer is encoded
-        ref = await to_thread.run_sync(state.references.lookup, opts.product, opts.line, state.detector)
-        results = await infer(state, [d.model_input for d in decoded], opts.object_name, opts.heatmap != "none",
-                              deadline, arrival, memory=ref.memory)
+    slot = state.results.commit_slot()
+    manifest = state.detector.manifest if state.detector is not None else None
 
-        manifest = state.detector.manifest if state.detector is not None else None
-        keep_png = state.results.keep_heatmaps
+    def _headers_and_threshold() -> tuple[list[tuple[int, int]], Any, Resolved]:
+        # one trip to the pool: the headers, the product's reference memory (few-shot) and the threshold for its
+        # mode (whose score names the map the answer shows)
+        sizes = inspect_all(uploads, settings.max_pixels)
+        ref = state.references.lookup(opts.product, opts.line, state.detector)
+        return sizes, ref, state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
+                                                    settings.default_threshold, manifest, settings.mask_threshold,
+                                                    ref.mode)
 
-        def _post() -> tuple[Any, list[tuple]]:  # database reads (thresholds) and encoding stay off the event loop
-            resolved = state.thresholds.resolve(opts.product, opts.line, opts.score, settings.default_score,
-                                                settings.default_threshold, manifest, settings.mask_threshold, ref.mode)
-            return resolved, [_encode_one(state, d, r, opts, resolved, keep_png) for d, r in zip(decoded, results)]
-
-        resolved, encoded = await to_thread.run_sync(_post)
+    try:
+        sizes, ref, resolved = await to_thread.run_sync(_headers_and_threshold, limiter=state.decode_limiter)
+        decoded, pixels = await reserve_and_decode(state, uploads, deadline, sizes)
+        try:  # the decoded pixels are held until the answer is encoded
+            results = await infer(state, [d.model_input for d in decoded], opts.object_name,
+                                  opts.heatmap != "none", deadline, arrival, slot.expect, resolved.score,
+                                  memory=ref.memory)
+            return await to_thread.run_sync(_finish, state, decoded, results, opts, resolved, start, slot, ref)
+        finally:
+            pixels.release()
     finally:
-        pixels.release()
+        slot.settle()  # a request that ends without rows (an error, a timeout) is not waited for
+
+
+def _finish(state: AppState, decoded: list[Decoded], results: list[JobResult], opts: DetectOptions,
+            resolved: Resolved, start: float, slot: Any, ref: Any) -> list[dict[str, Any]]:
+    """Answer payloads, the durable commit, the answers: one thread, no hops between."""
+    settings = state.settings
+    keep_png = state.results.keep_heatmaps
     records: list[NewResult] = []
     extras: list[dict[str, Any]] = []
-    for dec, res, (payload, found, png, enc_s) in zip(decoded, results, encoded):
+    for dec, res in zip(decoded, results):
+        payload, found, png, enc_s = _encode_one(state, dec, res, opts, resolved, keep_png)
         score = float(res.detection.scores[resolved.score])
         label = decide(score, resolved, settings.uncalibrated)
         stage_s = {k: res.timings.get(k) for k in MODEL_STAGES}
@@ -291,7 +323,7 @@ async def detect_uploads(state: AppState, uploads: list[Upload], opts: DetectOpt
         state.metrics.observe_stages({"decode": dec.seconds, "encode": enc_s})
 
     t = time.perf_counter()
-    ids = await to_thread.run_sync(state.results.add_many, records)  # committed before we answer
+    ids = state.results.add_many(records, slot)  # committed before we answer
     persist_s = time.perf_counter() - t
     state.metrics.observe_stages({"persist": persist_s})
     total = time.perf_counter() - start

@@ -9,12 +9,17 @@ shift later pages (no duplicates, no skips). SQLite's AUTOINCREMENT keeps ids fr
 
 Heatmap PNGs live in their own table and are pruned to the newest `heatmap_retention` on every insert.
 Concurrent requests share commits (group commit, see `add_many`), so the fsync per commit does not cap throughput.
+The requests of one micro-batch share one transaction: the inference worker marks each of them `expected` (a
+`CommitSlot`) when the batch's results are ready, before any of them is handed back, and the committing thread waits
+(at most `GROUP_COMMIT_WAIT_S`) until every expected request has handed its rows in or given up. A lone request has
+no one to wait for and commits at once.
 """
 from __future__ import annotations
 
 import datetime as _dt
 import threading
 import time
+from collections.abc import Callable
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -23,6 +28,7 @@ import numpy as np
 from sqlalchemy import Integer, delete, func, insert, select
 from sqlalchemy.engine import Engine
 
+from ..constants import GROUP_COMMIT_WAIT_S
 from ..db.engine import make_engine, sqlite_url
 from ..db.schema import heatmaps_table, metadata, results_table  # noqa: F401 - the tables live in service/db/schema.py
 from ..private_files import private_sqlite
@@ -65,6 +71,37 @@ class _Ticket:
         self.ids: list[int] = []
         self.error: BaseException | None = None
         self.done = threading.Event()
+
+
+class CommitSlot:
+    """A request's place in the group commit of its micro-batch.
+
+    `expect()` (the inference thread, when the request's images are scored, before its answer is handed back) makes
+    the next commit wait for this request; `settle()` (when its rows join a commit, or the request ends without
+    rows: an error, a timeout) stops that wait. Both are idempotent, and `expect()` after `settle()` does nothing, so
+    a request that gave up before its batch finished is never waited for."""
+
+    __slots__ = ("_store", "_state")
+
+    def __init__(self, store: ResultsStore):
+        self._store = store
+        self._state = "idle"  # idle -> expected -> settled, or idle -> settled
+
+    def expect(self) -> None:
+        with self._store._pending_cond:
+            if self._state == "idle":
+                self._state = "expected"
+                self._store._expected += 1
+
+    def settle(self) -> None:
+        with self._store._pending_cond:
+            self._settle_locked()
+
+    def _settle_locked(self) -> None:
+        if self._state == "expected":
+            self._store._expected -= 1
+            self._store._pending_cond.notify_all()
+        self._state = "settled"
 
 
 def heatmap_url(result_id: int) -> str:
@@ -128,8 +165,12 @@ class ResultsStore:
         self.keep_heatmaps = keep_heatmaps and heatmap_retention > 0
         self.heatmap_retention = heatmap_retention
         self._write_lock = threading.Lock()
-        self._pending_lock = threading.Lock()
+        self._pending_cond = threading.Condition()  # guards _pending and _expected
         self._pending: list[_Ticket] = []
+        self._expected = 0  # requests of finished micro-batches whose rows have not joined a commit yet
+        self.group_wait_s = GROUP_COMMIT_WAIT_S
+        self.commits = 0  # transactions committed by add_many
+        self.on_commit: Callable[[], None] | None = None  # the service counts them (zsad_result_commits_total)
         self.engine = engine if engine is not None else make_engine(url)  # the app shares one engine (AppState)
 
     def open(self) -> None:
@@ -148,19 +189,33 @@ class ResultsStore:
         return self.engine.url.render_as_string(hide_password=True)
 
     # --- writing ----------------------------------------------------------------------------------------------------
-    def add_many(self, items: list[NewResult]) -> list[int]:
+    def commit_slot(self) -> CommitSlot:
+        """A slot for one request's rows: see `CommitSlot` (the pipeline passes `slot.expect` to the worker)."""
+        return CommitSlot(self)
+
+    def add_many(self, items: list[NewResult], slot: CommitSlot | None = None) -> list[int]:
         """Insert and commit; returns the new ids in order. Nothing is acknowledged before the commit.
 
         Group commit: while one thread commits (an fsync), the rows of other requests queue up, and the next thread
-        to get the write lock commits all of them in one transaction. Each caller still returns only after the
-        transaction holding its rows has committed, and one failed transaction fails exactly the callers in it.
+        to get the write lock commits all of them in one transaction. Before committing, that thread waits (at most
+        `group_wait_s`) for the requests its micro-batch announced (`CommitSlot.expect`) that are still encoding, so
+        one batch makes one transaction. Each caller still returns only after the transaction holding its rows has
+        committed, and one failed transaction fails exactly the callers in it.
         """
         ticket = _Ticket(items)
-        with self._pending_lock:
+        with self._pending_cond:
             self._pending.append(ticket)
+            if slot is not None:
+                slot._settle_locked()
         with self._write_lock:
             if not ticket.done.is_set():
-                with self._pending_lock:
+                deadline = time.perf_counter() + self.group_wait_s
+                with self._pending_cond:
+                    while self._expected > 0:
+                        remaining = deadline - time.perf_counter()
+                        if remaining <= 0:
+                            break
+                        self._pending_cond.wait(remaining)
                     group, self._pending = self._pending, []
                 self._commit_group(group)
         if ticket.error is not None:
@@ -187,6 +242,9 @@ class ResultsStore:
                     ).scalar()
                     if cutoff is not None:
                         conn.execute(delete(heatmaps_table).where(heatmaps_table.c.result_id <= cutoff))
+            self.commits += 1
+            if self.on_commit is not None:
+                self.on_commit()
         except BaseException as exc:  # noqa: BLE001 - handed to every waiting caller
             for ticket in group:
                 ticket.ids, ticket.error = [], exc

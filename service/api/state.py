@@ -63,6 +63,7 @@ class AppState:
         self.references = References(DbMemoryStore(self.engine, settings.reference_max_bytes))
         self.results = ResultsStore(settings.results_url, settings.results_path, settings.keep_heatmaps,
                                     settings.heatmap_retention, engine=self.engine)
+        self.results.on_commit = self.metrics.result_commits.inc
         self.fleet = FleetStore(self.engine)
         self.started_at = time.time()
         self.desired: Desired | None = None  # the fleet's desired model as last read

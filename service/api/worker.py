@@ -9,6 +9,10 @@ a quiet line runs at once instead of paying the wait for company that is not com
 separate `Detector.detect` calls from the same batch. A full queue raises `QueueFull` at once (the API turns it into
 503 + Retry-After) instead of letting latency grow without bound.
 
+When a batch is scored, the requests it completes are told so (`submit_many(on_done=...)`) before any of their
+answers is handed back: the results store then commits the rows of the whole batch in one transaction
+(`results.CommitSlot`) instead of one per request.
+
 The detector is read through `get_detector` at every batch, so a reload swaps models between batches without a
 pause. `stop()` refuses new work, lets the thread finish what is queued, then fails anything left.
 """
@@ -39,6 +43,15 @@ class WorkerStopped(Exception):
     """The worker is shutting down (or has no model) and takes no new work."""
 
 
+class _Request:
+    """The images of one request still being scored; `on_done` runs when the last of them is."""
+
+    __slots__ = ("remaining", "on_done")
+
+    def __init__(self, count: int, on_done: Callable[[], None]):
+        self.remaining, self.on_done = count, on_done
+
+
 @dataclass
 class Job:
     image: Any  # a PIL image, or a detector.Prepared made in the decode threads
@@ -48,6 +61,8 @@ class Job:
     enqueued: float = field(default_factory=time.perf_counter)
     memory: Any = None  # fewshot.ReferenceMemory: score in few-shot mode against it
     task: Any = None  # callable (detector, items) -> list, run instead of detect (calibration: embed, score)
+    request: _Request | None = None
+    map_score: str | None = None  # the score whose map the answer shows: made in the batch (`Detector.detect`)
 
 
 @dataclass
@@ -140,10 +155,11 @@ class InferenceWorker:
         return int(min(60, max(1, math.ceil(backlog * self._per_image_s))))
 
     def submit(self, image: Image.Image, object_name: str | None, heatmap: bool, memory: Any = None,
-               task: Any = None) -> Future:
+               task: Any = None, request: _Request | None = None, map_score: str | None = None) -> Future:
         if self._stopping.is_set():
             raise WorkerStopped("the service is shutting down")
-        job = Job(image, object_name, heatmap, memory=memory, task=task)
+        job = Job(image, object_name, heatmap, memory=memory, task=task, request=request,
+                  map_score=map_score if heatmap else None)
         try:
             self.queue.put_nowait(job)
         except queue.Full:
@@ -155,16 +171,20 @@ class InferenceWorker:
         return job.future
 
     def submit_many(self, images: list[Image.Image], object_name: str | None, heatmap: bool,
-                    arrival: Arrival | None = None, memory: Any = None, task: Any = None) -> list[Future]:
+                    arrival: Arrival | None = None, memory: Any = None, task: Any = None,
+                    on_done: Callable[[], None] | None = None, map_score: str | None = None) -> list[Future]:
         """All or nothing: when the queue cannot take every image, the ones already queued are cancelled.
 
         `arrival` (from `arrival()`) is settled once the images are queued, so the batcher stops waiting for them.
         `memory` scores in few-shot mode; `task(detector, items)` replaces `detect` (same batching and queue).
+        `on_done` runs on the inference thread once every image is scored, before the last result is handed back
+        (and before any result of the batch that completes it).
         """
         futures: list[Future] = []
+        request = _Request(len(images), on_done) if on_done is not None else None
         try:
             for image in images:
-                futures.append(self.submit(image, object_name, heatmap, memory, task))
+                futures.append(self.submit(image, object_name, heatmap, memory, task, request, map_score))
         except BaseException:
             for f in futures:
                 f.cancel()
@@ -207,13 +227,15 @@ class InferenceWorker:
                 self.metrics.queue_depth.set(self.queue.qsize())
             # Drop jobs whose requests gave up (timeout, disconnect): their futures were cancelled.
             live = [job for job in batch if job.future.set_running_or_notify_cancel()]
-            groups: dict[tuple[str | None, bool, int, int], list[Job]] = {}
+            groups: dict[tuple[str | None, bool, int, int, str | None], list[Job]] = {}
             for job in live:
-                groups.setdefault((job.object_name, job.heatmap, id(job.memory), id(job.task)), []).append(job)
-            for (object_name, heatmap, _, _), jobs in groups.items():
-                self._run_group(jobs, object_name, heatmap)
+                key = (job.object_name, job.heatmap, id(job.memory), id(job.task), job.map_score)
+                groups.setdefault(key, []).append(job)
+            for (object_name, heatmap, _, _, map_score), jobs in groups.items():
+                self._run_group(jobs, object_name, heatmap, map_score)
 
-    def _run_group(self, jobs: list[Job], object_name: str | None, heatmap: bool) -> None:
+    def _run_group(self, jobs: list[Job], object_name: str | None, heatmap: bool,
+                   map_score: str | None = None) -> None:
         start = time.perf_counter()
         memory, task = jobs[0].memory, jobs[0].task
         try:
@@ -222,12 +244,14 @@ class InferenceWorker:
                 raise WorkerStopped("no model is loaded")
             timings: dict[str, float] = {}
             items = [j.image for j in jobs]
+            extra = {"map_score": map_score} if map_score and getattr(detector, "maps_on_device", False) else {}
             if task is not None:
                 detections = task(detector, items)
             elif memory is not None:
-                detections = detector.detect(items, object_name, heatmap=heatmap, timings=timings, memory=memory)
+                detections = detector.detect(items, object_name, heatmap=heatmap, timings=timings, memory=memory,
+                                             **extra)
             else:
-                detections = detector.detect(items, object_name, heatmap=heatmap, timings=timings)
+                detections = detector.detect(items, object_name, heatmap=heatmap, timings=timings, **extra)
             if len(detections) != len(jobs):
                 raise RuntimeError(f"detector returned {len(detections)} results for {len(jobs)} images")
             clip = detector.backend.spec.label()
@@ -244,6 +268,15 @@ class InferenceWorker:
         if m is not None:
             m.batch_size.observe(len(jobs))
             m.observe_stages(timings)
+        for job in jobs:  # first tell the requests this batch completes, then hand back any answer
+            req = job.request
+            if req is not None:
+                req.remaining -= 1
+                if req.remaining == 0:
+                    try:
+                        req.on_done()
+                    except Exception:  # a hook must never cost the batch its answers
+                        log.exception("on_done hook failed")
         for job, detection in zip(jobs, detections):
             wait = start - job.enqueued
             if m is not None:

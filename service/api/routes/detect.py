@@ -8,6 +8,7 @@ from fastapi import APIRouter, Query, Request
 from ..deps import READ, AuthFirstRoute, StateDep
 from ..errors import error_responses
 from ..pipeline import DetectOptions, detect_uploads
+from ..responses import FastJSONResponse
 from ..schemas import BatchResult, DetectParams, DetectResult
 from ..uploads import merge_form, read_uploads, upload_body
 
@@ -26,7 +27,7 @@ async def detect(request: Request, state: StateDep, params: Annotated[DetectPara
     with state.worker.arrival() as arrival:  # the batcher may wait for this request while it is read and decoded
         uploads, fields = await read_uploads(request, 1)
         opts = _options(merge_form(params, fields))
-        return (await detect_uploads(state, uploads, opts, arrival))[0]
+        return FastJSONResponse((await detect_uploads(state, uploads, opts, arrival))[0])
 
 
 @router.post("/v1/detect/batch", response_model=BatchResult,
@@ -37,5 +38,5 @@ async def detect_batch(request: Request, state: StateDep, params: Annotated[Dete
         uploads, fields = await read_uploads(request, state.settings.batch_max_images)
         opts = _options(merge_form(params, fields))
         results = await detect_uploads(state, uploads, opts, arrival)
-    return {"count": len(results), "anomalous": sum(r["label"] == "anomalous" for r in results),
-            "review": sum(r["label"] == "review" for r in results), "results": results}
+    return FastJSONResponse({"count": len(results), "anomalous": sum(r["label"] == "anomalous" for r in results),
+                             "review": sum(r["label"] == "review" for r in results), "results": results})
