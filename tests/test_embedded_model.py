@@ -10,6 +10,7 @@ from PIL import Image, ImageDraw
 from scipy.ndimage import label
 from sklearn.metrics import roc_auc_score
 
+from service.constants import SCORE_NAMES
 from service.detector import load_detector
 from service.settings import REPO_ROOT, Settings
 from service.store import ModelStore
@@ -53,6 +54,9 @@ def test_shipped_model_loads_by_current_and_verifies(detector):
     weights = REPO_ROOT / "model_store" / "tiny-factory-clip" / store.current("tiny-factory-clip") / "open_clip_model.safetensors"
     assert weights.stat().st_size <= 25 * 2**20
     assert detector.backend.image_center is not None  # modality centres ship with the model
+    # an uncalibrated product still gets a pixel threshold chosen on normal heat, not the bare 0.5 fallback
+    advice = detector.manifest.get("pixel_threshold_advice", {})
+    assert all(0.0 < advice.get(name, -1) < 1.0 for name in SCORE_NAMES), advice
 
 
 def test_shipped_model_scores_do_not_depend_on_a_half_turn(detector):
