@@ -4,8 +4,9 @@
     python benchmarks/try_it.py --write-readme  # replace the paragraph between the try-it markers in README.md
 
 The flow is the README's: a synthetic hex-nut set (`zsad synth dataset --kinds hex_nut --seed 7`), `POST /v1/detect`
-before calibration, `POST /v1/calibrate/hex_nut?target_frr=0.05` with the 20 good training parts, `POST /v1/detect`
-after it, and `zsad score --product hex_nut`, through the real app (FastAPI TestClient) and the real CLI.
+before calibration, `POST /v1/calibrate/hex_nut?target_frr=0.05` with the 20 good training parts (few-shot by default:
+they become the product's reference memory), `POST /v1/detect` after it, and `zsad score --product hex_nut`, through
+the real app (FastAPI TestClient) and the real CLI.
 `tests/test_readme.py` runs `figures()` and checks every number of the README paragraph within 0.01, so a new model
 cannot leave the README stale. Baseline in the same run: the uncalibrated answers, against the calibrated ones.
 """
@@ -64,7 +65,7 @@ def figures(store: Path | None = None, workdir: Path | None = None) -> dict:
             files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted((nut / "train/good").glob("*.png"))]
             cal = c.post("/v1/calibrate/hex_nut", files=files, params={"target_frr": 0.05})
             cal.raise_for_status()
-            out["n_calibration"] = len(files)
+            out["n_calibration"], out["mode"] = len(files), cal.json()["mode"]
             out["threshold"], out["pixel_threshold"] = cal.json()["threshold"], cal.json()["pixel_threshold"]
             goods = [detect(p, product="hex_nut") for p in sorted((nut / "test/good").glob("*.png"))]
             out["good_min"] = min(g["score"] for g in goods)
@@ -93,11 +94,15 @@ def paragraph(f: dict) -> str:
         f"{f['default_threshold']:.3f} (`threshold_source: {f['uncal_source']}`, `calibrated: "
         f"{str(f['uncal_calibrated']).lower()}`: {f['uncal_good_label']}); the answer says it cannot be trusted, and "
         f"`ZSAD_UNCALIBRATED=review` turns such labels into `review`. After calibrating on the {f['n_calibration']} good "
-        f"training parts the threshold is {f['threshold']:.3f} and the pixel threshold {f['pixel_threshold']:.3f}; "
+        f"training parts (`mode: {f['mode']}`"
+        + (": they are also the product's reference memory" if f["mode"] == "few_shot" else "")
+        + f") the threshold is {f['threshold']:.3f} and the pixel threshold {f['pixel_threshold']:.3f}; "
         f"the {f['n_good']} good test nuts score {f['good_min']:.2f}–{f['good_max']:.2f} ({f['good_rejected']} above "
         f"the threshold), and a hole, crack and stain {f['caught_min']:.2f}–{f['caught_max']:.2f} (anomalous, "
         f"`calibrated: true`, each with at least one region). A deformation ({f['deformation']:.2f}, "
-        f"{f['deformation_label']}) is missed: see \"The embedded default model\". `zsad score --product hex_nut` gives "
+        f"{f['deformation_label']}) "
+        + ("is caught too" if f["deformation_label"] == "anomalous" else "is missed: see \"The embedded default model\"")
+        + f". `zsad score --product hex_nut` gives "
         f"the service's label and threshold ({f['cli_label']}, {f['cli_threshold']:.3f})."
     )
 
