@@ -65,12 +65,14 @@ def figures(store: Path | None = None, workdir: Path | None = None) -> dict:
             files = [("files", (p.name, p.read_bytes(), "image/png")) for p in sorted((nut / "train/good").glob("*.png"))]
             cal = c.post("/v1/calibrate/hex_nut", files=files, params={"target_frr": 0.05})
             cal.raise_for_status()
-            out["n_calibration"], out["mode"] = len(files), cal.json()["mode"]
+            out["n_calibration"] = len(files)
+            out["mode"] = cal.json().get("mode", "zero_shot")
             out["threshold"], out["pixel_threshold"] = cal.json()["threshold"], cal.json()["pixel_threshold"]
             goods = [detect(p, product="hex_nut") for p in sorted((nut / "test/good").glob("*.png"))]
             out["good_min"] = min(g["score"] for g in goods)
             out["good_max"] = max(g["score"] for g in goods)
             out["good_rejected"] = sum(g["label"] == "anomalous" for g in goods)
+            out["good_mode"] = goods[0]["mode"]
             out["n_good"] = len(goods)
             bad = {d: detect(nut / f"test/{d}/000.png", product="hex_nut", heatmap="png")
                    for d in ("hole", "crack", "stain", "deformation")}
@@ -94,9 +96,8 @@ def paragraph(f: dict) -> str:
         f"{f['default_threshold']:.3f} (`threshold_source: {f['uncal_source']}`, `calibrated: "
         f"{str(f['uncal_calibrated']).lower()}`: {f['uncal_good_label']}); the answer says it cannot be trusted, and "
         f"`ZSAD_UNCALIBRATED=review` turns such labels into `review`. After calibrating on the {f['n_calibration']} good "
-        f"training parts (`mode: {f['mode']}`"
-        + (": they are also the product's reference memory" if f["mode"] == "few_shot" else "")
-        + f") the threshold is {f['threshold']:.3f} and the pixel threshold {f['pixel_threshold']:.3f}; "
+        f"training parts (`{f['mode']}`: they also become the product's reference memory, and answers say "
+        f"`mode: {f['good_mode']}`) the threshold is {f['threshold']:.3f} and the pixel threshold {f['pixel_threshold']:.3f}; "
         f"the {f['n_good']} good test nuts score {f['good_min']:.2f}–{f['good_max']:.2f} ({f['good_rejected']} above "
         f"the threshold), and a hole, crack and stain {f['caught_min']:.2f}–{f['caught_max']:.2f} (anomalous, "
         f"`calibrated: true`, each with at least one region). A deformation ({f['deformation']:.2f}, "
