@@ -4,8 +4,9 @@
     python benchmarks/try_it.py --write-readme  # replace the paragraph between the try-it markers in README.md
 
 The flow is the README's: a synthetic hex-nut set (`zsad synth dataset --kinds hex_nut --seed 7`), `POST /v1/detect`
-before calibration, `POST /v1/calibrate/hex_nut?target_frr=0.05` with the 20 good training parts, `POST /v1/detect`
-after it, and `zsad score --product hex_nut`, through the real app (FastAPI TestClient) and the real CLI.
+before calibration, `POST /v1/calibrate/hex_nut?target_frr=0.05` with the 20 good training parts (few-shot by default:
+they become the product's reference memory), `POST /v1/detect` after it, and `zsad score --product hex_nut`, through
+the real app (FastAPI TestClient) and the real CLI.
 `tests/test_readme.py` runs `figures()` and checks every number of the README paragraph within 0.01, so a new model
 cannot leave the README stale. Baseline in the same run: the uncalibrated answers, against the calibrated ones.
 """
@@ -100,7 +101,9 @@ def paragraph(f: dict) -> str:
         f"the {f['n_good']} good test nuts score {f['good_min']:.2f}–{f['good_max']:.2f} ({f['good_rejected']} above "
         f"the threshold), and a hole, crack and stain {f['caught_min']:.2f}–{f['caught_max']:.2f} (anomalous, "
         f"`calibrated: true`, each with at least one region). A deformation ({f['deformation']:.2f}, "
-        f"{f['deformation_label']}) is missed: see \"The embedded default model\". `zsad score --product hex_nut` gives "
+        f"{f['deformation_label']}) "
+        + ("is caught too" if f["deformation_label"] == "anomalous" else "is missed: see \"The embedded default model\"")
+        + f". `zsad score --product hex_nut` gives "
         f"the service's label and threshold ({f['cli_label']}, {f['cli_threshold']:.3f})."
     )
 

@@ -358,7 +358,7 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
     product (line), so the product is judged zero-shot against the threshold just fitted zero-shot."""
     from ..calibration import NormalHeat
 
-    if reference or (reference is None and len(uploads) >= 2):
+    if reference or (reference is None and len(uploads) >= 2 and _can_make_memory(state.detector)):
         few = await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
                                        pixel, caller, required=bool(reference))
         if few is not None:
@@ -405,6 +405,11 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
     return {"product": product, "line": line, "score_name": score_name, "threshold": threshold,
             "target_frr": target_frr, "pixel_threshold": pixel_threshold, "stored": store, "model": model,
             "distribution": dist, "pixel_distribution": pixel_dist, "mode": "zero_shot", "shots": 0, "reference": None}
+
+
+def _can_make_memory(detector: Any) -> bool:
+    """Whether the serving detector embeds and scores against a memory (a `Detector`; not every test double does)."""
+    return all(callable(getattr(detector, name, None)) for name in ("embed", "score"))
 
 
 def _drop_memory(state: AppState, product: str, line: str | None) -> None:
