@@ -101,9 +101,8 @@ class ClipBackend:
         return _finish(raw, self.text_center)
 
     def encode_text(self, prompts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """Embeddings [N, D] of `prompts` on the CPU (fast, length-cut path). Needs the text tower loaded."""
-        if not self.text_loaded:
-            raise TextTowerUnloaded(f"the text tower of CLIP {self.spec.label()} is not loaded (load_text first)")
+        """Embeddings [N, D] of `prompts` on the CPU (fast, length-cut path); loads a released text tower first."""
+        self.load_text()
         raw = encode_prompts(self.model, self.tokenizer, prompts, self.device, batch_size, progress)
         return self.finish_text(raw)
 
