@@ -271,6 +271,25 @@ def cmd_store(args: argparse.Namespace) -> int:
     return 0
 
 
+# --- anchors ----------------------------------------------------------------------------------------------------
+def cmd_anchors(args: argparse.Namespace) -> int:
+    """Compute and cache prompt anchors for object words next to the model, so a service started with
+    ZSAD_TEXT_TOWER=off (no text tower in memory) can score them."""
+    from .detector import load_detector
+
+    settings = _settings(args).model_copy(update={"text_tower": "release"})
+    if args.precision:
+        settings = settings.model_copy(update={"precision": args.precision})
+    name, version = _split_ref(args.model_ref) if args.model_ref else (None, None)
+    detector = load_detector(settings, name, version)
+    for word in [settings.generic_object, *args.object]:
+        detector.anchors(word)
+    cache = detector.anchor_cache
+    print(json.dumps({"model": f"{detector.name}@{detector.version}", "words": [settings.generic_object, *args.object],
+                      "folder": str(cache.folder) if cache else None, "clip": detector.backend.identity()}))
+    return 0
+
+
 # --- fetch-weights ------------------------------------------------------------------------------------------------
 def cmd_fetch_weights(args: argparse.Namespace) -> int:
     from .clip_backend import fetch_weights
@@ -401,6 +420,14 @@ def build_parser() -> argparse.ArgumentParser:
     show.add_argument("ref", metavar="NAME[@VERSION]")
     show.add_argument("--verify", action="store_true", help="also check every file's sha256")
     st.set_defaults(func=cmd_store)
+
+    an = sub.add_parser("anchors", help="compute and cache prompt anchors for object words (for ZSAD_TEXT_TOWER=off)")
+    an.add_argument("--object", nargs="*", default=[], metavar="WORD", help="object words (the generic word always)")
+    an.add_argument("--model-ref", help="FNN model NAME[@VERSION] (default: settings / current)")
+    an.add_argument("--device", help="cpu, cuda or auto: the one the service will use (anchors are per device type)")
+    an.add_argument("--precision", choices=["auto", "fp32", "fp16", "bf16"],
+                    help="the precision the service will use (default: $ZSAD_PRECISION)")
+    an.set_defaults(func=cmd_anchors)
 
     f = sub.add_parser("fetch-weights", help="download pretrained CLIP weights into the store's hub cache (needs network)")
     f.add_argument("--model", required=True, help="open_clip architecture, e.g. ViT-B-16-plus-240")

@@ -7,12 +7,20 @@ message naming `zsad fetch-weights`: a randomly initialised CLIP is never return
 Embeddings leave this module L2-normalised (and, when the model ships modality centres, centred and renormalised),
 as float32 on the CPU-or-GPU device they were computed on. Everything downstream (FNN, prompt score, windows)
 therefore works in one space.
+
+Memory: weights are read tensor by tensor straight into the serving precision (the model is built on the `meta`
+device, so no random fp32 copy is ever made, and a bf16/fp16 model never holds an fp32 master copy). The text tower
+is only needed to compute prompt anchors: `load_clip(text_tower=False)` leaves it unloaded (on `meta`),
+`ClipBackend.load_text` / `release_text` load it from the same verified file on demand and drop it again (about 40%
+of ViT-B-16-plus-240's weights).
 """
 from __future__ import annotations
 
+import hashlib
 import json
 import logging
 import os
+import struct
 from collections.abc import Sequence
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -34,6 +42,10 @@ CENTERS_FILE = "centers.safetensors"
 
 class ClipLoadError(Exception):
     """The CLIP model could not be loaded (missing weights, bad file, unknown architecture)."""
+
+
+class TextTowerUnloaded(ClipLoadError):
+    """Text embeddings were asked for while the text tower is not loaded."""
 
 
 @dataclass(frozen=True)
@@ -78,6 +90,8 @@ class ClipBackend:
     image_center: torch.Tensor | None = None
     text_center: torch.Tensor | None = None
     info: dict[str, Any] = field(default_factory=dict)
+    weights_path: Path | None = None  # the verified weights file: where `load_text` reads the text tower from
+    weights_sha256: str | None = None  # its sha256 when known at load (store / pinned file); see `identity`
 
     # The one place where raw features become the shared embedding space.
     def finish_image(self, raw: torch.Tensor) -> torch.Tensor:
@@ -87,9 +101,46 @@ class ClipBackend:
         return _finish(raw, self.text_center)
 
     def encode_text(self, prompts: Sequence[str], batch_size: int = 256, progress: bool = False) -> torch.Tensor:
-        """Embeddings [N, D] of `prompts` on the CPU (fast, length-cut path)."""
+        """Embeddings [N, D] of `prompts` on the CPU (fast, length-cut path); loads a released text tower first."""
+        self.load_text()
         raw = encode_prompts(self.model, self.tokenizer, prompts, self.device, batch_size, progress)
         return self.finish_text(raw)
+
+    @property
+    def text_loaded(self) -> bool:
+        return not any(t.is_meta for t in _text_tensors(self.model))
+
+    @property
+    def text_reloadable(self) -> bool:
+        """True when `load_text` can bring the text tower back after `release_text` (the weights file is known)."""
+        return self.weights_path is not None
+
+    def release_text(self) -> None:
+        """Drop the text tower's weights (they become shape-only `meta` tensors): serving needs only anchors."""
+        if self.text_reloadable:
+            _release_text(self.model)
+
+    def load_text(self) -> None:
+        """Load the text tower's weights from the weights file the model was loaded from, in the serving precision."""
+        if self.text_loaded:
+            return
+        if self.weights_path is None:
+            raise TextTowerUnloaded(f"the text tower of CLIP {self.spec.label()} cannot be reloaded (no weights file)")
+        if self.weights_sha256 and sha256_file(self.weights_path) != self.weights_sha256:
+            raise ClipLoadError(f"CLIP {self.spec.label()}: weights file changed since it was loaded (sha256 differs)")
+        _load_weights(self.model, self.weights_path, self.device, self.dtype, part="text")
+
+    def identity(self) -> dict[str, Any]:
+        """What text embeddings of this backend depend on: weights, tokenizer, text centre, precision, device type.
+
+        The weights sha256 is computed here when the load did not know it (a `file` spec without a checksum)."""
+        if self.weights_sha256 is None and self.weights_path is not None:
+            self.weights_sha256 = sha256_file(self.weights_path)
+        center = None if self.text_center is None else hashlib.sha256(
+            self.text_center.float().contiguous().cpu().numpy().tobytes()).hexdigest()
+        return {"weights_sha256": self.weights_sha256 or self.spec.label(), "tokenizer": self.info.get("tokenizer"),
+                "text_center_sha256": center, "dtype": str(self.dtype).removeprefix("torch."),
+                "device": self.device.type}
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
@@ -212,15 +263,36 @@ def fetch_weights(arch: str, tag: str, cache_dir: Path, timeout_s: float = 30.0)
 
 
 # --- building -------------------------------------------------------------------------------------------------------
+# Top-level state-dict names of the text tower: open_clip's CLIP keeps them flat, CustomTextCLIP under `text`.
+TEXT_PARTS = ("text", "token_embedding", "positional_embedding", "transformer", "ln_final", "text_projection",
+              "attn_mask")
+_SAFETENSORS_DTYPES = {"F64": torch.float64, "F32": torch.float32, "F16": torch.float16, "BF16": torch.bfloat16,
+                       "I64": torch.int64, "I32": torch.int32, "I16": torch.int16, "I8": torch.int8,
+                       "U8": torch.uint8, "BOOL": torch.bool}
+
+
+def is_text_key(key: str) -> bool:
+    return key.split(".", 1)[0] in TEXT_PARTS
+
+
+def _text_tensors(model: nn.Module) -> list[torch.Tensor]:
+    return [t for name, t in [*model.named_parameters(), *model.named_buffers()] if is_text_key(name)]
+
+
 def _create(arch_or_dir: str) -> nn.Module:
-    """An open_clip model with random weights: only ever returned after `_load_weights` filled it."""
+    """An open_clip model on the `meta` device (shapes only, no memory): `_load_weights` gives it its tensors.
+
+    Why meta: building on the CPU first makes (and randomly initialises) a full fp32 copy that the weights then
+    overwrite; for ViT-B-16-plus-240 that is 830 MB at the start-up peak."""
     import open_clip
 
     quiet = logging.getLogger()  # open_clip warns "initialized randomly" here; we load the weights next
     level = quiet.level
     quiet.setLevel(logging.ERROR)
     try:
-        model = open_clip.create_model(arch_or_dir, pretrained=None, load_weights=False, precision="fp32", device="cpu")
+        with torch.device("meta"):
+            model = open_clip.create_model(arch_or_dir, pretrained=None, load_weights=False, precision="fp32",
+                                           device="meta")
     except Exception as exc:
         raise ClipLoadError(f"cannot build open_clip model {arch_or_dir!r}: {exc}") from exc
     finally:
@@ -228,20 +300,98 @@ def _create(arch_or_dir: str) -> nn.Module:
     return model.eval()
 
 
-def _load_weights(model: nn.Module, path: Path) -> None:
-    import open_clip
+def read_safetensors(path: Path, keep, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    """The tensors of a safetensors file whose names pass `keep`, floats cast to `dtype`, read with plain reads.
+
+    Why not `safetensors.load_file`: it maps the whole file, and every page read counts in the process's resident
+    set until the mapping closes; reading each tensor into its own buffer costs one tensor of transient memory."""
+    out: dict[str, torch.Tensor] = {}
+    with open(path, "rb") as fh:
+        (n,) = struct.unpack("<Q", fh.read(8))
+        header = json.loads(fh.read(n))
+        base = 8 + n
+        for name, entry in sorted(header.items(), key=lambda kv: kv[1]["data_offsets"][0] if kv[0] != "__metadata__"
+                                  else -1):
+            if name == "__metadata__" or not keep(name):
+                continue
+            file_dtype = _SAFETENSORS_DTYPES[entry["dtype"]]
+            start, stop = entry["data_offsets"]
+            t = torch.empty(entry["shape"], dtype=file_dtype)
+            fh.seek(base + start)
+            if stop > start and fh.readinto(memoryview(t.view(-1).view(torch.uint8).numpy())) != stop - start:
+                raise ClipLoadError(f"{path.name}: tensor {name} is truncated")
+            if t.is_floating_point() and file_dtype != dtype:
+                t = t.to(dtype)
+            out[name] = t.to(device)
+    return out
+
+
+def _read_state_dict(path: Path, keep, dtype: torch.dtype, device: torch.device) -> dict[str, torch.Tensor]:
+    if path.suffix == ".safetensors":
+        return read_safetensors(path, keep, dtype, device)
+    from open_clip.factory import load_state_dict  # .bin / .pth pretrained checkpoints (weights_only torch.load)
+
+    state = load_state_dict(str(path), device="cpu", weights_only=True)
+    return {k: (v.to(dtype) if v.is_floating_point() else v).to(device) for k, v in state.items() if keep(k)}
+
+
+def _load_weights(model: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, part: str = "all") -> None:
+    """Give the (meta) model its weights from `path` in `dtype` on `device`: all of them, or all but the text
+    tower (`part="image"`), or the text tower only (`part="text"`). Every expected tensor must be in the file."""
+    from open_clip.factory import resize_pos_embed, resize_text_pos_embed
+    from open_clip.model import convert_to_custom_text_state_dict
+
+    custom = not hasattr(model, "positional_embedding")  # CustomTextCLIP: text under `text.`
+
+    def keep(key: str) -> bool:
+        text = is_text_key(convert_key(key))
+        return part == "all" or (part == "text") == text
+
+    def convert_key(key: str) -> str:  # old flat text names in a CustomTextCLIP checkpoint
+        return "text." + key if custom and key.split(".", 1)[0] in TEXT_PARTS[1:] else key
 
     try:
-        open_clip.load_checkpoint(model, str(path), strict=True, weights_only=True)
+        state = _read_state_dict(path, keep, dtype, device)
+        if custom and "positional_embedding" in state:
+            state = convert_to_custom_text_state_dict(state)
+        for name in ("logit_scale", "logit_bias"):
+            current = getattr(model, name, None)
+            if name in state and current is not None and current.ndim != state[name].ndim:
+                state[name] = state[name].reshape(current.shape)
+        if part != "text" and "logit_bias" not in state and getattr(model, "logit_bias", None) is not None:
+            state["logit_bias"] = torch.zeros_like(state["logit_scale"])
+        resize_pos_embed(state, model)
+        if part != "image":
+            resize_text_pos_embed(state, model)
+        expected = {k for k in model.state_dict() if keep(k)}
+        missing, unexpected = expected - state.keys(), state.keys() - set(model.state_dict())
+        if missing or unexpected:
+            raise ClipLoadError(f"missing {sorted(missing)[:5]}, unexpected {sorted(unexpected)[:5]}")
+        model.load_state_dict(state, strict=False, assign=True)
+    except ClipLoadError as exc:
+        raise ClipLoadError(f"cannot load CLIP weights from {path}: {exc}") from exc
     except Exception as exc:
         raise ClipLoadError(f"cannot load CLIP weights from {path}: {type(exc).__name__}: {exc}") from exc
+    for name, buf in list(model.named_buffers()):  # non-persistent buffers are in no file: open_clip's causal mask
+        if buf.is_meta and keep(name):
+            if not name.endswith("attn_mask"):
+                raise ClipLoadError(f"cannot load CLIP weights from {path}: buffer {name} has no value")
+            owner = model.get_submodule(name.rpartition(".")[0]) if "." in name else model
+            mask = torch.empty(buf.shape, device=device).fill_(float("-inf")).triu_(1)
+            owner.register_buffer(name.rpartition(".")[2], mask, persistent=False)
 
 
-def _to_device(model: nn.Module, device: torch.device, dtype: torch.dtype) -> nn.Module:
-    model = model.to(device)
-    if dtype != torch.float32:
-        model = model.to(dtype)
-    return model
+def _release_text(model: nn.Module) -> None:
+    """Replace every text-tower tensor by a `meta` tensor of the same shape (memory freed, shapes kept)."""
+    for name, t in [*model.named_parameters(), *model.named_buffers()]:
+        if is_text_key(name) and not t.is_meta:
+            owner_name, _, leaf = name.rpartition(".")
+            owner = model.get_submodule(owner_name) if owner_name else model
+            meta = t.detach().to("meta")
+            if leaf in owner._parameters:
+                owner._parameters[leaf] = nn.Parameter(meta, requires_grad=t.requires_grad)
+            else:
+                owner._buffers[leaf] = meta
 
 
 def load_clip(
@@ -250,14 +400,20 @@ def load_clip(
     device: str | torch.device = "auto",
     precision: str = "auto",
     hub_cache: str | Path | None = None,
+    text_tower: bool = True,
 ) -> ClipBackend:
-    """Build the CLIP that `spec` names, with its weights, on `device`. Raises ClipLoadError, never random."""
+    """Build the CLIP that `spec` names, with its weights, on `device`. Raises ClipLoadError, never random.
+
+    Weights are read once, in the serving precision. With `text_tower=False` the text tower stays unloaded
+    (`ClipBackend.load_text` brings it when prompt anchors must be computed)."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(precision, device)
     store = ModelStore(store_root)
     tokenizer_spec: dict | None = None
     centers: dict[str, torch.Tensor] = {}
     info: dict[str, Any] = {}
+    sha: str | None = None
+    part = "all" if text_tower else "image"
 
     if spec.source == "pretrained":
         if not spec.arch or not spec.pretrained:
@@ -270,7 +426,7 @@ def load_clip(
                 f"Fetch them once with network access: `{fetch_command(spec.arch, spec.pretrained)}`"
             )
         model = _create(spec.arch)
-        _load_weights(model, path)
+        _load_weights(model, path, device, dtype, part)
         arch = spec.arch
     elif spec.source == "file":
         if not spec.arch or not spec.path:
@@ -280,8 +436,9 @@ def load_clip(
             raise ClipLoadError(f"CLIP weights file {path} does not exist")
         if spec.sha256 and sha256_file(path) != spec.sha256:
             raise ClipLoadError(f"checksum mismatch for CLIP weights {path}")
+        sha = spec.sha256
         model = _create(spec.arch)
-        _load_weights(model, path)
+        _load_weights(model, path, device, dtype, part)
         arch = spec.arch
     elif spec.source == "store":
         try:
@@ -293,8 +450,9 @@ def load_clip(
             raise ClipLoadError(f"CLIP {spec.label()}: its weights file is not one the manifest lists with a sha256")
         if spec.sha256 and manifest["files"].get(weights.name) != spec.sha256:
             raise ClipLoadError(f"CLIP {spec.label()} is not the CLIP this model was trained on (sha256 differs)")
+        path, sha = weights, manifest["files"][weights.name]
         model = _create(f"local-dir:{folder}")
-        _load_weights(model, weights)
+        _load_weights(model, weights, device, dtype, part)
         tokenizer_spec = manifest.get("tokenizer")
         arch = manifest.get("arch", spec.name)
         if manifest.get("centers"):
@@ -306,7 +464,7 @@ def load_clip(
     else:
         raise ClipLoadError(f"unknown CLIP source {spec.source!r} (use pretrained, file or store)")
 
-    model = _to_device(model, device, dtype)
+    info["tokenizer"] = tokenizer_spec
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = cfg.get("size", getattr(model.visual, "image_size", 224))
     size = size[0] if isinstance(size, (tuple, list)) else int(size)
@@ -326,6 +484,8 @@ def load_clip(
         image_center=centers.get("image", None) if centers else None,
         text_center=centers.get("text", None) if centers else None,
         info=info,
+        weights_path=path,
+        weights_sha256=sha,
     )
 
 

@@ -19,6 +19,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .anchor_cache import AnchorCache, anchor_key
 from .clip_backend import ClipBackend, ClipLoadError, ClipSpec, load_clip
 from .constants import WINDOW_SCALES
 from .fnn import FNN, load_fnn
@@ -35,6 +36,10 @@ if TYPE_CHECKING:
 
 class ModelLoadError(Exception):
     """The configured model cannot be served (missing, corrupt, mismatched)."""
+
+
+class TextTowerOff(ModelLoadError):
+    """Anchors for an object word are not cached and `ZSAD_TEXT_TOWER=off` forbids loading the text tower."""
 
 
 class MapsOnDemand(Mapping):
@@ -107,6 +112,7 @@ class Detector:
     _lock: threading.Lock = field(default_factory=threading.Lock, repr=False)
     full_maps: bool = True  # False: Detection.heat makes each map when it is read (`MapsOnDemand`)
     maps_in_batch: bool | None = None  # make `map_score`'s map on the model's device in the batch; None: off the CPU
+    anchor_cache: AnchorCache | None = None  # anchors on disk next to the model (`load_detector` sets it)
 
     maps_on_device = True  # the worker may pass `map_score` (fakes in tests do not take it)
 
@@ -168,18 +174,38 @@ class Detector:
         return self.manifest.get("version", "?")
 
     def anchors(self, object_name: str | None = None) -> PromptAnchors:
-        """Prompt-ensemble anchors for an object word, cached: the text tower runs once per word."""
+        """Prompt-ensemble anchors for an object word, cached in memory and (with a store) on disk: the text tower
+        runs once per word and CLIP, ever. `settings.text_tower` says whether the tower may be loaded for a miss
+        ('off' raises `TextTowerOff`) and whether it is dropped again afterwards ('release')."""
         word = (object_name or self.settings.generic_object).strip().lower()[:64] or self.settings.generic_object
         with self._lock:
             if word not in self._anchors:
-                normal, anomalous = ensemble(self.vocab, word)
-                emb = self.backend.encode_text(normal + anomalous)
-                self._anchors[word] = anchors_from_embeddings(word, emb[: len(normal)], emb[len(normal) :]).to(
-                    self.backend.device
-                )
+                self._anchors[word] = self._compute_anchors(word).to(self.backend.device)
                 if len(self._anchors) > self.MAX_CACHED_WORDS:
                     self._anchors.pop(next(iter(self._anchors)))
             return self._anchors[word]
+
+    def _compute_anchors(self, word: str) -> PromptAnchors:
+        normal, anomalous = ensemble(self.vocab, word)
+        key = anchor_key(self.backend.identity(), word, normal, anomalous) if self.anchor_cache else None
+        if self.anchor_cache is not None and key is not None:
+            cached = self.anchor_cache.get(key)
+            if cached is not None:
+                return cached
+        mode = self.settings.text_tower
+        if not self.backend.text_loaded:
+            if mode == "off":
+                raise TextTowerOff(
+                    f"no cached prompt anchors for object word {word!r} and ZSAD_TEXT_TOWER=off: compute them once "
+                    "with the text tower (`zsad anchors --object WORD`, or serve with ZSAD_TEXT_TOWER=release)")
+            self.backend.load_text()
+        emb = self.backend.encode_text(normal + anomalous)
+        found = anchors_from_embeddings(word, emb[: len(normal)], emb[len(normal) :])
+        if self.anchor_cache is not None and key is not None:
+            self.anchor_cache.put(key, found)
+        if mode != "keep":
+            self.backend.release_text()
+        return found
 
     def score_embeddings(self, emb: torch.Tensor, object_name: str | None = None) -> dict[str, torch.Tensor]:
         """Every registered score of embeddings [..., D], with the temperature, weight and calibration in effect."""
@@ -395,12 +421,14 @@ def load_detector(
         version = store.path(name, version).name
         manifest = store.verify(name, version)[1]
         spec = ClipSpec.from_manifest(manifest["clip"])
-        backend = load_clip(
-            spec, settings.model_store, device or settings.device, settings.precision, settings.hub_cache
-        )
+        backend = load_clip(spec, settings.model_store, device or settings.device, settings.precision,
+                            settings.hub_cache, text_tower=settings.text_tower == "keep")
         fnn, manifest = load_fnn(store, name, version, backend.embed_dim)
         vocab = Vocabulary(**{k: tuple(v) for k, v in manifest["training"]["vocabulary"].items()})
-    except (StoreError, ClipLoadError, KeyError, TypeError, ValueError) as exc:
+        detector = Detector(backend, fnn.to(backend.device), manifest, vocab, settings,
+                            anchor_cache=AnchorCache.for_model(settings.model_store, name, version))
+        detector.anchors()  # the generic word's anchors: from the cache, or computed (text tower loaded and released)
+    except (StoreError, ClipLoadError, KeyError, TypeError, ValueError, ModelLoadError) as exc:
         what = f"{exc.args[0]!r} missing from the manifest" if isinstance(exc, KeyError) else str(exc)
         raise ModelLoadError(f"cannot load model {name!r}{'@' + version if version else ''}: {what}") from exc
-    return Detector(backend, fnn.to(backend.device), manifest, vocab, settings)
+    return detector

@@ -43,8 +43,10 @@ _ONEDNN_BF16 = _LINEAR_POINTWISE is not None and bool(getattr(torch.ops.mkldnn, 
 
 # Pre-packed (oneDNN blocked-layout) copies of linear weights, per parameter and row range. Why: otherwise oneDNN
 # re-lays out every weight matrix on every call, 48 times per scale; packing once is 5-10% faster on AVX-512 and
-# more with AMX. Costs one extra copy of the transformer weights; set PREPACK_WEIGHTS = False to trade back.
-PREPACK_WEIGHTS = True
+# more with AMX. It costs one extra copy of the transformer's linear weights (ViT-B-16-plus-240's image tower: about
+# 450 MB in fp32, 225 MB in bf16), so it is on only where it pays: CPUs with oneDNN bf16 kernels (AVX-512 / AMX).
+# On AVX2 it gained nothing (x0.99, 4 blocks of one image's heatmap tokens, fp32, #17), and memory comes first.
+PREPACK_WEIGHTS = _ONEDNN_BF16
 _PACKED: dict[int, tuple[weakref.ref, dict[tuple[int, int], tuple[tuple, torch.Tensor]]]] = {}  # id(param) ->
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

@@ -52,7 +52,10 @@ def overlay_png(image: Image.Image, heat: np.ndarray, alpha: float = 0.5) -> byt
         raise ValueError(f"alpha must be in [0, 1], got {alpha}")
     base = image.convert("RGB")
     heat = _check((base.height, base.width), heat)
-    levels = np.rint(np.clip(np.nan_to_num(heat, nan=0.0), 0.0, 1.0) * 255.0).astype(np.uint8)
+    levels = np.nan_to_num(heat, nan=0.0)  # the one float copy of the map: the steps below work in place on it
+    np.clip(levels, 0.0, 1.0, out=levels)
+    levels *= 255.0
+    levels = np.rint(levels, out=levels).astype(np.uint8)
     blended = Image.blend(base, Image.fromarray(_JET_LUT[levels], mode="RGB"), alpha)
     buf = io.BytesIO()
     blended.save(buf, format="PNG", compress_level=1)
@@ -140,7 +143,9 @@ def localise(heat: np.ndarray, pixel_threshold: float, min_area: int = 1, anomal
 
     The mask is exactly the union of the returned regions (after `max_regions`), at the heat map's resolution.
     """
-    heat = np.nan_to_num(np.asarray(heat, dtype=np.float32), nan=0.0)
+    heat = np.asarray(heat, dtype=np.float32)
+    if np.isnan(heat).any():  # copy only when there is something to replace (the caller's map stays as it is)
+        heat = np.nan_to_num(heat, nan=0.0)
     if heat.ndim != 2 or heat.size == 0:
         raise ValueError(f"heat map must be a non-empty 2-D array, got shape {heat.shape}")
     if not anomalous:
@@ -174,8 +179,9 @@ def localise(heat: np.ndarray, pixel_threshold: float, min_area: int = 1, anomal
     found.sort(key=lambda r: (-r[0].max_score, -r[0].area_px))
     if max_regions is not None:
         found = found[:max_regions]
-    mask = np.isin(final, [label for _, label in found])
-    return [r for r, _ in found], np.where(mask, 255, 0).astype(np.uint8)
+    mask = np.isin(final, [label for _, label in found]).view(np.uint8)  # bool -> 0/1 bytes, no copy
+    mask *= 255  # no int64 np.where temporary of the full map
+    return [r for r, _ in found], mask
 
 
 def mask_png(mask: np.ndarray) -> bytes:

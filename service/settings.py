@@ -47,6 +47,11 @@ class Settings(BaseSettings):
         "auto", description="'auto': fp16 on GPU, bf16 on CPUs with AVX512-BF16/AMX, else fp32."
     )
     hub_cache: Path | None = Field(None, description="Cache dir for pretrained CLIP downloads (default: <store>/_hub).")
+    text_tower: Literal["release", "keep", "off"] = Field(
+        "release", description="CLIP text tower (only needed for prompt anchors, which are cached in the model store "
+        "under <model>/.anchors/): 'release' loads it when an object word's anchors are not cached and drops it "
+        "again; 'keep' keeps it loaded; 'off' never loads it, and a word without cached anchors is refused."
+    )
 
     # --- scoring ----------------------------------------------------------------------------------------------
     default_score: ScoreName = Field(DEFAULT_SCORE, description="Score used for the label when a request names none.")

@@ -285,11 +285,12 @@ def _attnpool_sequences(pool: nn.Module, cells: torch.Tensor, pos_q: torch.Tenso
     hd = c // heads
     query = cells.mean(dim=1) + pos_q  # [N, C]
     seq = torch.cat([query[:, None], cells + pos_cells], dim=1)  # [N, 1+K, C]
-    q = F.linear(query, pool.q_proj.weight, pool.q_proj.bias).view(n, heads, 1, hd)
-    kk = F.linear(seq, pool.k_proj.weight, pool.k_proj.bias).view(n, 1 + k, heads, hd).transpose(1, 2)
-    vv = F.linear(seq, pool.v_proj.weight, pool.v_proj.bias).view(n, 1 + k, heads, hd).transpose(1, 2)
+    # The projections are called as modules (the same F.linear for nn.Linear) so a quantised pool runs here too.
+    q = pool.q_proj(query).view(n, heads, 1, hd)
+    kk = pool.k_proj(seq).view(n, 1 + k, heads, hd).transpose(1, 2)
+    vv = pool.v_proj(seq).view(n, 1 + k, heads, hd).transpose(1, 2)
     o = F.scaled_dot_product_attention(q, kk, vv).reshape(n, c)
-    return F.linear(o, pool.c_proj.weight, pool.c_proj.bias)
+    return pool.c_proj(o)
 
 
 def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.Tensor, chunk: int) -> torch.Tensor:
