@@ -171,3 +171,21 @@ def test_text_tower_off_refuses_uncached_words_clearly(fresh_root, text_loads):
     with pytest.raises(TextTowerOff, match="'gear'.*ZSAD_TEXT_TOWER=off"):
         det.anchors("gear")
     assert len(text_loads) == 1
+
+
+def test_text_tower_off_answers_an_uncached_word_with_a_clear_422(fresh_root, tmp_path):
+    from fastapi.testclient import TestClient
+
+    from service.api.app import create_app
+    from tests.api.helpers import image_bytes, make_settings, wait_ready
+
+    load_detector(_settings(fresh_root))  # caches the generic word's anchors, as `zsad anchors` would
+    app = create_app(make_settings(tmp_path, fresh_root, text_tower="off"))
+    with TestClient(app) as c:
+        wait_ready(c)
+        png = {"content-type": "image/png"}
+        assert c.post("/v1/detect", content=image_bytes(), headers=png).status_code == 200
+        r = c.post("/v1/detect", content=image_bytes(), headers=png, params={"object": "gear"})
+        assert r.status_code == 422, r.text
+        assert r.json()["error"]["code"] == "object_word_unavailable" and "ZSAD_TEXT_TOWER=off" in r.text
+        assert c.post("/v1/detect", content=image_bytes(), headers=png).status_code == 200  # the service goes on

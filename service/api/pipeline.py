@@ -22,6 +22,7 @@ from anyio import to_thread
 from PIL import Image
 
 from ..constants import ALLOWED_FORMATS, MAX_REGIONS  # one allow-list and region cap for the CLI and the service
+from ..detector import TextTowerOff
 from .errors import ApiError
 from .limits import PixelBudgetTimeout, Reservation, describe_format, sniff_format
 from .results import NewResult, record
@@ -209,6 +210,8 @@ async def infer(state: AppState, images: list[Any], object_name: str | None, hea
         raise ApiError(504, "timeout", f"inference did not finish within {state.settings.request_timeout_s:g} s") from None
     except WorkerStopped as exc:
         raise ApiError(503, "unavailable", str(exc), {"Retry-After": "5"}) from None
+    except TextTowerOff as exc:  # an object word with no cached anchors while the text tower is off: the request's fault
+        raise ApiError(422, "object_word_unavailable", str(exc)) from None
     except BaseException:
         for f in futures:
             f.cancel()
