@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cnn_tower import cnn_stride
 from .fast_transformer import block_forward, block_ok
 from .timing import lap
 from .window_grid import window_boxes, window_indices
@@ -88,7 +89,8 @@ def feature_grid(visual: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int
     if tower_kind(visual) == "vit":
         ph, pw = _pair(visual.patch_size) if hasattr(visual, "patch_size") else _pair(visual.conv1.stride)
         return h // ph, w // pw
-    return h // CNN_STRIDE, w // CNN_STRIDE
+    stride = cnn_stride(visual) if hasattr(visual, "conv1") else CNN_STRIDE  # 8 for a finer tower (cnn_tower)
+    return h // stride, w // stride
 
 
 def _resize_grid_embed(grid_embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
