@@ -62,7 +62,8 @@ def main() -> None:
     ap.add_argument("--n-good", type=int, default=16)
     ap.add_argument("--n-defect", type=int, default=4)
     ap.add_argument("--scales", default="1,2,3",
-                    help="window-scale sets to evaluate, ';'-separated; 'v4=2,4,6' limits a set to one version")
+                    help="window-scale sets to evaluate, ';'-separated, each with optional '/VIEWS' (test-time views); "
+                         "'v4=2,4,6/1' limits a set to one version")
     ap.add_argument("--tta-views", type=int, default=None, help="default: the shipped default model's")
     ap.add_argument("--out", default="runs/embedded_model")
     args = ap.parse_args()
@@ -94,12 +95,23 @@ def main() -> None:
             only, _, scales = scales.rpartition("=")
             if only and only != clip_version:
                 continue
-            version = f"{clip_version}-s{scales.replace(',', '')}"
-            cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=10000, seed=0), fnn=FNNConfig(seed=0),
-                              random_words=True, window_scales=tuple(int(x) for x in scales.split(",")),
-                              tta_views=args.tta_views)
-            train_fnn_model(backend, cfg, store, "cmp", version=version, make_current=True,
-                            calibration_images=sorted(cal.rglob("*.png")), calibration_reference="seen kinds, seed 777")
+            scales, _, views = scales.partition("/")
+            views = int(views or args.tta_views)
+            version = f"{clip_version}-s{scales.replace(',', '')}-v{views}"
+            window_scales = [int(x) for x in scales.split(",")]
+            if versions:  # the same FNN (fixed seeds) with other window scales: a copy with another manifest
+                first = store.manifest("cmp", versions[0])
+                folder = store.path("cmp", versions[0])
+                manifest = {k: v for k, v in first.items() if k not in ("files", "version", "name", "created_at")}
+                manifest["windows"] = {"scales": window_scales}
+                manifest["tta"] = {**manifest.get("tta", {}), "views": views}
+                store.publish("cmp", {f: folder / f for f in first["files"]}, manifest, version=version)
+            else:
+                cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=10000, seed=0), fnn=FNNConfig(seed=0),
+                                  random_words=True, window_scales=tuple(window_scales), tta_views=views)
+                train_fnn_model(backend, cfg, store, "cmp", version=version, make_current=True,
+                                calibration_images=sorted(cal.rglob("*.png")),
+                                calibration_reference="seen kinds, seed 777")
             versions.append(version)
         run_dir = Path(args.out) / args.family / clip_version
         argv = ["--store", str(store_root), "evaluate", str(data), "--layout", "mvtec", "--model", "cmp",
