@@ -44,3 +44,19 @@ def test_resize_attnpool_keeps_the_class_row_and_unknown_options_fail():
     assert out.shape == (145, 4) and torch.equal(out[0], pos[0])
     with pytest.raises(ValueError):
         apply_tower(_clip(96), {"stem_strides": 1})
+
+
+def test_shared_key_projection_equals_pooling_each_window_sequence():
+    from service.window_grid import window_indices
+    from service.windows import _attnpool_sequences, _pos_for_grid
+
+    model = _clip(96, FINE_TOWER)
+    with torch.no_grad():
+        fmap = cnn_feature_map(model.visual, torch.randn(2, 3, 96, 96))
+        idx = window_indices(12, 12, 3, 2)
+        fast = cnn_window_embeddings(model.visual, fmap, idx, chunk=7)
+        pool = model.visual.attnpool
+        pos = _pos_for_grid(pool.positional_embedding, (12, 12))
+        cells = fmap.reshape(2, fmap.shape[1], 144).transpose(1, 2)
+        ref = torch.stack([_attnpool_sequences(pool, cells[i][idx], pos[0], pos[1 + idx]) for i in range(2)])
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
