@@ -30,6 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cnn_tower import apply_tower
 from .constants import CLIP_MEAN, CLIP_STD
 from .store import ModelStore, StoreError, sha256_file
 from .text_encoding import encode_prompts
@@ -452,6 +453,10 @@ def load_clip(
             raise ClipLoadError(f"CLIP {spec.label()} is not the CLIP this model was trained on (sha256 differs)")
         path, sha = weights, manifest["files"][weights.name]
         model = _create(f"local-dir:{folder}")
+        try:
+            apply_tower(model, manifest.get("tower"))  # a finer CNN grid (cnn_tower): before the weights load
+        except ValueError as exc:
+            raise ClipLoadError(f"CLIP {spec.label()}: {exc}") from exc
         _load_weights(model, weights, device, dtype, part)
         tokenizer_spec = manifest.get("tokenizer")
         arch = manifest.get("arch", spec.name)

@@ -41,6 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
+from .cnn_tower import cnn_stride
 from .fast_transformer import block_forward, block_ok
 from .timing import lap
 from .window_grid import window_boxes, window_indices
@@ -90,7 +91,8 @@ def feature_grid(visual: nn.Module, image_hw: tuple[int, int]) -> tuple[int, int
     if tower_kind(visual) == "vit":
         ph, pw = _pair(visual.patch_size) if hasattr(visual, "patch_size") else _pair(visual.conv1.stride)
         return h // ph, w // pw
-    return h // CNN_STRIDE, w // CNN_STRIDE
+    stride = cnn_stride(visual) if hasattr(visual, "conv1") else CNN_STRIDE  # 8 for a finer tower (cnn_tower)
+    return h // stride, w // stride
 
 
 def _resize_grid_embed(grid_embed: torch.Tensor, old: tuple[int, int], new: tuple[int, int]) -> torch.Tensor:
@@ -294,20 +296,39 @@ def _attnpool_sequences(pool: nn.Module, cells: torch.Tensor, pos_q: torch.Tenso
 
 
 def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Raw window embeddings [B, n_windows, D] pooling each window's cells of `fmap` [B, C, h, w] via `attnpool`."""
+    """Raw window embeddings [B, n_windows, D] pooling each window's cells of `fmap` [B, C, h, w] via `attnpool`.
+
+    Exactly `_attnpool_sequences` per window, but a cell's key and value do not depend on the window (its positional
+    embedding is its place in the whole grid), so they are projected once per image and gathered per window; only
+    each window's query token (the mean of its cells) is projected per window. On a 12x12 map with scales (2, 4, 6)
+    that is ~7x fewer projection FLOPs than projecting every window's sequence.
+    """
     pool = visual.attnpool
     b, c, h, w = fmap.shape
+    heads = pool.num_heads
+    hd = c // heads
     cells_all = fmap.reshape(b, c, h * w).transpose(1, 2)  # [B, h*w, C]
     pos = _pos_for_grid(pool.positional_embedding, (h, w)).to(fmap.dtype)
+    keys = F.linear(cells_all + pos[1:], pool.k_proj.weight, pool.k_proj.bias)  # [B, h*w, C]
+    values = F.linear(cells_all + pos[1:], pool.v_proj.weight, pool.v_proj.bias)
     n = indices.shape[0]
     idx = indices.to(fmap.device)
     out: list[torch.Tensor] = []
     for start in range(0, b * n, max(1, chunk)):
         stop = min(b * n, start + max(1, chunk))
         img, win = _gather_rows(n, start, stop)
+        img = img.to(fmap.device)
         widx = idx[win.to(fmap.device)]  # [c, K]
-        cells = cells_all[img.to(fmap.device)[:, None], widx]  # [c, K, C]
-        out.append(_attnpool_sequences(pool, cells, pos[0], pos[1 + widx]))
+        rows = img[:, None]
+        query = cells_all[rows, widx].mean(dim=1) + pos[0]  # [c, C]
+        m = query.shape[0]
+        q = F.linear(query, pool.q_proj.weight, pool.q_proj.bias).view(m, heads, 1, hd)
+        kq = F.linear(query, pool.k_proj.weight, pool.k_proj.bias)[:, None]
+        vq = F.linear(query, pool.v_proj.weight, pool.v_proj.bias)[:, None]
+        kk = torch.cat([kq, keys[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
+        vv = torch.cat([vq, values[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, kk, vv).reshape(m, c)
+        out.append(F.linear(o, pool.c_proj.weight, pool.c_proj.bias))
     return torch.cat(out, dim=0).reshape(b, n, -1)
 
 

@@ -31,6 +31,8 @@ KIND_NOUNS: dict[str, tuple[str, ...]] = {
     "metal": ("brushed metal", "metal plate", "metal surface", "sheet metal"),
     "widget": ("part", "component", "workpiece", "piece", "machined part"),
     "pattern": ("surface", "material", "patterned surface", "textured material"),
+    "weave": ("woven fabric", "knitted fabric", "weave", "textile", "knit", "mesh"),
+    "label": ("label", "printed label", "tag", "sticker", "printed card"),
 }
 GENERIC_NOUNS = ("object", "item", "part", "product")
 COLOUR_WORDS: dict[str, tuple[str, ...]] = {"gray": ("gray", "grey"), "gold": ("gold", "golden")}
@@ -45,6 +47,13 @@ DEFECT_NOUNS: dict[str, tuple[str, ...]] = {
     "missing_piece": ("missing piece", "chipped edge", "piece missing", "broken-off part"),
     "deformation": ("deformation", "dent", "bend", "bulge"),
     "colour_spot": ("colour spot", "color spot", "spot of paint", "discoloured spot"),
+    "pinhole": ("pinhole", "tiny hole", "small pore", "speck"),
+    "fine_scratch": ("hairline scratch", "fine scratch", "thin scratch"),
+    "colour_cast": ("wrong colour", "colour shift", "color cast", "faded colour"),
+    "wrong_material": ("wrong material", "foreign material", "wrong finish"),
+    "blur": ("blur", "smear", "blurred print", "washed-out surface"),
+    "misprint": ("misprint", "double print", "shifted print", "printing error"),
+    "warp": ("warp", "stretched shape", "skewed shape", "distortion"),
 }
 DEFECT_ADJECTIVES: dict[str, tuple[str, ...]] = {
     "scratch": ("scratched",),
@@ -54,6 +63,13 @@ DEFECT_ADJECTIVES: dict[str, tuple[str, ...]] = {
     "missing_piece": ("chipped", "incomplete", "broken-off"),
     "deformation": ("deformed", "dented", "bent", "misshapen", "warped"),
     "colour_spot": ("discoloured", "spotted", "discolored"),
+    "pinhole": ("pitted", "speckled", "pierced"),
+    "fine_scratch": ("scratched", "scuffed"),
+    "colour_cast": ("discoloured", "off-colour", "faded", "tinted"),
+    "wrong_material": ("wrong-material", "off-spec", "mismatched"),
+    "blur": ("blurred", "smeared", "smudged"),
+    "misprint": ("misprinted", "double-printed", "badly printed"),
+    "warp": ("warped", "stretched", "skewed", "distorted"),
 }
 CLOSEUP_TEMPLATES = (
     "a close-up photo of a {}.", "a close-up photo of the {}.", "a cropped photo of a {}.",

@@ -75,6 +75,7 @@ def _add_dataset(sub: argparse._SubParsersAction) -> None:
 
 # --- train-clip ------------------------------------------------------------------------------------------------
 def cmd_train_clip(args: argparse.Namespace) -> int:
+    from ..cnn_tower import FINE_TOWER
     from .dataset import parse_kinds
     from .train_clip import TrainClipConfig, publish, train
 
@@ -86,6 +87,8 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
             max_minutes=args.max_minutes, fit_to_budget=args.fit_to_budget, out_name=args.out_name,
             version=args.version, log_every=args.log_every, ckpt_every=args.ckpt_every,
             random_word_prob=args.random_word_prob, crop_prob=args.crop_prob, random_kind_prob=args.random_kind_prob,
+            wide=args.wide, tower=FINE_TOWER if args.fine_grid else None, channels_last=not args.no_channels_last,
+            centre_images=args.centre_images,
         )
     except ValueError as exc:
         _fail(args, str(exc))
@@ -166,6 +169,15 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--random-kind-prob", type=float, default=0.0,
                    help="share of scenes of the random-shape kinds widget/pattern (default: %(default)s)")
     t.add_argument("--crop-prob", type=float, default=0.3, help="close-up crops (default: %(default)s)")
+    t.add_argument("--wide", action="store_true",
+                   help="the wide world (v4): random kinds + weave/label, fine and global defects, pose and "
+                        "photometric jitter; the reserved validation looks are never drawn")
+    t.add_argument("--fine-grid", action="store_true",
+                   help="CNN tower at stride 8 (stem conv stride 1, layer4 dilated): a 12x12 map at 96 px; "
+                        "render at --image-size (no upsampling)")
+    t.add_argument("--no-channels-last", action="store_true", help="keep NCHW convolutions on the CPU")
+    t.add_argument("--centre-images", type=int, default=2048,
+                   help="clean training-kind renders averaged for the image centre (default: %(default)s)")
     t.add_argument("--max-minutes", type=float, default=None, help="wall budget: stop cleanly and still publish")
     t.add_argument("--fit-to-budget", action="store_true",
                    help="with --max-minutes: shorten the cosine schedule to the steps the measured speed allows")

@@ -9,7 +9,7 @@ the data of a step never depends on which DataLoader worker made it, on the numb
 """
 from __future__ import annotations
 
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 
 import numpy as np
 import torch
@@ -17,20 +17,28 @@ import torch
 from ..tokenizer import CharTokenizer
 from .captions import CaptionConfig, caption
 from .world import (
+    DEFECTS,
     HELD_OUT_KINDS,
     KINDS,
     RANDOM_KINDS,
     TRAIN_KINDS,
+    VALIDATION_LOOK_MODULUS,
+    WIDE_DEFECTS,
+    WIDE_RANDOM_KINDS,
     Crop,
+    Scene,
     apply_crop,
     crop_mask,
+    is_validation_look,
     location_words,
     random_defect,
     render,
     render_twins,
     sample_crop,
+    sample_photometric,
     sample_scene,
     seeded_rng,
+    widen_scene,
 )
 
 # Seed streams: each use of the world draws from its own, so no two ever share a sample.
@@ -68,19 +76,43 @@ class TwinPair:
     defect: str
 
 
+def training_look(scene: Scene) -> Scene:
+    """Move a random-kind scene off the reserved validation looks (detail seed 0 mod 16): training never draws them."""
+    if scene.kind in WIDE_RANDOM_KINDS and is_validation_look(scene.detail_seed):
+        return replace(scene, detail_seed=scene.detail_seed + 1)
+    return scene
+
+
+def validation_scene(rng: np.random.Generator, kind: str, wide: bool = True, setting: str = "train") -> Scene:
+    """A scene of the validation family: a random kind with a reserved look (never drawn in CLIP or FNN training)."""
+    if kind not in WIDE_RANDOM_KINDS:
+        raise ValueError(f"the validation family has the random kinds {WIDE_RANDOM_KINDS}, not {kind!r}")
+    scene = sample_scene(rng, kind=kind)
+    scene = replace(scene, detail_seed=(scene.detail_seed // VALIDATION_LOOK_MODULUS) * VALIDATION_LOOK_MODULUS)
+    return widen_scene(scene, rng, setting) if wide else scene
+
+
 def make_twin_pair(seed: int, index: int, size: int, kinds: tuple[str, ...] = TRAIN_KINDS, crop_prob: float = 0.3,
-                   captions: CaptionConfig = CaptionConfig(), random_kind_prob: float = 0.0) -> TwinPair:
+                   captions: CaptionConfig = CaptionConfig(), random_kind_prob: float = 0.0,
+                   wide: bool = False) -> TwinPair:
     """Training sample `index`: a twin with captions, ~`crop_prob` of them as close-ups.
 
     ~`random_kind_prob` of the scenes are of `RANDOM_KINDS` (a new shape or texture each); at 0 no draw is made, so
-    the samples are exactly those of a run without random kinds.
+    the samples are exactly those of a run without random kinds. `wide` draws from the wide world (v4): the random
+    kinds + weave and label, the fine and global defects too, pose/light jitter, specular highlights and JPEG; the
+    reserved validation looks are never drawn.
     """
     rng = seeded_rng(seed, STREAM_TRAIN, index)
+    random_kinds = WIDE_RANDOM_KINDS if wide else RANDOM_KINDS
     if random_kind_prob > 0 and rng.uniform() < random_kind_prob:
-        scene = sample_scene(rng, RANDOM_KINDS)
+        scene = sample_scene(rng, random_kinds)
     else:
         scene = sample_scene(rng, kinds)
-    twin = render_twins(scene, random_defect(rng), size)
+    extras = None
+    if wide:
+        scene = widen_scene(training_look(scene), rng, "train")
+        extras = sample_photometric(rng)
+    twin = render_twins(scene, random_defect(rng, WIDE_DEFECTS if wide else DEFECTS), size, extras)
     clean, defective, mask = twin.clean, twin.defective, twin.mask
     crop: Crop | None = None
     visible = True
@@ -125,6 +157,7 @@ class TwinBatches(torch.utils.data.Dataset):
     captions: CaptionConfig = field(default_factory=CaptionConfig)
     context_length: int = 96
     random_kind_prob: float = 0.0
+    wide: bool = False
 
     def __post_init__(self) -> None:
         self.kinds = check_training_kinds(self.kinds)
@@ -135,7 +168,7 @@ class TwinBatches(torch.utils.data.Dataset):
 
     def __getitem__(self, step: int) -> dict[str, torch.Tensor]:
         items = [make_twin_pair(self.seed, step * self.pairs + j, self.size, self.kinds, self.crop_prob, self.captions,
-                                self.random_kind_prob)
+                                self.random_kind_prob, self.wide)
                  for j in range(self.pairs)]
         images = np.stack([p.clean for p in items] + [p.defective for p in items])
         texts = [p.clean_caption for p in items] + [p.defective_caption for p in items]

@@ -19,7 +19,7 @@ from pathlib import Path
 import numpy as np
 from PIL import Image
 
-from .world import DEFECTS, HELD_OUT_KINDS, KINDS, Defect, render, render_twins, sample_scene, seeded_rng
+from .world import DEFECTS, HELD_OUT_KINDS, KINDS, Defect, Scene, render, render_twins, sample_scene, seeded_rng
 
 STREAM_DATASET = 21
 _SPLIT_IDS = {"train": 0, "test_good": 1}  # test/<defect> uses 10 + the defect's index
@@ -120,3 +120,64 @@ def parse_kinds(values: Sequence[str]) -> tuple[str, ...]:
                 if kind not in out:
                     out.append(kind)
     return tuple(out)
+
+
+STREAM_FAMILY = 22  # the wide world's evaluation sets (validation family, robustness): their own seed stream
+
+
+def _family_scene(rng: np.random.Generator, kind: str, setting: str) -> Scene:
+    """Random kinds: a reserved validation look; named kinds: their own look. Both in the wide world's jitter."""
+    from .data import validation_scene
+    from .world import WIDE_RANDOM_KINDS, widen_scene
+
+    if kind in WIDE_RANDOM_KINDS:
+        return validation_scene(rng, kind, wide=True, setting=setting)
+    return widen_scene(sample_scene(rng, kind=kind), rng, setting)
+
+
+def write_wide_family(out: str | Path, kinds: Sequence[str], seed: int, n_good: int, n_defect: int, size: int,
+                      defects: Sequence[str] = DEFECTS, setting: str = "train", overwrite: bool = False,
+                      ) -> dict[str, dict[str, int]]:
+    """An MVTec-layout test set of wide-world scenes (pose and photometric jitter, specular, JPEG).
+
+    Random kinds (widget, pattern, weave, label) get reserved validation looks: the validation family, never drawn
+    in CLIP or FNN training. Named kinds get their own look. `setting="robust"` draws the evaluation-only
+    photometric setting (brighter light, more noise than any training draw).
+    """
+    from .world import WIDE_DEFECTS, sample_photometric
+
+    out = Path(out)
+    bad = [d for d in defects if d not in WIDE_DEFECTS]
+    if bad:
+        raise ValueError(f"unknown defects {bad} (known: {', '.join(WIDE_DEFECTS)})")
+    counts: dict[str, dict[str, int]] = {}
+    for kind in kinds:
+        if (out / kind).exists() and any((out / kind).iterdir()) and not overwrite:
+            raise FileExistsError(f"{out / kind} already exists and is not empty (use --overwrite)")
+        k_id = KINDS.index(kind)
+
+        folder = out / kind / "test" / "good"
+        folder.mkdir(parents=True, exist_ok=True)
+        for i in range(n_good):
+            rng = seeded_rng(seed, STREAM_FAMILY, k_id, 1, i)
+            scene = _family_scene(rng, kind, setting)
+            _save(render(scene, size, extras=sample_photometric(rng))[0], folder / f"{i:03d}.png")
+        folders = {"test/good": n_good}
+        for defect in defects:
+            folder, gt = out / kind / "test" / defect, out / kind / "ground_truth" / defect
+            folder.mkdir(parents=True, exist_ok=True)
+            gt.mkdir(parents=True, exist_ok=True)
+            for i in range(n_defect):
+                rng = seeded_rng(seed, STREAM_FAMILY, k_id, 10 + WIDE_DEFECTS.index(defect), i)
+                scene = _family_scene(rng, kind, setting)
+                extras = sample_photometric(rng)
+                twin = render_twins(scene, Defect(defect, int(rng.integers(2**31))), size, extras)
+                _save(twin.defective, folder / f"{i:03d}.png")
+                _save(twin.mask.astype(np.uint8) * 255, gt / f"{i:03d}_mask.png")
+            folders[f"test/{defect}"] = n_defect
+        counts[kind] = folders
+    out.mkdir(parents=True, exist_ok=True)
+    (out / "synth_manifest.json").write_text(json.dumps({
+        "generator": "service.synthetic.world (wide)", "layout": "mvtec-ad", "seed": seed, "size": size,
+        "setting": setting, "kinds": list(kinds), "defects": list(defects), "counts": counts}, indent=2) + "\n")
+    return counts

@@ -33,7 +33,7 @@ from ..constants import CLIP_MEAN, CLIP_STD
 from ..tokenizer import CHAR_ALPHABET, CharTokenizer
 from .captions import CaptionConfig
 from .data import TwinBatches, check_training_kinds, clean_reference_images, reference_captions, worker_init
-from .world import DEFECTS, HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS
+from .world import DEFECTS, HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS, WIDE_DEFECTS, WIDE_RANDOM_KINDS
 
 
 @dataclass
@@ -52,6 +52,7 @@ class TrainClipConfig:
     random_word_prob: float = 0.5
     kinds: tuple[str, ...] = TRAIN_KINDS
     random_kind_prob: float = 0.0  # share of scenes of RANDOM_KINDS (domain randomisation)
+    wide: bool = False  # the wide world (v4): more random kinds, fine and global defects, pose and photometric jitter
     # model
     embed_dim: int = 128
     vision_width: int = 32
@@ -60,10 +61,12 @@ class TrainClipConfig:
     text_layers: int = 3
     text_heads: int = 4
     context_length: int = 96
+    tower: dict[str, int] | None = None  # cnn_tower options, e.g. stride 8: {"stem_stride": 1, "layer4_stride": 1, ...}
     # running
     device: str = "auto"
     workers: int = 2
-    amp: bool = True  # bf16 autocast on CUDA
+    amp: bool = True  # bf16 autocast on CUDA (on a CPU without AMX/AVX-512-BF16 it only slows down: never used there)
+    channels_last: bool = True  # NHWC convolutions on the CPU (oneDNN's fast layout)
     max_minutes: float | None = None
     fit_to_budget: bool = False
     log_every: int = 20
@@ -83,7 +86,7 @@ class TrainClipConfig:
         if self.steps < 1:
             raise ValueError("--steps must be >= 1")
         if self.image_size % 32:
-            raise ValueError("--image-size must be a multiple of 32 (the ResNet downsamples 32x)")
+            raise ValueError("--image-size must be a multiple of 32 (the ResNet's attention pool grid)")
         if self.render_size < 16:
             raise ValueError("--render-size must be >= 16")
         if self.lr <= 0:
@@ -115,7 +118,9 @@ def tokenizer_spec(cfg: TrainClipConfig) -> dict[str, Any]:
 def build_model(cfg: TrainClipConfig) -> nn.Module:
     from open_clip.model import CLIP
 
-    return CLIP(**model_config(cfg))
+    from ..cnn_tower import apply_tower
+
+    return apply_tower(CLIP(**model_config(cfg)), cfg.tower)
 
 
 def lr_at(step: int, base: float, warmup: int, total: int) -> float:
@@ -220,6 +225,9 @@ def train(
         _load_published(model, cfg, *init_from)
         log(f"initialised from {init_from[1]}@{init_from[2] or 'current'} in {init_from[0]}")
     model = model.to(device)
+    nhwc = cfg.channels_last and device.type == "cpu"
+    if nhwc:
+        model = model.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=device.type == "cuda")
     start, total = 0, cfg.steps
@@ -237,7 +245,7 @@ def train(
 
     data = TwinBatches(cfg.seed, cfg.batch // 2, cfg.render_size, cfg.steps, cfg.kinds, cfg.crop_prob,
                        CaptionConfig(random_word_prob=cfg.random_word_prob), cfg.context_length,
-                       cfg.random_kind_prob)
+                       cfg.random_kind_prob, cfg.wide)
     loader = torch.utils.data.DataLoader(
         data,
         batch_size=None,
@@ -268,6 +276,8 @@ def train(
         for group in optimizer.param_groups:
             group["lr"] = lr
         images = preprocess(batch["images"].to(device, non_blocking=True), cfg.image_size)
+        if nhwc:
+            images = images.contiguous(memory_format=torch.channels_last)
         tokens = batch["tokens"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
             img_f, txt_f, scale = model(images, tokens)
@@ -293,9 +303,9 @@ def train(
                             "steps_per_s": round((done - start) / max(elapsed, 1e-6), 2)}))
         if budget_s and cfg.fit_to_budget and not fitted:
             # Measure speed once the loader is warm, then shorten the cosine to what the budget allows.
-            if done - start == 20:
+            if done - start == 5:
                 probe = (done, elapsed)
-            elif probe and done - start == 80:
+            elif probe and done - start == 25:
                 sec_per_step = (elapsed - probe[1]) / (done - probe[0])
                 affordable = done + int(max(0.0, budget_s * 0.92 - elapsed) / sec_per_step)
                 if affordable < total:
@@ -329,14 +339,23 @@ def _load_published(model: nn.Module, cfg: TrainClipConfig, store_root: str | Pa
     """Copy a published CLIP's (fp16) weights into `model`; the architectures must match exactly."""
     from safetensors.torch import load_file
 
+    from ..cnn_tower import resize_attnpool
     from ..store import ModelStore
 
     folder, manifest = ModelStore(store_root).verify(name, version)
     stored = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg")
-    if stored != model_config(cfg):
+    ours = model_config(cfg)
+    # Another input size or tower is fine (same parameter shapes): the attention pool's grid is resized below.
+    same = json.loads(json.dumps(stored))
+    same["vision_cfg"]["image_size"] = ours["vision_cfg"]["image_size"]
+    if same != ours:
         raise ValueError(f"{name}@{manifest['version']} has another model config than this run: {stored}")
-    state = load_file(str(folder / manifest.get("weights", "open_clip_model.safetensors")))
-    model.load_state_dict({k: v.float() for k, v in state.items()}, strict=True)
+    state = {k: v.float() for k, v in load_file(str(folder / manifest.get("weights", "open_clip_model.safetensors"))).items()}
+    key = "visual.attnpool.positional_embedding"
+    target = model.state_dict()[key]
+    if state[key].shape != target.shape:
+        state[key] = resize_attnpool(state[key], int(round((target.shape[0] - 1) ** 0.5)))
+    model.load_state_dict(state, strict=True)
 
 
 def _save_ckpt(path: str | Path, model: nn.Module, optimizer: torch.optim.Optimizer, step: int, total: int,
@@ -354,7 +373,7 @@ def modality_centres(model: nn.Module, cfg: TrainClipConfig, device: str | torch
     """
     from ..text_encoding import encode_prompts
 
-    device = torch.device(device)
+    device = resolve_device(device) if isinstance(device, str) else device  # "auto" is a valid --device
     model = model.to(device).eval()
     images = clean_reference_images(cfg.centre_seed, cfg.centre_images, cfg.render_size, cfg.kinds)
     feats = []
@@ -410,14 +429,17 @@ def publish(result: TrainResult, cfg: TrainClipConfig, store_root: str | Path, d
         "synthetic_world": {
             "render_size": cfg.render_size,
             "train_kinds": list(cfg.kinds),
-            "random_kinds": list(RANDOM_KINDS) if cfg.random_kind_prob > 0 else [],
+            "random_kinds": list(WIDE_RANDOM_KINDS if cfg.wide else RANDOM_KINDS) if cfg.random_kind_prob > 0 else [],
+            "wide_world": cfg.wide,
             "random_kind_prob": cfg.random_kind_prob,
             "held_out_kinds": list(HELD_OUT_KINDS),
-            "defects": list(DEFECTS),
+            "defects": list(WIDE_DEFECTS if cfg.wide else DEFECTS),
         },
         "preprocess": {"resize": "bicubic", "image_size": cfg.image_size, "mean": CLIP_MEAN, "std": CLIP_STD},
         "modality_gap_cosine": round(gap, 4),
     }
+    if cfg.tower:
+        extra["tower"] = dict(cfg.tower)
     store = ModelStore(store_root)
     version = save_store_clip(store, cfg.out_name, result.model, model_config(cfg), tokenizer_spec(cfg), extra,
                               centres, reference, version=cfg.version)

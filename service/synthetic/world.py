@@ -33,10 +33,14 @@ TEXTURE_KINDS = ("wood", "fabric", "leather", "metal")
 NAMED_KINDS = OBJECT_KINDS + TEXTURE_KINDS
 RANDOM_OBJECT_KINDS, RANDOM_TEXTURE_KINDS = ("widget",), ("pattern",)  # look drawn per scene: domain randomisation
 RANDOM_KINDS = RANDOM_OBJECT_KINDS + RANDOM_TEXTURE_KINDS
-KINDS = NAMED_KINDS + RANDOM_KINDS  # append only: dataset seeds use the index of a kind in this tuple
+WIDE_RANDOM_KINDS = RANDOM_KINDS + ("weave", "label")  # the wide world's (v4) random kinds: + woven/knitted, print
+KINDS = NAMED_KINDS + RANDOM_KINDS + ("weave", "label")  # append only: dataset seeds use the index of a kind here
 HELD_OUT_KINDS = ("hex_nut", "pill", "leather")  # never seen by CLIP training, prompt design or any tuning
 TRAIN_KINDS = tuple(k for k in NAMED_KINDS if k not in HELD_OUT_KINDS)
 DEFECTS = ("scratch", "crack", "hole", "stain", "missing_piece", "deformation", "colour_spot")
+FINE_DEFECTS = ("pinhole", "fine_scratch")  # a few pixels: what a 6x6 grid could not resolve
+GLOBAL_DEFECTS = ("colour_cast", "wrong_material", "blur", "misprint", "warp")  # the whole part or texture changes
+WIDE_DEFECTS = DEFECTS + FINE_DEFECTS + GLOBAL_DEFECTS
 
 COLOURS: dict[str, tuple[float, float, float]] = {
     "red": (0.78, 0.12, 0.12),
@@ -97,7 +101,7 @@ class Scene:
 
     @property
     def is_texture(self) -> bool:
-        return self.kind in TEXTURE_KINDS or self.kind in RANDOM_TEXTURE_KINDS
+        return self.kind in TEXTURE_KINDS or self.kind in RANDOM_TEXTURE_KINDS or self.kind == "weave"
 
 
 @dataclass(frozen=True)
@@ -389,6 +393,28 @@ def _paint_widget(p: _Painter, s: Scene) -> None:
         p.cut_disc(0, 0, rng.uniform(0.08, 0.18) * squash)
 
 
+def _paint_label(p: _Painter, s: Scene) -> None:
+    """A print/label part: a card of the scene colour with printed text lines, maybe a barcode and a logo."""
+    rng = seeded_rng(s.detail_seed, 1)
+    h = rng.uniform(0.45, 0.8)
+    rect = np.array([[-1.0, -h], [1.0, -h], [1.0, h], [-1.0, h]])
+    p.poly(rect, s.rgb, 0.8)
+    p.poly(rect * np.array([0.95, 0.92]), s.rgb, 1.0)
+    ink = (0.05, 0.05, 0.05) if luminance(s.rgb) > 0.45 else (0.95, 0.95, 0.93)
+    if rng.uniform() < 0.35:
+        ink = s.rgb2
+    n = int(rng.integers(2, 6))
+    x0 = -0.8
+    for y in np.linspace(-0.6 * h, 0.6 * h, n):
+        p.line(np.array([[x0, y], [x0 + rng.uniform(0.5, 1.4), y]]), rng.uniform(0.08, 0.16) * h, ink)
+    if rng.uniform() < 0.5:  # a barcode
+        for x in np.cumsum(rng.uniform(0.02, 0.07, 10)) + 0.35:
+            if x < 0.9:
+                p.line(np.array([[x, -0.7 * h], [x, 0.7 * h]]), rng.uniform(0.01, 0.03), ink)
+    if rng.uniform() < 0.5:  # a logo
+        p.disc(0.7, -0.55 * h, 0.18 * h, s.rgb2)
+
+
 _PAINTERS: dict[str, Callable[[_Painter, Scene], None]] = {
     "bottle_cap": _paint_bottle_cap,
     "hex_nut": _paint_hex_nut,
@@ -397,6 +423,7 @@ _PAINTERS: dict[str, Callable[[_Painter, Scene], None]] = {
     "cable": _paint_cable,
     "gear": _paint_gear,
     "widget": _paint_widget,
+    "label": _paint_label,
 }
 
 
@@ -447,6 +474,25 @@ def _texture_shade(scene: Scene, size: int, rng: np.random.Generator) -> np.ndar
         cells = prng.uniform(2, 30)
         noise = value_noise(rng, u * cells + 10, v * cells + 10)
         return 0.76 + prng.uniform(0.04, 0.18) * waves + prng.uniform(0.02, 0.1) * noise
+    if k == "weave":  # woven (plain, twill, basket) or knitted (chevron loops), random period and aspect
+        prng = seeded_rng(scene.detail_seed, 2)
+        period = 1.0 / prng.uniform(6, 20)
+        a, b = u / period + 50, v / period * prng.uniform(0.6, 1.6) + 50
+        fa, fb = a - np.floor(a), b - np.floor(b)
+        style = int(prng.integers(4))
+        if style == 3:  # knit: rows of V-shaped loops
+            zig = np.abs(fa - 0.5) * 2
+            top = np.sin(math.pi * ((b + 0.6 * zig) % 1.0)) ** 0.7
+        else:
+            if style == 0:
+                parity = (np.floor(a) + np.floor(b)) % 2 == 0
+            elif style == 1:
+                parity = (np.floor(a) + 2 * np.floor(b)) % 3 == 0
+            else:
+                parity = (np.floor(a / 2) + np.floor(b / 2)) % 2 == 0
+            top = np.where(parity, np.sin(math.pi * fa), np.sin(math.pi * fb))
+        noise = value_noise(rng, u * 20 + 10, v * 20 + 10)
+        return 0.55 + prng.uniform(0.25, 0.42) * top + prng.uniform(0.02, 0.08) * noise
     raise ValueError(f"{k!r} is not a texture kind")
 
 
@@ -658,6 +704,93 @@ def _colour_spot(L: _Layers, rng: np.random.Generator) -> np.ndarray:
     return _toward(L.img, colour, cov, rng.uniform(0.85, 1.0))
 
 
+def _contrast_target(L: _Layers, p: np.ndarray) -> tuple[float, float, float]:
+    return (0.97, 0.97, 0.95) if _local_lum(L.img, p) < 0.5 else (0.03, 0.03, 0.03)
+
+
+def _pinhole(L: _Layers, rng: np.random.Generator) -> np.ndarray:
+    """A fine local flaw of 1-3 px across: a pore, a fleck of dust, a pin prick."""
+    size = L.img.shape[0]
+    r = rng.uniform(0.6, 1.3) * max(1.0, size / 96)
+    p = _pick(rng, _interior(L, r + 1), L.support > 0.5)
+    cov = raster.disc(size, p[0], p[1], r, r * rng.uniform(0.7, 1.3)) * L.support
+    return _toward(L.img, _contrast_target(L, p), cov, rng.uniform(0.8, 1.0))
+
+
+def _fine_scratch(L: _Layers, rng: np.random.Generator) -> np.ndarray:
+    """A hairline scratch: under one pixel wide and short."""
+    size = L.img.shape[0]
+    length = rng.uniform(0.12, 0.3) * L.radius
+    p0 = _pick(rng, _interior(L, 1), L.support > 0.5)
+    a = rng.uniform(0, 2 * math.pi)
+    p1 = p0 + np.array([math.cos(a), math.sin(a)]) * length
+    cov = raster.polyline(size, [p0, p1], rng.uniform(0.6, 0.9)) * L.support
+    return _toward(L.img, _contrast_target(L, p0), cov, rng.uniform(0.8, 1.0))
+
+
+def _colour_cast(L: _Layers, rng: np.random.Generator) -> np.ndarray:
+    """The whole part (or texture) in a shifted hue: a wrong batch of paint or dye."""
+    tint = np.ones(3, np.float32)
+    hi, lo = rng.choice(3, 2, replace=False)
+    tint[hi] += rng.uniform(0.25, 0.45)
+    tint[lo] -= rng.uniform(0.2, 0.4)
+    cast = np.clip(L.img * tint + (tint - 1) * 0.12, 0, 1)
+    a = L.support[..., None]
+    return (L.img * (1 - a) + cast * a).astype(np.float32)
+
+
+def _wrong_material(L: _Layers, rng: np.random.Generator) -> np.ndarray:
+    """The right shape in the wrong material: another colour and a foreign grain over the whole part."""
+    size = L.img.shape[0]
+    x, y = grid(size)
+    ang, f = rng.uniform(0, math.pi), rng.uniform(8, 30)
+    t = (x * math.cos(ang) + y * math.sin(ang)) / size
+    grain = 0.8 + 0.15 * np.sin(2 * math.pi * f * t) + 0.12 * value_noise(rng, x / size * 12, y / size * 12)
+    colour = np.asarray(list(COLOURS.values())[int(rng.integers(len(COLOURS)))], np.float32)
+    lum = luminance(L.img)[..., None]
+    new = np.clip((0.45 * colour + 0.55 * lum * colour * 1.6) * grain[..., None], 0, 1)
+    a = L.support[..., None] * np.float32(rng.uniform(0.7, 1.0))
+    return (L.img * (1 - a) + new * a).astype(np.float32)
+
+
+def _blur(L: _Layers, rng: np.random.Generator) -> np.ndarray:
+    """Defocus or smear: the part's (or texture's) detail washed out."""
+    from scipy.ndimage import gaussian_filter
+
+    size = L.img.shape[0]
+    sigma = rng.uniform(1.2, 2.5) * size / 96
+    return gaussian_filter(L.img, sigma=(sigma, sigma, 0)).astype(np.float32)
+
+
+def _misprint(L: _Layers, rng: np.random.Generator) -> np.ndarray:
+    """A double or shifted print over the part: a ghost of its own markings, offset by a few pixels."""
+    size = L.img.shape[0]
+    x, y = grid(size)
+    shift = rng.uniform(1.5, 4.0) * size / 96
+    a = rng.uniform(0, 2 * math.pi)
+    ghost = remap(L.img, (x - shift * math.cos(a)).astype(np.float64), (y - shift * math.sin(a)).astype(np.float64))
+    w = np.float32(rng.uniform(0.35, 0.6))
+    out = L.img * (1 - w) + ghost * w
+    s = L.support[..., None]
+    return (L.img * (1 - s) + out * s).astype(np.float32)
+
+
+def _warp(L: _Layers, rng: np.random.Generator) -> np.ndarray:
+    """A stretch or shear of the whole part or texture (a squashed cap, a skewed weave)."""
+    size = L.img.shape[0]
+    x, y = grid(size)
+    c = L.centre
+    a = rng.uniform(0, math.pi)
+    d = np.array([math.cos(a), math.sin(a)])
+    f = rng.uniform(1.15, 1.35) if rng.uniform() < 0.5 else 1 / rng.uniform(1.15, 1.35)
+    dx, dy = x - c[0], y - c[1]
+    along = dx * d[0] + dy * d[1]
+    shear = rng.uniform(-0.25, 0.25)
+    sx = x - d[0] * along * (1 - 1 / f) + shear * dy
+    sy = y - d[1] * along * (1 - 1 / f)
+    return remap(L.img, sx.astype(np.float64), sy.astype(np.float64)).astype(np.float32)
+
+
 _DEFECT_FNS: dict[str, Callable[[_Layers, np.random.Generator], np.ndarray]] = {
     "scratch": _scratch,
     "crack": _crack,
@@ -666,12 +799,93 @@ _DEFECT_FNS: dict[str, Callable[[_Layers, np.random.Generator], np.ndarray]] = {
     "missing_piece": _missing_piece,
     "deformation": _deformation,
     "colour_spot": _colour_spot,
+    "pinhole": _pinhole,
+    "fine_scratch": _fine_scratch,
+    "colour_cast": _colour_cast,
+    "wrong_material": _wrong_material,
+    "blur": _blur,
+    "misprint": _misprint,
+    "warp": _warp,
 }
 
 
-def min_defect_area(size: int) -> int:
+def min_defect_area(size: int, defect: str = "scratch") -> int:
     """Smallest mask (pixels) a defect may have; smaller draws are redrawn so every defect is visible."""
+    if defect in FINE_DEFECTS:
+        return 2
     return max(4, int(0.002 * size * size))
+
+
+# --- the wide world (v4): pose and photometric jitter --------------------------------------------------------
+PHOTO_SETTINGS = ("train", "robust")  # "robust" is never drawn in training: brighter light, more sensor noise
+VALIDATION_LOOK_MODULUS = 16  # random-kind looks whose detail seed is 0 mod this are the reserved validation family
+
+
+@dataclass(frozen=True)
+class Photometric:
+    """What the camera adds on top of the lit scene, shared by both twins (so the mask is unchanged)."""
+
+    specular: tuple[float, float, float, float]  # (x, y) fraction of the image, radius fraction, strength
+    jpeg_quality: int  # 0 = no JPEG round trip
+
+
+def is_validation_look(detail_seed: int) -> bool:
+    """Random-kind scenes with this detail seed belong to the validation family: never drawn in training."""
+    return detail_seed % VALIDATION_LOOK_MODULUS == 0
+
+
+def widen_scene(scene: Scene, rng: np.random.Generator, setting: str = "train") -> Scene:
+    """Pose, scale, background and light jitter beyond the named world's ranges (the wide world's scenes).
+
+    "train" widens the ranges training draws from; "robust" is the evaluation-only setting (brighter light, more
+    noise than any training draw): brightness 1.2-1.35 (training <= 1.15), noise sigma 0.045-0.06 (training <= 0.04).
+    """
+    if setting not in PHOTO_SETTINGS:
+        raise ValueError(f"unknown photometric setting {setting!r} (use {', '.join(PHOTO_SETTINGS)})")
+    bg = scene.background
+    if rng.uniform() < 0.4:  # any colour, still standing out from the object
+        for _ in range(8):
+            cand = tuple(float(c) for c in rng.uniform(0.03, 0.97, 3))
+            if abs(float(luminance(cand)) - float(luminance(scene.rgb))) > 0.22:
+                bg = cand  # type: ignore[assignment]
+                break
+    robust = setting == "robust"
+    return replace(
+        scene,
+        background=bg,  # type: ignore[arg-type]
+        cx=float(rng.uniform(0.32, 0.68)),
+        cy=float(rng.uniform(0.32, 0.68)),
+        scale=float(scene.scale * rng.uniform(0.75, 1.2)),
+        light_strength=float(rng.uniform(0.0, 0.45)),
+        brightness=float(rng.uniform(1.2, 1.35) if robust else rng.uniform(0.7, 1.15)),
+        noise_sigma=float(rng.uniform(0.045, 0.06) if robust else rng.uniform(0.002, 0.04)),
+    )
+
+
+def sample_photometric(rng: np.random.Generator) -> Photometric:
+    spec = (float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.2, 0.8)), float(rng.uniform(0.05, 0.2)),
+            float(rng.uniform(0.15, 0.45)) if rng.uniform() < 0.4 else 0.0)
+    quality = int(rng.integers(40, 96)) if rng.uniform() < 0.5 else 0
+    return Photometric(spec, quality)
+
+
+def _finish_extras(img: np.ndarray, light: np.ndarray, noise: np.ndarray, extras: Photometric, size: int) -> np.ndarray:
+    x, y = grid(size)
+    sx, sy, sr, strength = extras.specular
+    lit = img * light
+    if strength > 0:
+        d2 = ((x / size - sx) ** 2 + (y / size - sy) ** 2) / (sr * sr)
+        lit = lit + (strength * np.exp(-d2)).astype(np.float32)[..., None]
+    out = (np.clip(lit + noise, 0, 1) * 255 + 0.5).astype(np.uint8)
+    if extras.jpeg_quality:
+        import io
+
+        from PIL import Image
+
+        buf = io.BytesIO()
+        Image.fromarray(out).save(buf, format="JPEG", quality=extras.jpeg_quality)
+        out = np.asarray(Image.open(io.BytesIO(buf.getvalue())).convert("RGB"))
+    return out
 
 
 # --- rendering -------------------------------------------------------------------------------------------------
@@ -695,15 +909,15 @@ def _noise(scene: Scene, size: int) -> np.ndarray:
     return rng.standard_normal((size, size, 3), dtype=np.float32) * np.float32(scene.noise_sigma)
 
 
-def render_twins(scene: Scene, defect: Defect, size: int) -> Twin:
-    """The clean scene and the same scene with `defect`, sharing lighting and sensor noise."""
+def render_twins(scene: Scene, defect: Defect, size: int, extras: Photometric | None = None) -> Twin:
+    """The clean scene and the same scene with `defect`, sharing lighting, sensor noise and `extras`."""
     if defect.type not in _DEFECT_FNS:
         raise ValueError(f"unknown defect {defect.type!r} (known: {', '.join(DEFECTS)})")
     layers = _layers(scene, size)
     light = _lighting(scene, size)
     clean_lit = layers.img * light
     rng = seeded_rng(defect.seed, 2)
-    need = min_defect_area(size)
+    need = min_defect_area(size, defect.type)
     mask = np.zeros((size, size), bool)
     damaged = layers.img
     for _ in range(6):  # redraw a defect that barely changed anything (e.g. a dark crack on a dark spot)
@@ -716,15 +930,22 @@ def render_twins(scene: Scene, defect: Defect, size: int) -> Twin:
 
     mask = mask | binary_closing(mask, np.ones((3, 3), bool))
     noise = _noise(scene, size)
-    return Twin(scene, defect, _finish(layers.img, light, noise), _finish(damaged, light, noise), mask)
+    if extras is None:
+        return Twin(scene, defect, _finish(layers.img, light, noise), _finish(damaged, light, noise), mask)
+    clean_img, damaged_img = (_finish_extras(img, light, noise, extras, size) for img in (layers.img, damaged))
+    return Twin(scene, defect, clean_img, damaged_img, mask)
 
 
-def render(scene: Scene, size: int, defect: Defect | None = None) -> tuple[np.ndarray, np.ndarray]:
+def render(scene: Scene, size: int, defect: Defect | None = None,
+           extras: Photometric | None = None) -> tuple[np.ndarray, np.ndarray]:
     """(image uint8 [S, S, 3], mask bool [S, S]) of `scene`, with `defect` if given (else an empty mask)."""
     if defect is None:
         layers = _layers(scene, size)
-        return _finish(layers.img, _lighting(scene, size), _noise(scene, size)), np.zeros((size, size), bool)
-    twin = render_twins(scene, defect, size)
+        light, noise = _lighting(scene, size), _noise(scene, size)
+        if extras is not None:
+            return _finish_extras(layers.img, light, noise, extras, size), np.zeros((size, size), bool)
+        return _finish(layers.img, light, noise), np.zeros((size, size), bool)
+    twin = render_twins(scene, defect, size, extras)
     return twin.defective, twin.mask
 
 

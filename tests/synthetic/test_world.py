@@ -24,6 +24,7 @@ from service.synthetic.world import (
     NAMED_KINDS,
     RANDOM_KINDS,
     TRAIN_KINDS,
+    WIDE_RANDOM_KINDS,
     Defect,
     min_defect_area,
     render,
@@ -44,7 +45,8 @@ def test_held_out_kinds_are_disjoint_from_training_kinds():
     assert set(HELD_OUT_KINDS) == {"hex_nut", "pill", "leather"}
     assert not set(HELD_OUT_KINDS) & set(TRAIN_KINDS)
     assert set(HELD_OUT_KINDS) | set(TRAIN_KINDS) == set(NAMED_KINDS) and len(NAMED_KINDS) == 10
-    assert set(KINDS) == set(NAMED_KINDS) | set(RANDOM_KINDS) and not set(RANDOM_KINDS) & set(TRAIN_KINDS)
+    assert set(KINDS) == set(NAMED_KINDS) | set(WIDE_RANDOM_KINDS) and not set(WIDE_RANDOM_KINDS) & set(TRAIN_KINDS)
+    assert set(RANDOM_KINDS) < set(WIDE_RANDOM_KINDS)
     assert KINDS[:10] == NAMED_KINDS  # dataset seeds use a kind's index: new kinds only append
 
 

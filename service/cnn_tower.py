@@ -1,0 +1,84 @@
+"""A finer final feature grid for open_clip's ModifiedResNet without new parameters ("tower" options).
+
+Why: WinCLIP windows are made of final-map cells, and open_clip's ResNet downsamples 32x, so a 64-px part gave a
+2x2 map and was upsampled 3x to get 6x6, where a 10-px flaw is a fraction of one cell. Two changes give stride 8
+at the same feature scales, DeepLab-style: the stem's first conv runs at stride 1 (the image is rendered at the
+model's native size instead of being upsampled 2x first) and `layer4` keeps its resolution, with its 3x3 convs
+dilated 2x so their receptive field in image units is unchanged. Parameter shapes stay the same except the
+attention pool's positional embedding, which gets one row per cell of the finer map; so a model trained with the
+old stride can start the new one (`resize_attnpool`).
+
+Options live in the CLIP's store manifest under "tower" (open_clip's own config has no such keys):
+`{"stem_stride": 1, "layer4_stride": 1, "layer4_dilation": 2}`; every loader of a store CLIP calls `apply_tower`
+before loading weights.
+"""
+from __future__ import annotations
+
+from typing import Any
+
+import torch
+import torch.nn.functional as F
+from torch import nn
+
+TOWER_KEYS = ("stem_stride", "layer4_stride", "layer4_dilation")
+FINE_TOWER: dict[str, int] = {"stem_stride": 1, "layer4_stride": 1, "layer4_dilation": 2}  # stride 32 -> 8
+
+
+def _is_resnet(visual: nn.Module) -> bool:
+    return hasattr(visual, "attnpool") and hasattr(visual, "layer4") and hasattr(visual, "conv1")
+
+
+def cnn_stride(visual: nn.Module) -> int:
+    """Input pixels per final-map cell of a ModifiedResNet, read from its modules (32 for open_clip's own)."""
+    stride = int(visual.conv1.stride[0])
+    if isinstance(getattr(visual, "avgpool", None), nn.AvgPool2d):
+        stride *= int(visual.avgpool.kernel_size)
+    for name in ("layer1", "layer2", "layer3", "layer4"):
+        for block in getattr(visual, name):
+            if isinstance(block.avgpool, nn.AvgPool2d):
+                k = block.avgpool.kernel_size
+                stride *= int(k if isinstance(k, int) else k[0])
+    return stride
+
+
+def apply_tower(model: nn.Module, options: dict[str, Any] | None) -> nn.Module:
+    """Rewire `model.visual` (a ModifiedResNet) in place per `options`; a no-op for None/{}. Returns the model.
+
+    Must run before the weights load: it reallocates the attention pool's positional embedding for the new grid.
+    """
+    if not options:
+        return model
+    unknown = set(options) - set(TOWER_KEYS)
+    if unknown:
+        raise ValueError(f"unknown tower options {sorted(unknown)} (known: {', '.join(TOWER_KEYS)})")
+    visual = model.visual
+    if not _is_resnet(visual):
+        raise ValueError("tower options apply to a ModifiedResNet image tower only")
+    stem_stride = int(options.get("stem_stride", 2))
+    visual.conv1.stride = (stem_stride, stem_stride)
+    if int(options.get("layer4_stride", 2)) == 1:
+        first = visual.layer4[0]
+        first.avgpool = nn.Identity()
+        if first.downsample is not None:
+            first.downsample[0] = nn.Identity()  # the "-1" avgpool in front of the 1x1 projection
+    dilation = int(options.get("layer4_dilation", 1))
+    for block in visual.layer4:
+        block.conv2.dilation = (dilation, dilation)
+        block.conv2.padding = (dilation, dilation)
+    side = int(visual.image_size[0] if isinstance(visual.image_size, (tuple, list)) else visual.image_size)
+    side //= cnn_stride(visual)
+    pos = visual.attnpool.positional_embedding
+    if pos.shape[0] != side * side + 1:
+        visual.attnpool.positional_embedding = nn.Parameter(resize_attnpool(pos.detach(), side))
+    return model
+
+
+def resize_attnpool(pos: torch.Tensor, side: int) -> torch.Tensor:
+    """[1 + n*n, C] positional embedding -> [1 + side*side, C] (bicubic over the grid, the class row kept)."""
+    n = int(round((pos.shape[0] - 1) ** 0.5))
+    if n == side:
+        return pos.clone()
+    grid = pos[1:].float().reshape(1, n, n, -1).permute(0, 3, 1, 2)
+    grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
+    rest = grid.permute(0, 2, 3, 1).reshape(side * side, -1).to(pos.dtype)
+    return torch.cat([pos[:1], rest], dim=0)

@@ -1,0 +1,62 @@
+"""The stride-8 CNN tower (service/cnn_tower.py): a 12x12 map at 96 px with the same parameters, loaded the same way
+from the store, and window pooling over the whole map still equals the global embedding."""
+import pytest
+import torch
+
+from service.cnn_tower import FINE_TOWER, apply_tower, cnn_stride, resize_attnpool
+from service.windows import cnn_feature_map, cnn_window_embeddings, feature_grid
+
+
+def _clip(image_size: int, tower=None):
+    from open_clip.model import CLIP
+
+    torch.manual_seed(0)
+    cfg = {"embed_dim": 16, "vision_cfg": {"image_size": image_size, "layers": [1, 1, 1, 1], "width": 8},
+           "text_cfg": {"context_length": 8, "vocab_size": 50, "width": 16, "heads": 2, "layers": 1}}
+    return apply_tower(CLIP(**cfg), tower).eval()
+
+
+def test_fine_tower_gives_a_12x12_grid_at_96_px_with_the_same_parameter_shapes():
+    coarse, fine = _clip(96), _clip(96, FINE_TOWER)
+    assert cnn_stride(coarse.visual) == 32 and cnn_stride(fine.visual) == 8
+    assert feature_grid(fine.visual, (96, 96)) == (12, 12)
+    with torch.no_grad():
+        assert cnn_feature_map(fine.visual, torch.zeros(1, 3, 96, 96)).shape[-2:] == (12, 12)
+    a, b = coarse.state_dict(), fine.state_dict()
+    assert a.keys() == b.keys()
+    diff = [k for k in a if a[k].shape != b[k].shape]
+    assert diff == ["visual.attnpool.positional_embedding"] and b[diff[0]].shape[0] == 145
+
+
+def test_whole_map_window_equals_encode_image():
+    model = _clip(96, FINE_TOWER)
+    x = torch.randn(2, 3, 96, 96)
+    with torch.no_grad():
+        fmap = cnn_feature_map(model.visual, x)
+        win = cnn_window_embeddings(model.visual, fmap, torch.arange(144).view(1, -1), chunk=8)[:, 0]
+        full = model.visual(x)
+    torch.testing.assert_close(win, full, rtol=1e-4, atol=1e-4)
+
+
+def test_resize_attnpool_keeps_the_class_row_and_unknown_options_fail():
+    pos = torch.randn(37, 4)
+    out = resize_attnpool(pos, 12)
+    assert out.shape == (145, 4) and torch.equal(out[0], pos[0])
+    with pytest.raises(ValueError):
+        apply_tower(_clip(96), {"stem_strides": 1})
+
+
+def test_shared_key_projection_equals_pooling_each_window_sequence():
+    from service.window_grid import window_indices
+    from service.windows import _attnpool_sequences, _pos_for_grid
+
+    model = _clip(96, FINE_TOWER)
+    with torch.no_grad():
+        fmap = cnn_feature_map(model.visual, torch.randn(2, 3, 96, 96))
+        idx = window_indices(12, 12, 3, 2)
+        fast = cnn_window_embeddings(model.visual, fmap, idx, chunk=7)
+        pool = model.visual.attnpool
+        pos = _pos_for_grid(pool.positional_embedding, (12, 12))
+        cells = fmap.reshape(2, fmap.shape[1], 144).transpose(1, 2)
+        ref = torch.stack([_attnpool_sequences(pool, cells[i][idx], pos[0], pos[1 + idx]) for i in range(2)])
+    torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
