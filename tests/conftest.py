@@ -73,6 +73,14 @@ def tiny_store(tmp_path_factory):
 
 
 @pytest.fixture(scope="session")
-def tiny_backend(tiny_store):
+def _tiny_backend(tiny_store):
     root, specs = tiny_store
     return load_clip(specs["rn"], root, device="cpu")
+
+
+@pytest.fixture
+def tiny_backend(_tiny_backend):
+    """The session's tiny CLIP with its text tower loaded: a detector built on it earlier may have released the tower
+    (`ZSAD_TEXT_TOWER=release`), and tests here call the text encoder directly, not through `encode_text`."""
+    _tiny_backend.load_text()
+    return _tiny_backend

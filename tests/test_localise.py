@@ -58,11 +58,11 @@ def test_hand_made_maps():
 
 
 @pytest.fixture(scope="module")
-def maps(tiny_backend):
+def maps(_tiny_backend):
     """300 synthetic images (40 px; training and held-out kinds, good and defective, 75 scenes x 4 orientations) and
     their heat maps from the tiny seeded CLIP with a seeded untrained FNN (the invariants hold for any map)."""
     torch.manual_seed(0)
-    det = Detector.from_parts(tiny_backend, FNN(tiny_backend.embed_dim), Settings(device="cpu", precision="fp32"))
+    det = Detector.from_parts(_tiny_backend, FNN(_tiny_backend.embed_dim), Settings(device="cpu", precision="fp32"))
     kinds = TRAIN_KINDS + HELD_OUT_KINDS
     images = []
     for i in range(75):  # 75 renders in 4 orientations each: rendering is the slow part
