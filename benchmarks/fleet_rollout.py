@@ -19,9 +19,7 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
-import subprocess
 import sys
 import tempfile
 import threading
@@ -34,15 +32,11 @@ import httpx
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
 
+from _server import free_port, start_server, stop_server, wait_ready
+
 from service.constants import FLEET_POLL_S
 
 TARGET_S = 10.0  # issue 15: reload through A -> both serving the new version within 10 s at the default poll
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
 
 
 class Replica:
@@ -50,36 +44,18 @@ class Replica:
         self.name, self.port = name, free_port()
         self.url = f"http://127.0.0.1:{self.port}"
         self.log = workdir / f"replica-{name}.log"
-        cmd = [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-               "--log-level", "warning"]
-        self.proc = subprocess.Popen(cmd, cwd=REPO, env={**os.environ, **env, "ZSAD_REPLICA_ID": name,
-                                                         "PYTHONUNBUFFERED": "1"},
-                                     stdout=open(self.log, "wb"), stderr=subprocess.STDOUT)
+        self.proc = start_server(self.port, {**os.environ, **env, "ZSAD_REPLICA_ID": name, "PYTHONUNBUFFERED": "1"},
+                                 self.log)
 
     def wait_ready(self, timeout: float = 300.0) -> None:
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise SystemExit(f"replica {self.name} exited: {self.log.read_text()[-2000:]}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise SystemExit(f"replica {self.name} not ready in {timeout} s")
+        wait_ready(self.proc, self.url, self.log, timeout)
 
     def version(self, client: httpx.Client) -> str | None:
         model = client.get(self.url + "/v1/models").json().get("model")
         return model["version"] if model else None
 
     def stop(self) -> None:
-        if self.proc.poll() is None:
-            self.proc.terminate()
-            try:
-                self.proc.wait(40)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_server(self.proc, timeout=40)
 
 
 def database(args: argparse.Namespace, workdir: Path):

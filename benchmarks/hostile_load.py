@@ -34,10 +34,8 @@ import argparse
 import io
 import os
 import re
-import signal
 import socket
 import subprocess
-import sys
 import tempfile
 import threading
 import time
@@ -45,6 +43,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 
 import numpy as np
+from _server import free_port, start_server, stop_server, wait_ready
 from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
@@ -69,12 +68,6 @@ def small_jpeg(width: int = 640, height: int = 480) -> bytes:
 
 
 # --- the server ---------------------------------------------------------------------------------------------------------
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def status_kb(pid: int, key: str) -> int:
     with open(f"/proc/{pid}/status") as fh:
         for line in fh:
@@ -115,23 +108,8 @@ class Server:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 300.0) -> None:
-        import httpx
-
-        self._log = open(self.log_path, "ab")
-        self.proc = subprocess.Popen([sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1",
-                                      "--port", str(self.port), "--log-level", "info"],
-                                     cwd=REPO, env=self.env, stdout=self._log, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log_tail()}")
-            try:
-                if httpx.get(self.url + "/readyz", timeout=2).status_code == 200:
-                    return
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError("server not ready")
+        self.proc = start_server(self.port, self.env, self.log_path, log_level="info", append=True)
+        wait_ready(self.proc, self.url, self.log_path, timeout)
 
     def log_tail(self, n: int = 3000) -> str:
         return self.log_path.read_text(errors="replace")[-n:]
@@ -140,12 +118,7 @@ class Server:
         return self.log_path.read_text(errors="replace").splitlines()
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_server(self.proc)
 
     def metric_5xx(self) -> float:
         return self.metric(lambda name, labels: name == "zsad_requests_total" and re.search(r'status="5\d\d"', labels))

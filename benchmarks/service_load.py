@@ -32,8 +32,6 @@ import argparse
 import io
 import os
 import re
-import signal
-import socket
 import subprocess
 import sys
 import tempfile
@@ -46,6 +44,8 @@ from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
+
+from _server import free_port, start_server, stop_server, wait_ready
 
 from service.settings import Settings
 from service.store import ModelStore, StoreError
@@ -107,12 +107,6 @@ def rss_mb(pid: int) -> float:
     return int(m.group(1)) / 1024 if m else float("nan")
 
 
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
 def inprocess_detector(store: Path, name: str, device: str):
     """The detector exactly as the server loads it (`state.default_loader`)."""
     from service.detector import load_detector
@@ -161,34 +155,11 @@ class Run:
         self.proc: subprocess.Popen | None = None
 
     def start(self, timeout: float = 180.0) -> None:
-        import httpx
-
-        logf = open(self.log, "wb")
-        self.proc = subprocess.Popen(
-            [sys.executable, "-m", "service.cli", "serve", "--host", "127.0.0.1", "--port", str(self.port),
-             "--log-level", "warning"], cwd=REPO, env=self.env, stdout=logf, stderr=subprocess.STDOUT)
-        deadline = time.time() + timeout
-        while time.time() < deadline:
-            if self.proc.poll() is not None:
-                raise RuntimeError(f"server exited: {self.log.read_text()[-2000:]}")
-            try:
-                r = httpx.get(self.url + "/readyz", timeout=2)
-                if r.status_code == 200:
-                    return
-                if r.json().get("status") == "failed":
-                    raise RuntimeError(f"server not ready: {r.text}")
-            except httpx.TransportError:
-                pass
-            time.sleep(0.2)
-        raise TimeoutError(f"server not ready after {timeout} s")
+        self.proc = start_server(self.port, self.env, self.log)
+        wait_ready(self.proc, self.url, self.log, timeout)
 
     def stop(self) -> None:
-        if self.proc and self.proc.poll() is None:
-            self.proc.send_signal(signal.SIGTERM)
-            try:
-                self.proc.wait(60)
-            except subprocess.TimeoutExpired:
-                self.proc.kill()
+        stop_server(self.proc)
 
     def scrape(self) -> dict[str, float]:
         """Batch-size sum and count, GPU memory reserved (MB, or nan) from /metrics."""
