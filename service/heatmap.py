@@ -113,21 +113,48 @@ def min_area_pixels(shape: tuple[int, ...], fraction: float) -> int:
     return max(1, math.ceil(fraction * shape[0] * shape[1] - 1e-9))
 
 
+def _component(heat: np.ndarray, level: float, at: int) -> np.ndarray:
+    """bool mask of the 8-connected component of `heat >= level` that holds the flat index `at`."""
+    labels, _ = ndimage.label(heat >= level, structure=_STRUCTURE_8)
+    return labels == labels.flat[at]
+
+
 def _grow(heat: np.ndarray, peak: int, min_area: int) -> np.ndarray:
     """The connected component of `heat >= L` holding the pixel `peak` (flat index) at the highest level L where it
-    has at least `min_area` pixels (binary search over the map's values: the component only grows as L falls)."""
-    values = np.unique(heat)[::-1]  # descending
-    lo, hi, best = 0, len(values) - 1, None
-    while lo <= hi:
-        mid = (lo + hi) // 2
-        labels, _ = ndimage.label(heat >= values[mid], structure=_STRUCTURE_8)
-        component = labels == labels.flat[peak]
-        if int(component.sum()) >= min_area:
-            best, hi = component, mid - 1
-        else:
-            lo = mid + 1
-    assert best is not None  # at the lowest value the component is the whole map
-    return best
+    has at least `min_area` pixels.
+
+    A binary search over the map's values (the component only grows as L falls), run in a window around the peak so
+    that each labelling costs about `min_area` pixels, not the whole map. A component that reaches the window's
+    inner edge may continue outside: if it already has `min_area` pixels inside, it has them in the map too, so the
+    search can go on; otherwise, or if the answer itself reaches the edge, the search restarts in a window twice as
+    wide. The answer is exact (tested against the whole-map search)."""
+    h, w = heat.shape
+    py, px = divmod(int(peak), w)
+    half = math.isqrt(min_area) + 2  # a disc of min_area pixels has radius 0.56 * sqrt(min_area)
+    while True:
+        y0, y1, x0, x1 = max(0, py - half), min(h, py + half + 1), max(0, px - half), min(w, px + half + 1)
+        window = heat[y0:y1, x0:x1]
+        at = (py - y0) * (x1 - x0) + (px - x0)
+        values = np.unique(window)[::-1]  # descending
+        lo, hi, best, best_clipped, unknown = 0, len(values) - 1, None, False, False
+        while lo <= hi:
+            mid = (lo + hi) // 2
+            component = _component(window, values[mid], at)
+            clipped = bool((y0 > 0 and component[0].any()) or (y1 < h and component[-1].any())
+                           or (x0 > 0 and component[:, 0].any()) or (x1 < w and component[:, -1].any()))
+            if int(component.sum()) >= min_area:
+                best, best_clipped, hi = component, clipped, mid - 1
+            elif clipped:
+                unknown = True  # too small here, but it may be large enough outside the window
+                break
+            else:
+                lo = mid + 1
+        if not unknown and not best_clipped:
+            assert best is not None  # at the window's lowest value the component is the whole window
+            out = np.zeros(heat.shape, dtype=bool)
+            out[y0:y1, x0:x1] = best
+            return out
+        half *= 2
 
 
 def localise(heat: np.ndarray, pixel_threshold: float, min_area: int = 1, anomalous: bool = True,
@@ -155,31 +182,30 @@ def localise(heat: np.ndarray, pixel_threshold: float, min_area: int = 1, anomal
     areas = np.bincount(labels.ravel(), minlength=n + 1)
     keep = [i for i in range(1, n + 1) if areas[i] >= min_area]
     peak = int(np.argmax(heat))
-    final = np.zeros(heat.shape, dtype=np.int32)
+    grown = None
     if labels.flat[peak] == 0 or areas[labels.flat[peak]] < min_area:
         grown = _grow(heat, peak, min_area)
         inside = set(np.unique(labels[grown]).tolist())
         keep = [i for i in keep if i not in inside]  # areas it touches are inside it (they are above its level)
+    offset = int(grown is not None)
+    relabel = np.zeros(n + 1, dtype=np.int32)  # one lookup pass instead of one full-map comparison per region
+    relabel[keep] = np.arange(offset + 1, offset + len(keep) + 1, dtype=np.int32)
+    final = relabel[labels]
+    if grown is not None:
         final[grown] = 1
-        offset = 1
-    else:
-        offset = 0
-    for j, i in enumerate(keep):
-        final[labels == i] = offset + j + 1
     count = offset + len(keep)
-    ids = np.arange(1, count + 1)
-    areas_f = np.bincount(final.ravel(), minlength=count + 1)[1:]
-    maxima = ndimage.maximum(heat, final, ids)
-    means = ndimage.mean(heat, final, ids)
     found = []
     for i, sl in enumerate(ndimage.find_objects(final, max_label=count)):
+        inside = final[sl] == i + 1  # statistics inside the region's box: no sort or pass over the whole map
+        values = heat[sl][inside]
         ys, xs = sl
-        found.append((Region(int(xs.start), int(ys.start), int(xs.stop), int(ys.stop), int(areas_f[i]),
-                             float(maxima[i]), float(means[i])), i + 1))
+        found.append((Region(int(xs.start), int(ys.start), int(xs.stop), int(ys.stop), int(values.size),
+                             float(values.max()), float(values.mean(dtype=np.float64))), i + 1))
     found.sort(key=lambda r: (-r[0].max_score, -r[0].area_px))
     if max_regions is not None:
         found = found[:max_regions]
-    mask = np.isin(final, [label for _, label in found]).view(np.uint8)  # bool -> 0/1 bytes, no copy
+    kept = final > 0 if len(found) == count else np.isin(final, [label for _, label in found])
+    mask = kept.view(np.uint8)  # bool -> 0/1 bytes, no copy
     mask *= 255  # no int64 np.where temporary of the full map
     return [r for r, _ in found], mask
 

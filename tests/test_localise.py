@@ -6,11 +6,14 @@ from __future__ import annotations
 import numpy as np
 import pytest
 import torch
+from hypothesis import given, settings
+from hypothesis import strategies as st
 from PIL import Image
+from scipy import ndimage
 
 from service.detector import Detector
 from service.fnn import FNN
-from service.heatmap import localise, min_area_pixels
+from service.heatmap import _grow, localise, min_area_pixels
 from service.settings import Settings
 from service.synthetic.world import HELD_OUT_KINDS, TRAIN_KINDS, random_defect, render, sample_scene, seeded_rng
 from service.thresholds import calibrate
@@ -91,3 +94,35 @@ def test_region_invariants_on_300_synthetic_images(maps):
             for score, heat in maps:
                 _check(heat, score > threshold, pixel, min_area_pixels(heat.shape, area))
     assert sum(s > threshold for s in scores) in range(100, 201)
+
+
+def _grow_whole_map(heat: np.ndarray, peak: int, min_area: int) -> np.ndarray:
+    """The obviously-correct reference: the same binary search, labelling the whole map at every level."""
+    values = np.unique(heat)[::-1]
+    lo, hi, best = 0, len(values) - 1, None
+    while lo <= hi:
+        mid = (lo + hi) // 2
+        labels, _ = ndimage.label(heat >= values[mid], structure=np.ones((3, 3), dtype=bool))
+        component = labels == labels.flat[peak]
+        if int(component.sum()) >= min_area:
+            best, hi = component, mid - 1
+        else:
+            lo = mid + 1
+    return best
+
+
+@settings(max_examples=150, deadline=None, derandomize=True)
+@given(h=st.integers(1, 60), w=st.integers(1, 60), grid=st.integers(1, 8), seed=st.integers(0, 2**31 - 1),
+       area=st.floats(0.0, 0.5), quantise=st.booleans())
+def test_windowed_grow_equals_whole_map_search(h, w, grid, seed, area, quantise):
+    """`_grow` searches in a window around the peak; on smooth (upsampled grid), noisy and tied (quantised) maps it
+    returns exactly the whole-map search's component, wherever the peak is and however elongated the region."""
+    rng = np.random.default_rng(seed)
+    coarse = torch.tensor(rng.random((1, 1, grid, grid + 1)), dtype=torch.float32)
+    heat = torch.nn.functional.interpolate(coarse, size=(h, w), mode="bilinear", align_corners=False)[0, 0].numpy()
+    heat = heat + 0.05 * rng.random((h, w)).astype(np.float32) * rng.integers(0, 2)
+    if quantise:
+        heat = np.round(heat * 8) / 8
+    min_area = max(1, min(int(area * h * w), h * w))
+    peak = int(np.argmax(heat))
+    np.testing.assert_array_equal(_grow(heat, peak, min_area), _grow_whole_map(heat, peak, min_area))
