@@ -70,6 +70,7 @@ def test_upgrade_keeps_every_row_of_the_previous_releases_sqlite_database(tmp_pa
     with engine.connect() as conn:
         results, heatmaps = _all_rows(conn)
         assert all(r.pop("calibrated") is None for r in results)  # added in 0003: unknown for older rows
+        assert all(r.pop("mode") is None and r.pop("shots") is None for r in results)  # added in 0005
         assert (results, heatmaps) == before  # every column of every row, heatmap bytes included
         assert conn.execute(select(func.count()).select_from(thresholds_table)).scalar() == 0
     # the autoincrement sequence carried over: the next result gets id 41, never a reused id
@@ -107,6 +108,7 @@ def test_upgrade_keeps_every_row_of_the_previous_releases_postgresql_database():
         with engine.connect() as conn:
             after, after_heat = _all_rows(conn)
             assert all(r.pop("calibrated") is None for r in after)  # added in 0003
+            assert all(r.pop("mode") is None and r.pop("shots") is None for r in after)  # added in 0005
             assert (after, after_heat) == (results, heatmaps)
         with engine.begin() as conn:
             row = {k: v for k, v in results[0].items() if k != "id"}

@@ -309,6 +309,7 @@ def _finish(state: AppState, decoded: list[Decoded], results: list[JobResult], o
             line=opts.line, product=opts.product, model_name=res.model_name, model_version=res.model_version,
             score_name=resolved.score, score=score, label=label, threshold=resolved.threshold,
             threshold_source=resolved.source, calibrated=resolved.calibrated,
+            mode=getattr(res.detection, "mode", ref.mode), shots=getattr(res.detection, "shots", ref.shots),
             scores={k: float(v) for k, v in res.detection.scores.items()},
             latency_ms=latency * 1000.0, object_name=opts.object_name, filename=(dec.filename or None) and dec.filename[:255],
             width=dec.width, height=dec.height, heatmap_png=png,
@@ -320,7 +321,6 @@ def _finish(state: AppState, decoded: list[Decoded], results: list[JobResult], o
             "batch_size": res.batch_size,
             "image": {"width": dec.width, "height": dec.height, "format": dec.format},
             "heatmap": payload, "regions": found,
-            "mode": getattr(res.detection, "mode", ref.mode), "shots": getattr(res.detection, "shots", ref.shots),
             "reference": ref.info,
         })
         state.metrics.observe_stages({"decode": dec.seconds, "encode": enc_s})

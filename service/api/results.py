@@ -57,6 +57,8 @@ class NewResult:
     width: int | None = None
     height: int | None = None
     calibrated: bool | None = None
+    mode: str | None = None  # 'zero_shot' or 'few_shot'
+    shots: int | None = None
     heatmap_png: bytes | None = field(default=None, repr=False)
     created_at: float = field(default_factory=time.time)
 
@@ -118,6 +120,7 @@ def record(row: dict[str, Any]) -> dict[str, Any]:
         "threshold_source": row["threshold_source"], "scores": row["scores"], "latency_ms": row["latency_ms"],
         "object": row["object_name"], "filename": row["filename"], "width": row["width"], "height": row["height"],
         "calibrated": None if row.get("calibrated") is None else bool(row["calibrated"]),
+        "mode": row.get("mode"), "shots": row.get("shots"),
         "heatmap_url": heatmap_url(row["id"]) if row.get("has_heatmap") else None,
     }
 

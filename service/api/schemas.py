@@ -109,6 +109,7 @@ class ResultRecord(BaseModel):
         "label": "anomalous", "threshold": 0.61, "threshold_source": "product", "calibrated": True,
         "scores": {"fnn": 0.812, "prompt": 0.656, "combined": 0.734}, "latency_ms": 44.9, "object": "screw",
         "filename": "cam1_000123.png", "width": 640, "height": 480, "heatmap_url": "/v1/results/1042/heatmap.png",
+        "mode": "few_shot", "shots": 16,
     })
     id: int = Field(description="Result id in the results store (GET /v1/results/{id}).")
     created_at: str
@@ -131,6 +132,10 @@ class ResultRecord(BaseModel):
     width: int | None = None
     height: int | None = None
     heatmap_url: str | None = Field(None, description="Stored heatmap PNG, while within the retention limit.")
+    mode: Mode | None = Field(None, description="few_shot: scored against the product's reference memory (WinCLIP+); "
+                              "zero_shot: text prompts only (no memory, or a stale one). Null for results stored "
+                              "before the field existed.")
+    shots: int | None = Field(None, description="Reference images in the memory used (0 in zero-shot mode).")
 
 
 class DetectResult(ResultRecord):

@@ -1,7 +1,8 @@
 """The tables, in SQLAlchemy Core. `service/migrations/` creates and changes them; a test checks that a database
 upgraded to the head revision has exactly these tables, columns and indexes.
 
-- `results`, `heatmaps`: every detection (see `service/api/results.py`); `results.calibrated` added in 0003.
+- `results`, `heatmaps`: every detection (see `service/api/results.py`); `results.calibrated` added in 0003,
+  `results.mode` and `results.shots` (zero-shot or few-shot, and with how many reference images) in 0005.
 - `thresholds`: one row per product (`line` = '') and per product line, with the score it applies to, where it
   came from, a `version` that every write increments (optimistic concurrency: a write may name the version it
   read and is refused when another write came first), and `extra`, a JSON object for fields that ride along with a
@@ -61,6 +62,10 @@ results_table = Table(
     # True when the threshold was set for the product or line (calibration or admin); NULL in rows stored before
     # the column existed (revision 0003).
     Column("calibrated", Boolean),
+    # How the image was scored: 'zero_shot' or 'few_shot' against `shots` reference images; NULL in rows stored
+    # before the columns existed (revision 0005).
+    Column("mode", String(16)),
+    Column("shots", Integer),
     Index("ix_results_created_at", "created_at"),
     Index("ix_results_product_id", "product", "id"),
     Index("ix_results_line_id", "line", "id"),

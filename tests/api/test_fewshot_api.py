@@ -55,6 +55,10 @@ def test_few_shot_lifecycle(served, capsys):
     zero = _detect(c, 1)
     assert zero["mode"] == "zero_shot" and zero["reference"] is None
     assert zero["scores"] != body["scores"]
+    # the results history keeps how each verdict was made (revision 0005)
+    stored = {r["id"]: r for r in c.get("/v1/results", params={"limit": 10}).json()["items"]}
+    assert (stored[body["id"]]["mode"], stored[body["id"]]["shots"]) == ("few_shot", 6)
+    assert (stored[zero["id"]]["mode"], stored[zero["id"]]["shots"]) == ("zero_shot", 0)
 
     listed = c.get("/v1/thresholds").json()["products"]["nut"]
     assert listed["mode"] == "few_shot" and listed["shots"] == 6 and listed["reference"]["stale"] is False

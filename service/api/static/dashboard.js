@@ -220,6 +220,10 @@
             class: 'badge uncalibrated', text: 'uncalibrated',
             title: 'threshold from ' + r.threshold_source + ', not calibrated for this product: do not trust this label'
           }) : null,
+          r.mode === 'few_shot' ? el('span', {
+            class: 'badge fewshot', text: r.shots + '-shot',
+            title: 'scored against the product\'s reference memory of ' + r.shots + ' good parts (few-shot mode)'
+          }) : null,
           el('span', { title: r.score_name + ' score vs threshold (' + r.threshold_source + ')',
             text: num(r.score) + ' / ' + num(r.threshold) })
         ]),
