@@ -8,7 +8,8 @@ What it measures. Quality: for each world (`benchmarks/_product_sets.py`) a synt
 kinds (never seen by the CLIP, never used for a choice) with the test seed; for each kind the first K images of
 `train/good` (a seeded permutation, nested: the 1-shot image is among the 4) become its memory, and the test images
 are scored exactly as the service does (`Detector.score(..., memory=...)`). Per kind and K: image AUROC, pixel AUROC
-and the deformation image AUROC (good vs deformed parts), with the default score.
+and the deformation image AUROC (good vs deformed parts), and hit@1 against its shuffled-mask control (as `zsad
+evaluate` counts them), with the default score.
 
 * `product` (the default, the realistic one): each kind is ONE product variant (fixed colour, background, size,
   parts, lighting; pose jitter only), as on a production line, where few-shot mode is meant to be used.
@@ -34,6 +35,7 @@ import torch
 from sklearn.metrics import roc_auc_score
 
 from service.detector import load_detector
+from service.evaluation.metrics import derangement, fit_mask, hit_at_1, patch_pixels
 from service.evaluation.readers import list_images, load_mask, read_mvtec
 from service.fewshot import build_memory, model_ref
 from service.preprocess import load_image
@@ -74,11 +76,25 @@ def quality(det, root: Path, kinds, shots, score: str, shot_seed: int, world: st
             gt = np.concatenate([(m if m is not None else np.zeros(d.heat[score].shape, bool)).ravel()
                                  for m, d in zip(masks, dets)])
             out[(kind, k)] = {"image": roc_auc_score(labels, sc), "pixel": roc_auc_score(gt, heat),
-                              "deformation": roc_auc_score(labels[deform], sc[deform])}
+                              "deformation": roc_auc_score(labels[deform], sc[deform]),
+                              **localisation([d.heat[score] for d in dets], masks, embs[0].grid)}
             r = out[(kind, k)]
             print(f"{world:7s} {kind:8s} {k:2d} shots: image {100 * r['image']:.1f}  pixel {100 * r['pixel']:.1f}  "
-                  f"deformation {100 * r['deformation']:.1f}", flush=True)
+                  f"deformation {100 * r['deformation']:.1f}  hit@1 {r['hit']:.3f} (shuffled {r['hit_shuffled']:.3f})",
+                  flush=True)
     return out
+
+
+def localisation(heats: list[np.ndarray], masks: list, grid: tuple[int, int]) -> dict[str, float]:
+    """hit@1 as `zsad evaluate` counts it (hottest pixel in the mask dilated by one grid cell) over the defective
+    images, and the same with another defective image's mask (the shuffled control, `metrics.derangement`)."""
+    defective = [(h, m) for h, m in zip(heats, masks) if m is not None]
+    partner = derangement(len(defective))
+    hits = [hit_at_1(h, m, patch_pixels(h.shape, grid)) for h, m in defective]
+    shuffled = ([hit_at_1(h, fit_mask(defective[partner[i]][1], h.shape), patch_pixels(h.shape, grid))
+                 for i, (h, _) in enumerate(defective)] if partner is not None else [])
+    return {"hit": float(np.mean(hits)) if hits else float("nan"),
+            "hit_shuffled": float(np.mean(shuffled)) if shuffled else float("nan")}
 
 
 def cost(det, root: Path, kind: str, shots, repeats: int) -> dict:
@@ -139,16 +155,19 @@ def main() -> None:
             print(f"{world} world, kinds {', '.join(kinds)}, seed {args.seed}: {args.n_good} good + "
                   f"{7 * args.n_defect} defective test images per kind; score {args.score}", flush=True)
             q = quality(det, root, kinds, shots, args.score, args.shot_seed, world)
-            print(f"| {world} | shots | image | pixel | deformation | "
+            print(f"| {world} | shots | image | pixel | deformation | hit@1 (shuffled) | "
                   + " | ".join(f"{kind} image / pixel" for kind in kinds) + " |")
             for k in shots:
                 mean = {m: 100 * float(np.mean([q[(kind, k)][m] for kind in kinds])) for m in ("image", "pixel",
                                                                                                "deformation")}
+                hit = {m: float(np.mean([q[(kind, k)][m] for kind in kinds])) for m in ("hit", "hit_shuffled")}
                 print(f"| {world} | {k} | {mean['image']:.1f} | {mean['pixel']:.1f} | {mean['deformation']:.1f} | "
+                      f"{hit['hit']:.3f} ({hit['hit_shuffled']:.3f}) | "
                       + " | ".join(f"{100 * q[(kind, k)]['image']:.1f} / {100 * q[(kind, k)]['pixel']:.1f}"
                                    for kind in kinds) + " |")
                 result += [f"{world}_image_k{k}={mean['image']:.1f}", f"{world}_pixel_k{k}={mean['pixel']:.1f}",
-                           f"{world}_deformation_k{k}={mean['deformation']:.1f}"]
+                           f"{world}_deformation_k{k}={mean['deformation']:.1f}",
+                           f"{world}_hit_at_1_k{k}={hit['hit']:.3f}", f"{world}_hit_shuffled_k{k}={hit['hit_shuffled']:.3f}"]
         if not args.skip_cost:
             root = Path(tmp) / "cost"
             write_mvtec(root, DatasetSpec(kinds=(kinds[0],), seed=args.seed + 1, n_train=max(cost_shots), n_good=1,
