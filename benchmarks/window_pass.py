@@ -1,0 +1,118 @@
+"""CPU time of the CNN window pass (patches + global window + every window scale) per image, this code against the
+previous one, in one run.
+
+    python benchmarks/window_pass.py [--store model_store] [--name default] [--threads 2] [--reps 30] [--batch 1]
+
+`current`: `windows.project_cells` once per image, then each window's query/key/value averaged from its cells'
+projections (what `embed_image_and_windows` runs). `previous`: the path before it, kept here as the baseline: each
+call projected the keys and values of every cell again, and each window its own query token through the q, k and
+v projections. Both start from the same final feature map of the shipped model (its CLIP, its window scales, at its
+input size), timed alternately; the maximum difference of their window embeddings is printed too.
+Ends with `RESULT name=window_pass ...`.
+"""
+from __future__ import annotations
+
+import argparse
+import statistics
+import time
+
+import torch
+import torch.nn.functional as F
+
+from service.detector import load_detector
+from service.settings import Settings
+from service.window_grid import window_indices
+from service.windows import (
+    _gather_rows,
+    _pos_for_grid,
+    cnn_feature_map,
+    cnn_patch_embeddings,
+    cnn_window_embeddings,
+    project_cells,
+)
+
+
+def previous_windows(visual, fmap: torch.Tensor, indices: torch.Tensor, chunk: int) -> torch.Tensor:
+    """The window pass before `project_cells`: keys/values of all cells per call, a q/k/v projection per window."""
+    pool = visual.attnpool
+    b, c, h, w = fmap.shape
+    heads, hd = pool.num_heads, c // pool.num_heads
+    cells_all = fmap.reshape(b, c, h * w).transpose(1, 2)
+    pos = _pos_for_grid(pool.positional_embedding, (h, w)).to(fmap.dtype)
+    keys = F.linear(cells_all + pos[1:], pool.k_proj.weight, pool.k_proj.bias)
+    values = F.linear(cells_all + pos[1:], pool.v_proj.weight, pool.v_proj.bias)
+    n = indices.shape[0]
+    out = []
+    for start in range(0, b * n, chunk):
+        img, win = _gather_rows(n, start, min(b * n, start + chunk))
+        widx, rows = indices[win], img[:, None]
+        query = cells_all[rows, widx].mean(dim=1) + pos[0]
+        m = query.shape[0]
+        q = F.linear(query, pool.q_proj.weight, pool.q_proj.bias).view(m, heads, 1, hd)
+        kq = F.linear(query, pool.k_proj.weight, pool.k_proj.bias)[:, None]
+        vq = F.linear(query, pool.v_proj.weight, pool.v_proj.bias)[:, None]
+        kk = torch.cat([kq, keys[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
+        vv = torch.cat([vq, values[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
+        o = F.scaled_dot_product_attention(q, kk, vv).reshape(m, c)
+        out.append(F.linear(o, pool.c_proj.weight, pool.c_proj.bias))
+    return torch.cat(out).reshape(b, n, -1)
+
+
+def previous_patches(visual, fmap: torch.Tensor) -> torch.Tensor:
+    pool = visual.attnpool
+    b, c, h, w = fmap.shape
+    pos = _pos_for_grid(pool.positional_embedding, (h, w)).to(fmap.dtype)
+    v = F.linear(fmap.reshape(b, c, h * w).transpose(1, 2) + pos[1:], pool.v_proj.weight, pool.v_proj.bias)
+    return F.linear(v, pool.c_proj.weight, pool.c_proj.bias)
+
+
+def main() -> None:
+    ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
+    ap.add_argument("--store", default="model_store")
+    ap.add_argument("--name", default="default")
+    ap.add_argument("--threads", type=int, default=2)
+    ap.add_argument("--reps", type=int, default=30)
+    ap.add_argument("--batch", type=int, default=1)
+    args = ap.parse_args()
+    torch.set_num_threads(args.threads)
+    det = load_detector(Settings(model_store=args.store, model_name=args.name, device="cpu", precision="fp32"))
+    visual = det.backend.model.visual
+    size = det.backend.image_size
+    chunk = det.settings.window_chunk
+    with torch.inference_mode():
+        fmap = cnn_feature_map(visual, torch.randn(args.batch, 3, size, size, generator=torch.Generator().manual_seed(0)))
+        h, w = fmap.shape[-2:]
+        scales = [s for s in det.window_scales if s <= min(h, w)]
+        indices = {s: window_indices(h, w, s, det.settings.window_stride) for s in scales}
+        full = torch.arange(h * w).view(1, -1)
+
+        def current():
+            cells = project_cells(visual, fmap)
+            out = [cnn_patch_embeddings(visual, fmap, cells), cnn_window_embeddings(visual, fmap, full, chunk, cells)]
+            return out + [cnn_window_embeddings(visual, fmap, indices[s], chunk, cells) for s in scales]
+
+        def previous():
+            out = [previous_patches(visual, fmap), previous_windows(visual, fmap, full, chunk)]
+            return out + [previous_windows(visual, fmap, indices[s], chunk) for s in scales]
+
+        diff = max(float((a - b).abs().max()) for a, b in zip(current(), previous()))
+        times = {"current": [], "previous": []}
+        for _ in range(3):
+            current(), previous()
+        for _ in range(args.reps):
+            for name, fn in (("current", current), ("previous", previous)):
+                t = time.perf_counter()
+                fn()
+                times[name].append(time.perf_counter() - t)
+    p50 = {k: statistics.median(v) * 1000 / args.batch for k, v in times.items()}
+    windows = sum(int(i.shape[0]) for i in indices.values())
+    print(f"{det.name}@{det.version}: {h}x{w} grid, scales {scales} ({windows} windows + global + {h * w} patches), "
+          f"batch {args.batch}, {args.threads} thread(s): previous {p50['previous']:.2f} ms/image, current "
+          f"{p50['current']:.2f} ms/image (x{p50['previous'] / p50['current']:.1f}); max |difference| {diff:.1e}")
+    print(f"RESULT name=window_pass model={det.name}@{det.version} grid={h}x{w} batch={args.batch} "
+          f"threads={args.threads} previous_ms={p50['previous']:.2f} current_ms={p50['current']:.2f} "
+          f"speedup={p50['previous'] / p50['current']:.1f} max_diff={diff:.1e}")
+
+
+if __name__ == "__main__":
+    main()
