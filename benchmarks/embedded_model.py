@@ -12,7 +12,8 @@ views) is trained into a *temporary copy* of the store, calibrated on clean seen
 - `robust`: the held-out kinds in the wide world's evaluation-only photometric setting (brighter, noisier).
 
 Several window-scale sets per CLIP (`--scales "1,2,3;2,4,6"`) are evaluated as FNN versions sharing one set of
-weights. Ends with one `RESULT name=embedded_model ...` line per CLIP.
+weights, each in its own `zsad evaluate` run (its windows need their own CLIP pass). Ends with one
+`RESULT name=embedded_model ...` line per CLIP.
 """
 from __future__ import annotations
 
@@ -113,20 +114,22 @@ def main() -> None:
                                 calibration_images=sorted(cal.rglob("*.png")),
                                 calibration_reference="seen kinds, seed 777")
             versions.append(version)
-        run_dir = Path(args.out) / args.family / clip_version
-        argv = ["--store", str(store_root), "evaluate", str(data), "--layout", "mvtec", "--model", "cmp",
-                "--versions", ",".join(versions), "--categories", ",".join(kinds), "--out", str(run_dir),
-                "--cache", str(tmp / f"cache-{clip_version}"), "--quiet"]
-        if zsad(argv) != 0:
-            raise SystemExit(f"evaluate failed for {clip_version}")
-        metrics = json.loads((run_dir / "metrics.json").read_text())
-        for v, m in metrics.items():
+        for version in versions:  # one evaluate per scale set: its windows come from its own CLIP pass
+            store.set_current("cmp", version)
+            run_dir = Path(args.out) / args.family / clip_version / version
+            argv = ["--store", str(store_root), "evaluate", str(data), "--layout", "mvtec", "--model", "cmp",
+                    "--categories", ",".join(kinds), "--out", str(run_dir), "--cache", str(tmp / f"cache-{clip_version}"),
+                    "--quiet"]
+            if zsad(argv) != 0:
+                raise SystemExit(f"evaluate failed for {version}")
+            metrics = json.loads((run_dir / "metrics.json").read_text())
+            m = metrics[col]
             mean = m["mean"]
             row = {k: mean.get(k) for k in ("image_auroc", "pixel_auroc", "pro", "hit_at_1", "hit_at_1_shuffled")}
             row["per_kind_image"] = {c: round(x["image_auroc"], 3) for c, x in m.items()
                                      if c != "mean" and isinstance(x, dict) and x.get("image_auroc") is not None}
-            summary[v] = row
-            print(f"{args.family} {v} ({col}): {json.dumps(row)}", file=sys.stderr)
+            summary[version] = row
+            print(f"{args.family} {version} ({col}): {json.dumps(row)}", file=sys.stderr)
     print(f"\nfamily {args.family} | seed {seed} | {args.n_good} good + {args.n_defect} per defect per kind "
           f"| views {args.tta_views} | score {col}")
     print("| version | image AUROC | pixel AUROC | PRO | hit@1 | hit@1 shuffled |")

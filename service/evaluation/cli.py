@@ -140,9 +140,10 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
 
     heatmap = not args.no_pixel
     few = any(k > 0 for k in shots)  # the few-shot image score needs the windows even without pixel metrics
-    cache = EmbeddingCache(args.cache, model_key(base, heatmap or few)) if args.cache else None
-    category_of = {str(s.path): s.category for s in samples}
-    few = any(k > 0 for k in shots)  # the few-shot image score needs the windows even without pixel metrics
+    scales = {v: d.window_scales for v, d in detectors.items()}
+    if (heatmap or few) and len(set(scales.values()) | {base.window_scales}) > 1:  # the windows come from that pass too
+        raise ValueError(f"the versions recommend different window scales {scales} (base {base.window_scales}); "
+                         "set ZSAD_WINDOW_SCALES, or evaluate them separately")
     cache = EmbeddingCache(args.cache, model_key(base, heatmap or few)) if args.cache else None
     category_of = {str(s.path): s.category for s in samples}
     categories = sorted(set(category_of.values()))

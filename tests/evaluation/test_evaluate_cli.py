@@ -135,6 +135,24 @@ def test_test_time_views_get_their_own_cache_and_mixed_versions_are_refused(env,
     assert "ZSAD_TTA_VIEWS" in capsys.readouterr().err
 
 
+def test_versions_with_other_window_scales_are_refused_not_scored_on_the_first_ones(env, tmp_path, capsys):
+    """One CLIP pass serves every version, windows included: a version recommending other window scales would be
+    scored on the base's windows and reported under its own name (it happened), so it is refused."""
+    store, data = env
+    store2 = tmp_path / "store2"
+    shutil.copytree(store, store2)
+    folder, manifest = ModelStore(store2).verify("default", "v2")
+    other = [1] if list(manifest.get("windows", {}).get("scales", [])) != [1] else [2]
+    ModelStore(store2).publish("default", {"fnn.safetensors": (folder / "fnn.safetensors").read_bytes()},
+                               {**manifest, "windows": {"scales": other}}, "v3", make_current=False)
+    capsys.readouterr()
+    argv = ["--store", str(store2), "evaluate", str(data), "--quiet", "--versions", "v2,v3"]
+    assert main(argv + ["--out", str(tmp_path / "mixed")]) == 1
+    assert "ZSAD_WINDOW_SCALES" in capsys.readouterr().err
+    # image metrics only (no windows needed): the same embeddings serve both
+    assert main(argv + ["--out", str(tmp_path / "image"), "--no-pixel"]) == 0
+
+
 def test_malformed_dataset_is_a_clear_cli_error(env, tmp_path, capsys):
     store, _ = env
     bad = tmp_path / "bad" / "widget" / "test" / "scratch"
