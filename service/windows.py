@@ -310,15 +310,35 @@ class CellProjections:
     pos: torch.Tensor  # [1 + h*w, 3C]: q | k | v of each positional row, plus the biases
 
 
+def _projected_positions(pool: nn.Module, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
+    """The pool's positional rows for `grid` through the stacked q/k/v projections, biases included [1 + h*w, 3C].
+
+    They depend on the weights only, so they are cached on the pool: for one image they were half of the window
+    pass's projection work. The key holds every weight's storage and version counter, so weights changed in place
+    are never served stale rows (weights without a version counter, made under inference mode, are not cached)."""
+    params = (pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight, pool.q_proj.bias, pool.k_proj.bias,
+              pool.v_proj.bias, pool.positional_embedding)
+    try:
+        key = (grid, dtype, params[0].device, tuple((t.data_ptr(), t._version) for t in params))
+    except RuntimeError:
+        key = None
+    cached = pool.__dict__.get("_zsad_positions")
+    if key is not None and cached is not None and cached[0] == key:
+        return cached[1]
+    pos = _pos_for_grid(pool.positional_embedding, grid).to(dtype)
+    rows = torch.cat([F.linear(pos, w, b) for w, b in zip(params[:3], params[3:6])], dim=-1)
+    if key is not None:
+        pool.__dict__["_zsad_positions"] = (key, rows)
+    return rows
+
+
 def project_cells(visual: nn.Module, fmap: torch.Tensor) -> CellProjections:
-    """`CellProjections` of a final feature map [B, C, h, w]: one matmul of every cell by the stacked q/k/v weights."""
+    """`CellProjections` of a final feature map [B, C, h, w]: every cell through the q, k and v weights once."""
     pool = visual.attnpool
     b, c, h, w = fmap.shape
-    weight = torch.cat([pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight])
-    bias = torch.cat([pool.q_proj.bias, pool.k_proj.bias, pool.v_proj.bias])
-    pos = _pos_for_grid(pool.positional_embedding, (h, w)).to(fmap.dtype)
     cells = fmap.reshape(b, c, h * w).transpose(1, 2)  # [B, h*w, C]
-    return CellProjections(raw=F.linear(cells, weight), pos=F.linear(pos, weight, bias))
+    raw = torch.cat([F.linear(cells, proj.weight) for proj in (pool.q_proj, pool.k_proj, pool.v_proj)], dim=-1)
+    return CellProjections(raw=raw, pos=_projected_positions(pool, (h, w), fmap.dtype))
 
 
 def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.Tensor, chunk: int,

@@ -60,3 +60,25 @@ def test_shared_key_projection_equals_pooling_each_window_sequence():
         cells = fmap.reshape(2, fmap.shape[1], 144).transpose(1, 2)
         ref = torch.stack([_attnpool_sequences(pool, cells[i][idx], pos[0], pos[1 + idx]) for i in range(2)])
     torch.testing.assert_close(fast, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_cached_positional_projections_follow_weights_changed_in_place():
+    """The pool's projected positional rows are cached; changing a weight in place must not serve the old rows."""
+    from service.window_grid import window_indices
+    from service.windows import _attnpool_sequences, _pos_for_grid
+
+    model = _clip(96, FINE_TOWER)
+    pool = model.visual.attnpool
+    idx = window_indices(12, 12, 2, 1)
+    with torch.no_grad():
+        fmap = cnn_feature_map(model.visual, torch.randn(1, 3, 96, 96))
+        first = cnn_window_embeddings(model.visual, fmap, idx, chunk=64)
+        assert "_zsad_positions" in pool.__dict__  # cached by the first call
+        pool.k_proj.bias.add_(0.5)
+        pool.positional_embedding.mul_(1.5)
+        again = cnn_window_embeddings(model.visual, fmap, idx, chunk=64)
+        pos = _pos_for_grid(pool.positional_embedding, (12, 12))
+        cells = fmap.reshape(1, fmap.shape[1], 144).transpose(1, 2)
+        ref = _attnpool_sequences(pool, cells[0][idx], pos[0], pos[1 + idx])[None]
+    assert not torch.allclose(first, again)
+    torch.testing.assert_close(again, ref, rtol=1e-4, atol=1e-5)
