@@ -69,7 +69,8 @@ def quality(det, root: Path, kinds, shots, score: str, shot_seed: int, world: st
             memory = None
             if k:
                 ref = det.embed([load_image(p) for p in pick(train, k, shot_seed)], heatmap=True)
-                memory = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows)
+                memory = build_memory(ref, model_ref(det), det.settings.window_stride,
+                                      det.settings.reference_max_rows, dense=det.settings.reference_dense)
             dets = det.score(embs, memory=memory)
             sc = np.array([d.scores[score] for d in dets])
             heat = np.concatenate([d.heat[score].ravel() for d in dets])
@@ -105,7 +106,8 @@ def cost(det, root: Path, kind: str, shots, repeats: int) -> dict:
         ref = []
         for i in range(0, k, 16):
             ref += det.embed(train[i:min(k, i + 16)], heatmap=True)
-        memories[k] = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows)
+        memories[k] = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows,
+                                   dense=det.settings.reference_dense)
     for _ in range(5):  # warm-up: anchors, packed weights
         det.detect(query, heatmap=False)
         for m in memories.values():

@@ -21,7 +21,7 @@ from sklearn.metrics import roc_auc_score
 
 from service.detector import load_detector
 from service.evaluation.readers import list_images, load_mask, read_mvtec
-from service.fewshot import build_memory, model_ref
+from service.fewshot import build_memory, model_ref, upsample
 from service.preprocess import load_image
 from service.settings import Settings
 from service.synthetic.world import RANDOM_KINDS, TRAIN_KINDS
@@ -55,7 +55,8 @@ def main() -> None:
             for i in range(0, len(ks), 16):
                 embs += det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True)
             ref = det.embed([load_image(p) for p in list_images(root / kind / "train" / "good")[:args.shots]], True)
-            memory = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows)
+            memory = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows,
+                                  dense=det.settings.reference_dense)
             zero = det.score(embs)
             few = det._few_shot_map(embs, memory, None)
             labels = np.array([s.label for s in ks])
@@ -65,7 +66,8 @@ def main() -> None:
             per_w = []
             for w in WEIGHTS:
                 img = np.array([(1 - w) * z.scores[args.score] + w * float(f.max()) for z, f in zip(zero, few)])
-                heat = np.concatenate([e.geometry.to_original((1 - w) * torch.tensor(z.grid[args.score]) + w * f).ravel()
+                heat = np.concatenate([e.geometry.to_original((1 - w) * upsample(torch.tensor(z.grid[args.score]), f.shape[-2:])
+                                                              + w * f).ravel()
                                        for e, z, f in zip(embs, zero, few)])
                 per_w.append((roc_auc_score(labels, img), roc_auc_score(gt, heat),
                               roc_auc_score(labels[deform], img[deform])))

@@ -88,6 +88,14 @@ class ImageEmbedding:
     grid: tuple[int, int]
     geometry: Geometry
     patches: torch.Tensor | None = None  # [h*w, P] grid-cell tokens (windows.Embeddings.patches); with windows only
+    dense: torch.Tensor | None = None  # [h'*w', C] CNN mid-level features (windows.Embeddings.dense); with windows only
+    dense_grid: tuple[int, int] | None = None
+
+    def cpu(self) -> ImageEmbedding:
+        """The same embedding with every tensor on the host (what caches and the calibration keep)."""
+        return replace(self, global_emb=self.global_emb.cpu(), windows={k: w.cpu() for k, w in self.windows.items()},
+                       patches=self.patches.cpu() if self.patches is not None else None,
+                       dense=self.dense.cpu() if self.dense is not None else None)
 
 
 @dataclass
@@ -281,7 +289,8 @@ class Detector:
             lap(timings, "embed", t)
         return [
             ImageEmbedding(glob[i], {k: w[i] for k, w in emb.windows.items()}, emb.grid, g,
-                           emb.patches[i] if emb.patches is not None else None)
+                           emb.patches[i] if emb.patches is not None else None,
+                           emb.dense[i] if emb.dense is not None else None, emb.dense_grid)
             for i, g in enumerate(geoms)
         ]
 
@@ -379,8 +388,10 @@ class Detector:
         device = self.backend.device
         windows = {sc: torch.stack([e.windows[sc] for e in embs]).to(device) for sc in embs[0].windows}
         patches = torch.stack([e.patches for e in embs]).to(device)
+        dense = (torch.stack([e.dense for e in embs]).to(device)
+                 if memory.dense is not None and all(e.dense is not None for e in embs) else None)
         ex = torch.tensor(list(exclude), dtype=torch.long) if exclude is not None else None
-        return few_shot_map(windows, patches, memory, ex)
+        return few_shot_map(windows, patches, memory, ex, dense)
 
     def detect(
         self,

@@ -15,6 +15,16 @@ scored as anomalib's WinCLIP few-shot path (`winclip/torch_model.py`, the paper'
   the same formulas to 1e-4); s_fnn and the calibrated scores are combined by the same rule, and `combined` stays
   the weighted mean of the two (the rule is linear).
 
+CNN towers add a **dense bank** (not in anomalib's WinCLIP, which has ViTs only): the shots' mid-level feature map
+(`windows.dense_features`: layer2, 3x3-averaged, a finer grid than the final map), compared as PatchCore compares
+patches. Its association d is put on the scale of the good parts' own spread, tanh(d / (2 q)), where q is the 99th
+percentile of each shot's association with the other shots (so it needs 2 or more shots; a one-shot memory has no
+dense bank). With a dense bank the few-shot map is, on the dense grid,
+      few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (2 q))) / 2
+and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
+kinds (tuning seed, never the held-out kinds): README "Few-shot mode". `dense=False` in `build_memory` (setting
+`ZSAD_REFERENCE_DENSE=false`) keeps WinCLIP+ exactly.
+
 Size is bounded: each bank keeps at most `max_rows` rows; above that a greedy coreset (as PatchCore: repeatedly add
 the row farthest from those kept) is kept, and the memory records that it did. Nearest-neighbour search runs on the
 memory's device (the model's) in chunks that bound the similarity matrix. Every bank row remembers the shot it came
@@ -26,6 +36,7 @@ from, so a calibration can score a shot against the memory without its own rows 
 from __future__ import annotations
 
 import json
+import math
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
 from typing import Any
@@ -39,9 +50,11 @@ from .window_grid import window_indices
 
 FORMAT_VERSION = 1
 MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
+DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
-           "greedy_coreset", "association", "few_shot_map", "combine_few_shot", "model_ref", "load_memory"]
+           "greedy_coreset", "association", "few_shot_map", "combine_few_shot", "upsample", "model_ref",
+           "load_memory"]
 
 
 class ReferenceMemoryError(ValueError):
@@ -67,6 +80,10 @@ class ReferenceMemory:
     shots: int
     model: dict[str, str]
     meta: dict[str, Any] = field(default_factory=dict)  # created_at, product, line, coreset, ...
+    dense: torch.Tensor | None = None  # [M_d, C] CNN mid-level features of the shots (None: WinCLIP+ only)
+    dense_src: torch.Tensor | None = None  # [M_d] long
+    dense_grid: tuple[int, int] | None = None
+    dense_scale: float | None = None  # q: the shots' leave-one-out association quantile (DENSE_QUANTILE)
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -74,19 +91,25 @@ class ReferenceMemory:
 
     @property
     def rows(self) -> dict[str, int]:
-        return {"patches": int(self.patches.shape[0]), **{f"windows_{s}": int(w.shape[0]) for s, w in self.windows.items()}}
+        dense = {"dense": int(self.dense.shape[0])} if self.dense is not None else {}
+        return {"patches": int(self.patches.shape[0]), **{f"windows_{s}": int(w.shape[0]) for s, w in self.windows.items()},
+                **dense}
 
     def to(self, device: torch.device | str) -> ReferenceMemory:
         return replace(self, windows={s: w.to(device) for s, w in self.windows.items()},
                        window_src={s: w.to(device) for s, w in self.window_src.items()},
                        patches=self.patches.to(device), patch_src=self.patch_src.to(device),
-                       global_emb=self.global_emb.to(device))
+                       global_emb=self.global_emb.to(device),
+                       dense=self.dense.to(device) if self.dense is not None else None,
+                       dense_src=self.dense_src.to(device) if self.dense_src is not None else None)
 
     def header(self) -> dict[str, Any]:
         """The JSON header stored with the tensors (and shown by the API): everything but the banks."""
         return {"format": FORMAT, "format_version": FORMAT_VERSION, "shots": self.shots, "grid": list(self.grid),
                 "scales": list(self.scales), "stride": self.stride, "model": dict(self.model), "rows": self.rows,
-                "patch_dim": int(self.patches.shape[-1]), "embed_dim": int(self.global_emb.shape[-1]), **self.meta}
+                "patch_dim": int(self.patches.shape[-1]), "embed_dim": int(self.global_emb.shape[-1]),
+                "dense_grid": list(self.dense_grid) if self.dense_grid is not None else None,
+                "dense_scale": self.dense_scale, **self.meta}
 
     def incompatibility(self, model: Mapping[str, str], scales: Sequence[int], stride: int,
                         grid: tuple[int, int] | None = None) -> str | None:
@@ -101,6 +124,8 @@ class ReferenceMemory:
         for s in self.scales:
             tensors[f"w{s}"] = self.windows[s]
             tensors[f"w{s}_src"] = self.window_src[s]
+        if self.dense is not None:
+            tensors["dense"], tensors["dense_src"] = self.dense, self.dense_src
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         return save(tensors, metadata={"zsad": json.dumps(self.header(), sort_keys=True)})
 
@@ -128,9 +153,18 @@ class ReferenceMemory:
             grid = (int(header["grid"][0]), int(header["grid"][1]))
             model = {k: str(v) for k, v in header["model"].items()}
             stride = int(header["stride"])
+            dense, dense_src, dense_grid, dense_scale = None, None, None, None
+            if header.get("dense_grid") is not None:
+                dense, dense_src = tensors["dense"].float(), tensors["dense_src"].long()
+                dense_grid = (int(header["dense_grid"][0]), int(header["dense_grid"][1]))
+                dense_scale = float(header["dense_scale"])
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ReferenceMemoryError(f"reference memory is incomplete: {exc!r}") from None
         banks = [(patches, patch_src)] + [(windows[s], window_src[s]) for s in scales]
+        if dense is not None:
+            banks.append((dense, dense_src))
+            if not math.isfinite(dense_scale) or dense_scale <= 0:
+                raise ReferenceMemoryError("reference memory has a bad dense scale")
         dims = {w.shape[-1] for w in windows.values()} | {glob.shape[-1]}
         if (shots < 1 or glob.shape[0] != shots or len(dims) != 1 or any(
                 b.ndim != 2 or src.shape != (b.shape[0],) or b.shape[0] == 0 for b, src in banks)
@@ -138,11 +172,12 @@ class ReferenceMemory:
                 or not all(torch.isfinite(b).all() for b, _ in banks)):
             raise ReferenceMemoryError("reference memory tensors are inconsistent")
         meta = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
-        return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta)
+        return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta, dense, dense_src,
+                   dense_grid, dense_scale)
 
 
 _HEADER_KEYS = {"format", "format_version", "shots", "grid", "scales", "stride", "model", "rows", "patch_dim",
-                "embed_dim"}
+                "embed_dim", "dense_grid", "dense_scale"}
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -202,9 +237,12 @@ def _bank(rows: list[torch.Tensor], max_rows: int, name: str, coreset: dict[str,
 
 
 def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max_rows: int,
-                 meta: Mapping[str, Any] | None = None) -> ReferenceMemory:
+                 meta: Mapping[str, Any] | None = None, dense: bool = True) -> ReferenceMemory:
     """A memory from `detector.embed(..., heatmap=True)` embeddings of K normal images (each with windows and
-    patches). Banks above `max_rows` rows are reduced by `greedy_coreset`; `meta["coreset"]` says which."""
+    patches). Banks above `max_rows` rows are reduced by `greedy_coreset`; `meta["coreset"]` says which.
+
+    With `dense`, embeddings that carry dense features (CNN towers) and K >= 2 shots, the memory also gets the dense
+    bank and its scale (module docstring); `meta["dense"]` says why it has none otherwise."""
     if not embs:
         raise ReferenceMemoryError("no reference images")
     if max_rows < 1:
@@ -226,8 +264,22 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
                                           max_rows, f"windows_{s}", coreset)
     glob = torch.stack([F.normalize(e.global_emb.detach().float().cpu(), dim=-1) for e in embs])
     info = {**(meta or {}), "coreset": coreset, "max_rows": int(max_rows)}
-    return ReferenceMemory(windows, window_src, patches, patch_src, glob, tuple(first.grid), int(stride), len(embs),
-                           dict(model), info)
+    memory = ReferenceMemory(windows, window_src, patches, patch_src, glob, tuple(first.grid), int(stride), len(embs),
+                             dict(model), info)
+    has_dense = all(getattr(e, "dense", None) is not None for e in embs)
+    if not dense or not has_dense:
+        info["dense"] = "off" if not dense else "the embeddings have no dense features (not a CNN tower)"
+    elif len(embs) < 2:
+        info["dense"] = "needs 2 or more shots (its scale is the shots' association with one another)"
+    else:
+        if len({tuple(e.dense_grid) for e in embs}) != 1:
+            raise ReferenceMemoryError("reference images were embedded with different dense grids")
+        rows = [F.normalize(e.dense.detach().float().cpu(), dim=-1) for e in embs]
+        memory.dense, memory.dense_src = _bank(rows, max_rows, "dense", coreset)
+        memory.dense_grid = tuple(embs[0].dense_grid)
+        own = association(torch.stack(rows), memory.dense, memory.dense_src, torch.arange(len(embs)))
+        memory.dense_scale = max(float(torch.quantile(own.flatten(), DENSE_QUANTILE)), 1e-6)
+    return memory
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------
@@ -256,11 +308,12 @@ def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor 
 
 
 def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, memory: ReferenceMemory,
-                 exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """Few-shot map [B, h, w]: mean of the cells' association map and each scale's harmonic window map.
+                 exclude: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> torch.Tensor:
+    """Few-shot map: the mean of the cells' association map and each scale's harmonic window map [B, h, w]; with a
+    dense bank, averaged with the scaled dense association on the dense grid [B, h', w'] (module docstring).
 
-    `windows[scale]` [B, n_windows, D] (in `window_grid.window_indices` order) and `patches` [B, h*w, P] of the
-    query images, from the same model and window settings as the memory."""
+    `windows[scale]` [B, n_windows, D] (in `window_grid.window_indices` order), `patches` [B, h*w, P] and `dense`
+    [B, h'*w', C] of the query images, from the same model and window settings as the memory."""
     h, w = memory.grid
     b = patches.shape[0]
     maps = [association(patches, memory.patches, memory.patch_src, exclude).reshape(b, h, w)]
@@ -270,13 +323,33 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
         idx = window_indices(h, w, s, memory.stride)
         scores = association(windows[s], memory.windows[s], memory.window_src[s], exclude)
         maps.append(harmonic_patch_map(scores, idx, (h, w)))
-    return torch.stack(maps).mean(dim=0)
+    winclip = torch.stack(maps).mean(dim=0)
+    if memory.dense is None:
+        return winclip
+    if dense is None:
+        raise ReferenceMemoryError("the memory has a dense bank and the query embeddings have no dense features")
+    dh, dw = memory.dense_grid
+    if dense.shape[1] != dh * dw:
+        raise ReferenceMemoryError(f"the memory's dense grid is {dh}x{dw}, the query's has {dense.shape[1]} cells")
+    d = association(dense, memory.dense, memory.dense_src, exclude).reshape(b, dh, dw)
+    return (upsample(winclip, (dh, dw)) + torch.tanh(d / (2 * memory.dense_scale))) / 2
+
+
+def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
+    """Maps [..., h, w] bilinearly resized to `size` (cell centres aligned; a no-op at the same size)."""
+    if tuple(maps.shape[-2:]) == tuple(size):
+        return maps
+    lead = maps.shape[:-2]
+    out = F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]).float(), size=size, mode="bilinear", align_corners=False)
+    return out.reshape(*lead, *size).to(maps.dtype)
 
 
 def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor
                      ) -> tuple[torch.Tensor, torch.Tensor]:
-    """WinCLIP+'s rule: image = (zero-shot image score + max few-shot map) / 2, map = (zero-shot + few-shot) / 2."""
+    """WinCLIP+'s rule: image = (zero-shot image score + max few-shot map) / 2, map = (zero-shot + few-shot) / 2.
+    A zero-shot map on a coarser grid than the few-shot map (a dense bank) is upsampled to it first."""
     fs_map = fs_map.to(zero_map.device)
+    zero_map = upsample(zero_map, tuple(fs_map.shape[-2:]))
     image = (zero_image.double() + fs_map.amax(dim=(-2, -1)).to(zero_image.device).double()) / 2  # scores stay fp64
     return image, (zero_map + fs_map.to(zero_map.dtype)) / 2
 

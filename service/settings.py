@@ -151,6 +151,10 @@ class Settings(BaseSettings):
         "a greedy coreset of this many rows is kept."
     )
     reference_max_bytes: int = Field(REFERENCE_MAX_BYTES, ge=1, description="Largest stored reference memory.")
+    reference_dense: bool = Field(
+        True, description="CNN towers: also keep the good parts' mid-level feature map in the reference memory (the "
+        "dense bank, PatchCore-style; needs 2+ shots). false: WinCLIP+ exactly, as anomalib."
+    )
     batch_max_images: int = Field(16, ge=1, description="Most images in one POST /v1/detect/batch request.")
     calibration_max_images: int = Field(1000, ge=1, description="Most images in one POST /v1/calibrate request.")
     calibration_max_bytes: int = Field(

@@ -61,6 +61,8 @@ __all__ = [
     "vit_encode_groups",
     "vit_embed",
     "cnn_feature_map",
+    "cnn_feature_maps",
+    "dense_features",
     "cnn_window_embeddings",
     "project_cells",
     "CellProjections",
@@ -269,13 +271,31 @@ def _gather_rows(n_windows: int, start: int, stop: int) -> tuple[torch.Tensor, t
 
 def cnn_feature_map(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Final ModifiedResNet feature map [B, C, h, w] (stem + layer1..4), before the attention pool."""
+    return cnn_feature_maps(visual, pixels)[1]
+
+
+def cnn_feature_maps(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
+    """(`layer2`'s output, the final map) of a ModifiedResNet: one pass, the mid-level map kept on the way.
+
+    The mid-level map is what PatchCore compares between images (`dense_features`): local structure at a finer
+    grid than the final map, before the tower becomes specific to the joint embedding space."""
     from .preprocess import cnn_layout
 
     x = visual.stem(cnn_layout(pixels, visual))
     x = visual.layer1(x)
-    x = visual.layer2(x)
-    x = visual.layer3(x)
-    return visual.layer4(x)
+    mid = visual.layer2(x)
+    x = visual.layer3(mid)
+    return mid, visual.layer4(x)
+
+
+def dense_features(mid: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Few-shot dense features [B, h*w, C] (float32, unit norm) of a mid-level map [B, C, h, w], and its grid.
+
+    Each cell is averaged with its 3x3 neighbourhood first (PatchCore's local aggregation), so that a feature
+    describes a small patch of the part rather than one cell, and a shift by a cell changes it little."""
+    x = F.avg_pool2d(mid.float(), 3, stride=1, padding=1)
+    b, c, h, w = x.shape
+    return F.normalize(x.reshape(b, c, h * w).transpose(1, 2), dim=-1), (h, w)
 
 
 def _attnpool_sequences(pool: nn.Module, cells: torch.Tensor, pos_q: torch.Tensor, pos_cells: torch.Tensor) -> torch.Tensor:
@@ -443,6 +463,8 @@ class Embeddings:
     `patches` [B, h*w, P] are the grid cells' own tokens, L2-normalised and not centred (ViT: the transformer's
     width after `ln_post`, P = W, as WinCLIP's few-shot path compares them; CNN: the attention pool's value path, in
     the joint space): what the few-shot memory compares cell by cell (`fewshot.py`). None in crop mode.
+    `dense` [B, h'*w', C] (CNN towers in attnpool mode only) are mid-level features on the finer `dense_grid`
+    (`dense_features`), the few-shot memory's dense bank.
     """
 
     global_emb: torch.Tensor
@@ -450,6 +472,8 @@ class Embeddings:
     grid: tuple[int, int]
     indices: dict[int, torch.Tensor] = field(default_factory=dict)
     patches: torch.Tensor | None = None
+    dense: torch.Tensor | None = None  # [B, h'*w', C] CNN mid-level features (`dense_features`); None otherwise
+    dense_grid: tuple[int, int] | None = None
 
 
 @torch.inference_mode()
@@ -488,6 +512,7 @@ def embed_image_and_windows(
     own_global = global_pixels is None
     glob = torch.empty(0)
     patch_out: list[torch.Tensor] = []
+    dense, dense_grid = None, None
     if kind == "vit":
         tokens = vit_tokens(visual, x)
         t0 = lap(timings, "embed", t0)
@@ -496,7 +521,8 @@ def embed_image_and_windows(
         if vit_glob is not None:
             glob = vit_glob
     elif cnn_mode == "attnpool":
-        fmap = cnn_feature_map(visual, x)
+        mid, fmap = cnn_feature_maps(visual, x)
+        dense, dense_grid = dense_features(mid)
         cells = project_cells(visual, fmap)  # once for the patches, the global and every scale
         patch_out.append(cnn_patch_embeddings(visual, fmap, cells))
         if own_global:
@@ -521,5 +547,5 @@ def embed_image_and_windows(
     lap(timings, "windows", t0)
     patches = F.normalize(patch_out[0].float(), dim=-1) if patch_out else None
     return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices,
-                      patches=patches)
+                      patches=patches, dense=dense, dense_grid=dense_grid)
 

@@ -9,6 +9,8 @@ anomalib does.
 """
 from __future__ import annotations
 
+import math
+
 import pytest
 import torch
 import torch.nn.functional as F
@@ -22,6 +24,7 @@ from service.fewshot import (
     build_memory,
     greedy_coreset,
     model_ref,
+    upsample,
 )
 from service.fnn import FNN
 from service.preprocess import Geometry
@@ -62,7 +65,8 @@ def _embs(det: Detector, pixels: torch.Tensor) -> list[ImageEmbedding]:
     e = embed_image_and_windows(det.backend, pixels, det.window_scales, 1, 1024)
     s = det.backend.image_size
     geo = Geometry(s, s, s, "stretch", (0, 0, s, s), (0, 0, s, s))
-    return [ImageEmbedding(e.global_emb[i], {k: w[i] for k, w in e.windows.items()}, e.grid, geo, e.patches[i])
+    return [ImageEmbedding(e.global_emb[i], {k: w[i] for k, w in e.windows.items()}, e.grid, geo, e.patches[i],
+                           e.dense[i] if e.dense is not None else None, e.dense_grid)
             for i in range(pixels.shape[0])]
 
 
@@ -97,6 +101,12 @@ def _harmonic(window_scores: list[float], windows: list[list[int]], n_cells: int
 
 def _reference(query: dict, refs: list[dict], t_n, t_a, grid, scales) -> tuple[float, list[float]]:
     """WinCLIP+ image score and flat map of one query from embeddings {'global', 'windows': {k: [n, D]}, 'patches'}."""
+    image, zs_map, fs_map = _reference_parts(query, refs, t_n, t_a, grid, scales)
+    return (image + max(fs_map)) / 2, [(a + b) / 2 for a, b in zip(zs_map, fs_map)]
+
+
+def _reference_parts(query: dict, refs: list[dict], t_n, t_a, grid, scales) -> tuple[float, list[float], list[float]]:
+    """WinCLIP+'s zero-shot image score, zero-shot flat map and few-shot flat map of one query."""
     h, w = grid
     n = h * w
     image = _class_score(query["global"], t_n, t_a)
@@ -109,7 +119,7 @@ def _reference(query: dict, refs: list[dict], t_n, t_a, grid, scales) -> tuple[f
         few.append(_harmonic([_vas(f, bank) for f in query["windows"][k]], wins, n))
     zs_map = [len(zero) / sum(1 / m[p] for m in zero) for p in range(n)]
     fs_map = [sum(m[p] for m in few) / len(few) for p in range(n)]
-    return (image + max(fs_map)) / 2, [(a + b) / 2 for a, b in zip(zs_map, fs_map)]
+    return image, zs_map, fs_map
 
 
 @torch.inference_mode()
@@ -168,7 +178,8 @@ def test_few_shot_score_and_map_match_the_slow_winclip_reference(vit, cnn, kind,
     refs = _embs(det, _pixels(backend, k_shot, 10))
     queries = _embs(det, _pixels(backend, 3, 20))
     anchors = det.anchors()
-    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=False)  # WinCLIP+ exactly (no dense bank)
+    assert memory.dense is None
     got = det.score(queries, memory=memory)
     if kind == "vit":  # the reference reads open_clip's own forward: the whole path is compared, not only formulas
         ref_q = _open_clip_vit_embeddings(backend, _pixels(backend, 3, 20), det.window_scales)
@@ -192,7 +203,8 @@ def test_few_shot_rule_holds_for_every_score_and_combined_stays_the_weighted_mea
     for z, f in zip(zero, few):
         fs_max = None
         for name in ("fnn", "prompt"):
-            fs_map = 2 * f.grid[name] - z.grid[name]  # map = (zero + few) / 2
+            # map = (zero + few) / 2, the zero-shot map upsampled to the dense bank's finer grid
+            fs_map = 2 * f.grid[name] - upsample(torch.tensor(z.grid[name]), f.grid[name].shape).numpy()
             fs_max = float(fs_map.max())
             assert abs(f.scores[name] - (z.scores[name] + fs_max) / 2) < 1e-6
         assert abs(f.scores["combined"] - (w * f.scores["fnn"] + (1 - w) * f.scores["prompt"])) < 1e-6
@@ -262,3 +274,76 @@ def test_detect_uses_the_memory_without_a_heatmap_too(cnn):
     no_map = det.detect(good[:1], heatmap=False, memory=memory)[0]
     assert no_map.mode == "few_shot" and not no_map.heat and with_map.heat
     assert no_map.scores == pytest.approx(with_map.scores, abs=1e-9)
+
+
+# --- the dense bank (CNN towers) --------------------------------------------------------------------------------------
+def _dense_reference(query: ImageEmbedding, refs: list[ImageEmbedding], zero_image: float, zs_map: list[float],
+                     fs_map: list[float], grid) -> tuple[float, torch.Tensor]:
+    """Image score and final map [dh, dw] with a dense bank, cell by cell: the scale q is the 99th percentile of each
+    shot's cells' nearest-neighbour association among the OTHER shots' cells; t = tanh(d / 2q); few-shot map =
+    (WinCLIP+ few-shot map upsampled + t) / 2; final = (zero-shot map upsampled + few-shot map) / 2."""
+    def nearest(f: torch.Tensor, rows: torch.Tensor) -> float:
+        return float(((1 - F.normalize(rows, dim=-1) @ F.normalize(f, dim=0)) / 2).min())
+
+    own = [nearest(r.dense[p], torch.cat([o.dense for j, o in enumerate(refs) if j != i]))
+           for i, r in enumerate(refs) for p in range(r.dense.shape[0])]
+    q = float(torch.quantile(torch.tensor(own), 0.99))
+    bank = torch.cat([r.dense for r in refs])
+    dh, dw = query.dense_grid
+    t = torch.tensor([math.tanh(nearest(query.dense[p], bank) / (2 * q)) for p in range(dh * dw)]).reshape(dh, dw)
+    up = [F.interpolate(torch.tensor(m, dtype=torch.float32).reshape(1, 1, *grid), size=(dh, dw), mode="bilinear",
+                        align_corners=False)[0, 0] for m in (zs_map, fs_map)]
+    few = (up[1] + t) / 2
+    return (zero_image + float(few.max())) / 2, (up[0] + few) / 2
+
+
+@pytest.mark.parametrize("k_shot", [2, 3])
+def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot):
+    det = _detector(cnn)
+    refs = _embs(det, _pixels(cnn, k_shot, 10))
+    queries = _embs(det, _pixels(cnn, 3, 20))
+    anchors = det.anchors()
+    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    assert memory.dense is not None and memory.dense_grid == refs[0].dense_grid != refs[0].grid
+    assert memory.rows["dense"] == k_shot * refs[0].dense.shape[0]
+    got = det.score(queries, memory=memory)
+    for d, q in zip(got, _as_dicts(queries)):
+        zero_image, zs_map, fs_map = _reference_parts(q, _as_dicts(refs), anchors.normal, anchors.anomalous,
+                                                      queries[0].grid, det.window_scales)
+        image, final = _dense_reference(queries[got.index(d)], refs, zero_image, zs_map, fs_map, queries[0].grid)
+        assert d.mode == "few_shot" and d.shots == k_shot
+        assert abs(d.scores["prompt"] - image) < 1e-4
+        assert tuple(d.grid["prompt"].shape) == tuple(final.shape)
+        assert float(abs(torch.tensor(d.grid["prompt"]) - final).max()) < 1e-4
+        assert d.heat["prompt"].shape == (cnn.image_size, cnn.image_size)
+
+
+def test_dense_bank_needs_two_shots_can_be_switched_off_and_survives_serialisation(cnn):
+    det = _detector(cnn)
+    refs = _embs(det, _pixels(cnn, 3, 11))
+    one = build_memory(refs[:1], model_ref(det), 1, 10_000)
+    assert one.dense is None and "2 or more shots" in one.meta["dense"]
+    off = build_memory(refs, model_ref(det), 1, 10_000, dense=False)
+    assert off.dense is None and off.meta["dense"] == "off"
+    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    back = ReferenceMemory.from_bytes(memory.to_bytes())
+    assert back.header() == memory.header() and back.dense_scale == pytest.approx(memory.dense_scale)
+    assert torch.equal(back.dense, memory.dense) and torch.equal(back.dense_src, memory.dense_src)
+    queries = _embs(det, _pixels(cnn, 2, 12))
+    assert det.score(queries, memory=back)[0].scores == pytest.approx(det.score(queries, memory=memory)[0].scores)
+    without_dense = [ImageEmbedding(e.global_emb, e.windows, e.grid, e.geometry, e.patches) for e in queries]
+    with pytest.raises(ReferenceMemoryError, match="no dense features"):
+        det.score(without_dense, memory=memory)
+
+
+def test_dense_bank_leave_one_out_and_coreset(cnn):
+    det = _detector(cnn)
+    refs = _embs(det, _pixels(cnn, 3, 13))
+    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    dense = torch.stack([e.dense for e in refs])
+    assert float(association(dense, memory.dense).max()) < 1e-6  # each shot finds itself
+    loo = association(dense, memory.dense, memory.dense_src, torch.tensor([0, 1, 2]))
+    assert float(loo.min()) > 0  # the same as the memory's scale is made of
+    assert memory.dense_scale == pytest.approx(float(torch.quantile(loo.flatten(), 0.99)))
+    small = build_memory(refs, model_ref(det), 1, max_rows=100)
+    assert small.rows["dense"] == 100 and small.meta["coreset"]["dense"]["rows_before"] == 3 * dense.shape[1]

@@ -454,11 +454,7 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     shot_set = set(shots)
 
     def embed(det: Any, items: list[Any]) -> list[Any]:
-        from ..detector import ImageEmbedding
-
-        return [ImageEmbedding(e.global_emb.cpu(), {k: w.cpu() for k, w in e.windows.items()}, e.grid, e.geometry,
-                               e.patches.cpu() if e.patches is not None else None)
-                for e in det.embed(items, heatmap=True)]
+        return [e.cpu() for e in det.embed(items, heatmap=True)]
 
     embs: list[Any] = []
     model = None
@@ -473,7 +469,8 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     stride = state.detector.settings.window_stride
     meta = {"created_at": utc_now(), "product": product, "line": line}
     try:
-        memory = await to_thread.run_sync(build_memory, embs, model, stride, s.reference_max_rows, meta)
+        memory = await to_thread.run_sync(build_memory, embs, model, stride, s.reference_max_rows, meta,
+                                             s.reference_dense)
     except ReferenceMemoryError as exc:
         if not required:
             return None

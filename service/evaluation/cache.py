@@ -35,6 +35,7 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "centred": backend.image_center is not None,
         "tta_views": detector.tta_views,
         "patches": heatmap,  # grid-cell tokens for the few-shot memory (caches made before them are not reused)
+        "dense": heatmap,  # the CNN's mid-level features for the few-shot dense bank (likewise)
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
@@ -66,7 +67,9 @@ class EmbeddingCache:
             return None
         self.hits += 1
         windows = {int(k[1:]): v for k, v in tensors.items() if k.startswith("w")}
-        return ImageEmbedding(tensors["global"], windows, grid, geometry, tensors.get("patches"))
+        dense_grid = tuple(json.loads(meta["dense_grid"])) if meta.get("dense_grid") else None
+        return ImageEmbedding(tensors["global"], windows, grid, geometry, tensors.get("patches"), tensors.get("dense"),
+                              dense_grid)
 
     def put(self, digest: str, emb: ImageEmbedding) -> None:
         path = self._path(digest)
@@ -75,7 +78,11 @@ class EmbeddingCache:
         tensors.update({f"w{k}": v.float().cpu().contiguous() for k, v in emb.windows.items()})
         if emb.patches is not None:
             tensors["patches"] = emb.patches.float().cpu().contiguous()
+        if emb.dense is not None:
+            tensors["dense"] = emb.dense.float().cpu().contiguous()
         meta = {"geometry": json.dumps(asdict(emb.geometry)), "grid": json.dumps(list(emb.grid))}
+        if emb.dense_grid is not None:
+            meta["dense_grid"] = json.dumps(list(emb.dense_grid))
         tmp = path.with_name(f".{uuid.uuid4().hex}.tmp")
         save_file(tensors, str(tmp), metadata=meta)
         os.replace(tmp, path)  # atomic: concurrent runs never see half a file
@@ -94,8 +101,7 @@ def cached_embed(
     if todo:
         fresh = detector.embed([images_loader(data[i]) for i in todo], heatmap=heatmap)
         for i, emb in zip(todo, fresh):
-            emb = ImageEmbedding(emb.global_emb.cpu(), {k: v.cpu() for k, v in emb.windows.items()}, emb.grid, emb.geometry,
-                                 emb.patches.cpu() if emb.patches is not None else None)
+            emb = emb.cpu()
             found[i] = emb
             if cache:
                 cache.put(digests[i], emb)

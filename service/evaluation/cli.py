@@ -162,7 +162,8 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
             embs = cached_embed(base, ref_paths, load, cache, True)
             for version, det in detectors.items():
                 out[(version, cat)] = build_memory(embs, model_ref(det), settings.window_stride,
-                                                   settings.reference_max_rows, {"category": cat})
+                                                   settings.reference_max_rows, {"category": cat},
+                                                   settings.reference_dense)
         return out
 
     def score_fn_for(memories: dict):
