@@ -8,8 +8,9 @@ what the service does per batch: `Detector.detect` of 8 images (640 x 480) with 
 Cases, in one run (seeded random weights, written once as safetensors, as `_random_clip.py` does):
 * `before`: main's behaviour before #17: the model built on the CPU with random fp32 init, weights loaded by
   `open_clip.load_checkpoint`, then cast to the serving precision; the text tower kept; oneDNN weights pre-packed.
-* `after`: this code: `load_clip(text_tower=False)` (weights read tensor by tensor into the serving precision),
-  anchors computed with the text tower loaded on demand, cached next to the model, and the tower released.
+* `after`: this code: glibc's mmap threshold pinned as the service's start-up pins it (`service/heap.py`),
+  `load_clip(text_tower=False)` (weights read tensor by tensor into the serving precision), anchors computed with
+  the text tower loaded on demand, cached next to the model, and the tower released.
 * `after_cached`: `after` restarted with the anchors already cached: the text tower is never loaded.
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/memory.py [--batch 8] [--threads 2] [--cases before,after,...]
@@ -92,6 +93,9 @@ def run_case(case: str, precision: str, weights: Path, cache_dir: Path, batch: i
         settings = Settings(text_tower="keep", precision=precision)
         cache = None
     else:
+        from service.heap import pin_mmap_threshold
+
+        pin_mmap_threshold()  # as the service's start-up does
         settings = Settings(text_tower="release", precision=precision)
         backend = load_clip(ClipSpec("file", ARCH, path=str(weights)), cache_dir, device="cpu", precision=precision,
                             text_tower=False)

@@ -32,6 +32,7 @@ from torch import nn
 
 from .cnn_tower import apply_tower
 from .constants import CLIP_MEAN, CLIP_STD
+from .heap import trim_heap
 from .store import ModelStore, StoreError, sha256_file
 from .text_encoding import encode_prompts
 from .tokenizer import Tokenizer, build_tokenizer
@@ -120,6 +121,7 @@ class ClipBackend:
         """Drop the text tower's weights (they become shape-only `meta` tensors): serving needs only anchors."""
         if self.text_reloadable:
             _release_text(self.model)
+            trim_heap()
 
     def load_text(self) -> None:
         """Load the text tower's weights from the weights file the model was loaded from, in the serving precision."""

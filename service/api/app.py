@@ -23,6 +23,7 @@ from fastapi import FastAPI, Response
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
+from ..heap import pin_mmap_threshold
 from ..settings import Settings
 from . import apidocs, dashboard
 from .errors import error_response, install_error_handlers
@@ -47,6 +48,7 @@ def _setup_logging() -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     state: AppState = app.state.zsad
+    pin_mmap_threshold()  # before the model loads: large blocks stay returnable to the OS (service/heap.py)
     if not state.auth.enabled:
         log.warning("no API keys configured (ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN): the API is OPEN to anyone "
                     "who can reach this server")
