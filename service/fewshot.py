@@ -16,10 +16,11 @@ scored as anomalib's WinCLIP few-shot path (`winclip/torch_model.py`, the paper'
   the weighted mean of the two (the rule is linear).
 
 CNN towers add a **dense bank** (not in anomalib's WinCLIP, which has ViTs only): the shots' mid-level feature map
-(`windows.dense_features`: layer2, 3x3-averaged, a finer grid than the final map), compared as PatchCore compares
-patches. Its association d is put on the scale of the good parts' own spread, tanh(d / (2 q)), where q is the 99th
-percentile of each shot's association with the other shots (so it needs 2 or more shots; a one-shot memory has no
-dense bank). With a dense bank the few-shot map is, on the dense grid,
+(`windows.dense_features`: layer2, 3x3-averaged, channels pooled to 64, a finer grid than the final map), compared
+as PatchCore compares patches, at most DENSE_MAX_ROWS rows (coreset). Its association d is put on the scale of the
+good parts' own spread, tanh(d / (2 q)), where q is the 99th percentile of each shot's association with the other
+shots (so it needs 2 or more shots; a one-shot memory has no dense bank). With a dense bank the few-shot map is,
+on the dense grid,
       few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (2 q))) / 2
 and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
 kinds (tuning seed, never the held-out kinds): README "Few-shot mode". `dense=False` in `build_memory` (setting
@@ -51,6 +52,7 @@ from .window_grid import window_indices
 FORMAT_VERSION = 1
 MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
 DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
+DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
            "greedy_coreset", "association", "few_shot_map", "combine_few_shot", "upsample", "model_ref",
@@ -275,7 +277,7 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
         if len({tuple(e.dense_grid) for e in embs}) != 1:
             raise ReferenceMemoryError("reference images were embedded with different dense grids")
         rows = [F.normalize(e.dense.detach().float().cpu(), dim=-1) for e in embs]
-        memory.dense, memory.dense_src = _bank(rows, max_rows, "dense", coreset)
+        memory.dense, memory.dense_src = _bank(rows, min(max_rows, DENSE_MAX_ROWS), "dense", coreset)
         memory.dense_grid = tuple(embs[0].dense_grid)
         own = association(torch.stack(rows), memory.dense, memory.dense_src, torch.arange(len(embs)))
         memory.dense_scale = max(float(torch.quantile(own.flatten(), DENSE_QUANTILE)), 1e-6)

@@ -52,6 +52,7 @@ if TYPE_CHECKING:  # pragma: no cover
 CnnWindowMode = Literal["attnpool", "crop"]
 
 CNN_STRIDE = 32  # every ModifiedResNet: stem conv1 (2) x stem avgpool (2) x layer2/3/4 (2 each)
+DENSE_DIM = 64  # few-shot dense features' width (channel groups averaged): chosen for cost, benchmarks/fewshot_dense_cost.py
 
 __all__ = [
     "Embeddings",
@@ -63,6 +64,7 @@ __all__ = [
     "cnn_feature_map",
     "cnn_feature_maps",
     "dense_features",
+    "DENSE_DIM",
     "cnn_window_embeddings",
     "project_cells",
     "CellProjections",
@@ -289,13 +291,19 @@ def cnn_feature_maps(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Ten
 
 
 def dense_features(mid: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Few-shot dense features [B, h*w, C] (float32, unit norm) of a mid-level map [B, C, h, w], and its grid.
+    """Few-shot dense features [B, h*w, min(C, DENSE_DIM)] (float32, unit norm) of a mid-level map [B, C, h, w],
+    and its grid.
 
     Each cell is averaged with its 3x3 neighbourhood first (PatchCore's local aggregation), so that a feature
-    describes a small patch of the part rather than one cell, and a shift by a cell changes it little."""
+    describes a small patch of the part rather than one cell, and a shift by a cell changes it little. Channels are
+    then averaged in groups down to DENSE_DIM (PatchCore's adaptive pooling of the feature dimension): the nearest-
+    neighbour search is the cost of the dense bank."""
     x = F.avg_pool2d(mid.float(), 3, stride=1, padding=1)
     b, c, h, w = x.shape
-    return F.normalize(x.reshape(b, c, h * w).transpose(1, 2), dim=-1), (h, w)
+    rows = x.reshape(b, c, h * w).transpose(1, 2)
+    if c > DENSE_DIM:
+        rows = F.adaptive_avg_pool1d(rows.reshape(b * h * w, 1, c), DENSE_DIM).reshape(b, h * w, DENSE_DIM)
+    return F.normalize(rows, dim=-1), (h, w)
 
 
 def _attnpool_sequences(pool: nn.Module, cells: torch.Tensor, pos_q: torch.Tensor, pos_cells: torch.Tensor) -> torch.Tensor:

@@ -277,3 +277,18 @@ def test_crop_windows_any_tower(vit):
 def test_bad_cnn_mode(cnn):
     with pytest.raises(ValueError):
         embed_image_and_windows(cnn, _pixels(cnn, n=1), cnn_mode="nope")  # type: ignore[arg-type]
+
+
+def test_dense_features_average_3x3_neighbourhoods_and_channel_groups():
+    from service.windows import DENSE_DIM, dense_features
+
+    gen = torch.Generator().manual_seed(0)
+    mid = torch.randn(2, 4 * DENSE_DIM, 5, 6, generator=gen)
+    rows, grid = dense_features(mid)
+    assert grid == (5, 6) and rows.shape == (2, 30, DENSE_DIM)
+    b, r, c = 1, 2, 3  # an inner cell: the mean of its 3x3 neighbourhood, then of each group of 4 channels
+    patch = mid[b, :, r - 1:r + 2, c - 1:c + 2].mean(dim=(1, 2))
+    expected = torch.nn.functional.normalize(patch.reshape(DENSE_DIM, 4).mean(dim=1), dim=0)
+    torch.testing.assert_close(rows[b, r * 6 + c], expected, atol=1e-5, rtol=0)
+    narrow, _ = dense_features(mid[:, :DENSE_DIM])  # already narrow: channels kept
+    assert narrow.shape[-1] == DENSE_DIM

@@ -18,6 +18,7 @@ from safetensors.torch import load_file, save_file
 
 from ..detector import Detector, ImageEmbedding
 from ..preprocess import Geometry
+from ..windows import DENSE_DIM
 
 
 def model_key(detector: Detector, heatmap: bool) -> str:
@@ -35,7 +36,7 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "centred": backend.image_center is not None,
         "tta_views": detector.tta_views,
         "patches": heatmap,  # grid-cell tokens for the few-shot memory (caches made before them are not reused)
-        "dense": heatmap,  # the CNN's mid-level features for the few-shot dense bank (likewise)
+        "dense": f"layer2-avg3-c{DENSE_DIM}" if heatmap else "",  # the few-shot dense bank's features (likewise)
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
