@@ -8,9 +8,10 @@ what the service does per batch: `Detector.detect` of 8 images (640 x 480) with 
 Cases, in one run (seeded random weights, written once as safetensors, as `_random_clip.py` does):
 * `before`: main's behaviour before #17: the model built on the CPU with random fp32 init, weights loaded by
   `open_clip.load_checkpoint`, then cast to the serving precision; the text tower kept; oneDNN weights pre-packed.
-* `after`: this code: glibc's mmap threshold pinned as the service's start-up pins it (`service/heap.py`),
-  `load_clip(text_tower=False)` (weights read tensor by tensor into the serving precision), anchors computed with
-  the text tower loaded on demand, cached next to the model, and the tower released.
+* `after`: this code (with `--mmap-threshold N`: glibc's mmap threshold pinned, as the service's start-up pins it
+  with `ZSAD_MMAP_THRESHOLD=N`, `service/heap.py`): `load_clip(text_tower=False)` (weights read tensor by tensor
+  into the serving precision), anchors computed with the text tower loaded on demand, cached next to the model, and
+  the tower released.
 * `after_cached`: `after` restarted with the anchors already cached: the text tower is never loaded.
 
 Usage: PYTHONPATH=. .venv/bin/python benchmarks/memory.py [--batch 8] [--threads 2] [--cases before,after,...]
@@ -68,7 +69,8 @@ def _before_backend(weights: Path, precision: str):
                        embed_dim=int(model.text_projection.shape[1]))
 
 
-def run_case(case: str, precision: str, weights: Path, cache_dir: Path, batch: int, threads: int) -> dict:
+def run_case(case: str, precision: str, weights: Path, cache_dir: Path, batch: int, threads: int,
+             mmap_threshold: int = 0) -> dict:
     """One case in this (fresh) process; returns its figures."""
     import numpy as np
     import torch
@@ -95,8 +97,9 @@ def run_case(case: str, precision: str, weights: Path, cache_dir: Path, batch: i
     else:
         from service.heap import pin_mmap_threshold
 
-        pin_mmap_threshold()  # as the service's start-up does
-        settings = Settings(text_tower="release", precision=precision)
+        if mmap_threshold:  # as the service's start-up does with ZSAD_MMAP_THRESHOLD
+            pin_mmap_threshold(mmap_threshold)
+        settings = Settings(text_tower="release", precision=precision, mmap_threshold=mmap_threshold)
         backend = load_clip(ClipSpec("file", ARCH, path=str(weights)), cache_dir, device="cpu", precision=precision,
                             text_tower=False)
         cache = AnchorCache(cache_dir / "anchors")
@@ -130,11 +133,14 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="before,after,after_cached", help="comma-separated subset")
     ap.add_argument("--precisions", default="fp32,bf16")
+    ap.add_argument("--mmap-threshold", type=int, default=0,
+                    help="bytes: pin glibc's mmap threshold in the `after` cases (ZSAD_MMAP_THRESHOLD); 0: glibc's default")
     ap.add_argument("--child", nargs=4, metavar=("CASE", "PRECISION", "WEIGHTS", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
     if args.child:
         case, precision, weights, cache = args.child
-        print(json.dumps(run_case(case, precision, Path(weights), Path(cache), args.batch, args.threads)))
+        print(json.dumps(run_case(case, precision, Path(weights), Path(cache), args.batch, args.threads,
+                                  args.mmap_threshold)))
         return
 
     from _random_clip import random_clip_spec
@@ -151,7 +157,8 @@ def main() -> None:
                 cache = Path(tmp) / f"cache-{precision}"
                 for case in wave:
                     cmd = [sys.executable, __file__, "--batch", str(args.batch), "--threads", str(args.threads),
-                           "--child", case, precision, str(weights), str(cache)]
+                           "--mmap-threshold", str(args.mmap_threshold), "--child", case, precision, str(weights),
+                           str(cache)]
                     procs.append(subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True))
             for proc in procs:
                 out, _ = proc.communicate()
@@ -175,6 +182,7 @@ def main() -> None:
             worst = max(by[c]["peak_mb"] for c in ("after", "after_cached") if c in by)
             fields[f"target_{precision}_met"] = str(int(worst <= TARGET_MB[precision]))
     fields["batch"] = str(args.batch)
+    fields["mmap_threshold"] = str(args.mmap_threshold)
     print("RESULT name=memory " + " ".join(f"{k}={v}" for k, v in fields.items()))
 
 

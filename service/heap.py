@@ -4,7 +4,9 @@ Why: glibc serves large allocations with mmap and returns them to the OS on free
 freed it raises its mmap threshold (up to 32 MB), and from then on blocks below it come from the heap, which keeps
 what is freed. Releasing the text tower (hundreds of MB) after computing the prompt anchors did exactly that: every
 later batch's activations were heap blocks, and a first start's serving peak RSS stayed about 200 MB above that of a
-restart with cached anchors (`benchmarks/memory.py`). Pinning the threshold keeps large blocks mmapped.
+restart with cached anchors (`benchmarks/memory.py`). Pinning the threshold (`ZSAD_MMAP_THRESHOLD`) keeps large
+blocks mmapped, at the price of page faults on every large block (`benchmarks/heap_pin.py`): worth it for a large
+CLIP, not for the embedded one, so it is off by default. Trimming after the release is always done (one call).
 """
 from __future__ import annotations
 
@@ -13,9 +15,9 @@ import ctypes.util
 import gc
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
-MMAP_THRESHOLD_BYTES = 128 * 1024  # glibc's own initial threshold, kept fixed (mallopt disables the raising)
+LARGE_MODEL_MMAP_THRESHOLD = 4 << 20  # what docs/service.md measures and advises for large CLIPs (ZSAD_MMAP_THRESHOLD)
 
-__all__ = ["pin_mmap_threshold", "trim_heap", "MMAP_THRESHOLD_BYTES"]
+__all__ = ["pin_mmap_threshold", "trim_heap", "LARGE_MODEL_MMAP_THRESHOLD"]
 
 
 def _glibc() -> ctypes.CDLL | None:
@@ -26,7 +28,7 @@ def _glibc() -> ctypes.CDLL | None:
         return None
 
 
-def pin_mmap_threshold(nbytes: int = MMAP_THRESHOLD_BYTES) -> bool:
+def pin_mmap_threshold(nbytes: int = LARGE_MODEL_MMAP_THRESHOLD) -> bool:
     """Serve blocks of `nbytes` or more with mmap for the rest of the process. True when glibc took it."""
     libc = _glibc()
     return bool(libc is not None and libc.mallopt(M_MMAP_THRESHOLD, int(nbytes)) == 1)

@@ -151,6 +151,10 @@ class Settings(BaseSettings):
         "a greedy coreset of this many rows is kept."
     )
     reference_max_bytes: int = Field(REFERENCE_MAX_BYTES, ge=1, description="Largest stored reference memory.")
+    mmap_threshold: int = Field(
+        0, ge=0, le=1 << 30, description="Bytes from which glibc serves allocations with mmap, pinned at start-up "
+        "(service/heap.py); 0 keeps glibc's adaptive default. 4194304 lowers a large CLIP's peak memory."
+    )
     reference_dense: bool = Field(
         True, description="CNN towers: also keep the good parts' mid-level feature map in the reference memory (the "
         "dense bank, PatchCore-style; needs 2+ shots). false: WinCLIP+ exactly, as anomalib."

@@ -48,7 +48,8 @@ def _setup_logging() -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     state: AppState = app.state.zsad
-    pin_mmap_threshold()  # before the model loads: large blocks stay returnable to the OS (service/heap.py)
+    if state.settings.mmap_threshold:  # before the model loads: large blocks stay returnable (service/heap.py)
+        pin_mmap_threshold(state.settings.mmap_threshold)
     if not state.auth.enabled:
         log.warning("no API keys configured (ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN): the API is OPEN to anyone "
                     "who can reach this server")
