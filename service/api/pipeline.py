@@ -520,7 +520,9 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     pixel_threshold = pixel_dist["threshold"] if pixel_dist else None
     data = memory.to_bytes()
     info = {"shots": memory.shots, "rows": memory.rows, "coreset": memory.meta.get("coreset") or {},
-            "bytes": len(data), "model": model, "line": line}
+            "bytes": len(data), "model": model, "line": line,
+            "dense_grid": list(memory.dense_grid) if memory.dense_grid else None, "dense_scale": memory.dense_scale,
+            "dense_note": memory.meta.get("dense")}  # why there is no dense bank, when there is none
     summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
     summary["model"] = model
     if pixel_dist is not None:

@@ -55,6 +55,12 @@ def test_few_shot_lifecycle(served, capsys):
     zero = _detect(c, 1)
     assert zero["mode"] == "zero_shot" and zero["reference"] is None
     assert zero["scores"] != body["scores"]
+    # a CNN tower's memory has the dense bank, and a few-shot map is on its finer grid
+    assert cal["reference"]["rows"]["dense"] > 0 and cal["reference"]["dense_scale"] > 0
+    few_grid = _detect(c, 1, product="nut", heatmap="json")["heatmap"]
+    zero_grid = _detect(c, 1, heatmap="json")["heatmap"]
+    assert few_grid["rows"] == cal["reference"]["dense_grid"][0] > zero_grid["rows"]
+    assert len(few_grid["grid"]) == few_grid["rows"] and len(few_grid["grid"][0]) == few_grid["cols"]
     # the results history keeps how each verdict was made (revision 0005)
     stored = {r["id"]: r for r in c.get("/v1/results", params={"limit": 10}).json()["items"]}
     assert (stored[body["id"]]["mode"], stored[body["id"]]["shots"]) == ("few_shot", 6)
