@@ -54,12 +54,12 @@ def main() -> None:
     ap.add_argument("--rounds", type=int, default=4)
     ap.add_argument("--reps", type=int, default=20)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--threshold", type=int, default=None, help="bytes (default: service.heap.MMAP_THRESHOLD_BYTES)")
+    ap.add_argument("--threshold", type=int, default=None, help="bytes (default: service.heap.LARGE_MODEL_MMAP_THRESHOLD)")
     ap.add_argument("--child", choices=["pinned", "default"], help=argparse.SUPPRESS)
     args = ap.parse_args()
-    from service.heap import MMAP_THRESHOLD_BYTES
+    from service.heap import LARGE_MODEL_MMAP_THRESHOLD
 
-    threshold = args.threshold or MMAP_THRESHOLD_BYTES
+    threshold = args.threshold or LARGE_MODEL_MMAP_THRESHOLD
     if args.child:
         print(json.dumps(child(args.store, args.child == "pinned", args.reps, args.threads, threshold)))
         return
