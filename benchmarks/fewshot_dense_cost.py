@@ -66,7 +66,7 @@ with tempfile.TemporaryDirectory() as tmp:
                 ref = det.embed([load_image(p) for p in pick(train, k, 0)], heatmap=True)
                 for d, r in VARIANTS:
                     pe, pr = pooled(embs, d), pooled(ref, d)
-                    mem = capped(build_memory(pr, model_ref(det), 1, 4096), pr, r)
+                    mem = capped(build_memory(pr, model_ref(det), 1, 4096, dense=True), pr, r)
                     dets = det.score(pe, memory=mem)
                     sc = np.array([x.scores["combined"] for x in dets])
                     heat = [np.asarray(x.heat["combined"]) for x in dets]

@@ -23,8 +23,8 @@ shots (so it needs 2 or more shots; a one-shot memory has no dense bank). With a
 on the dense grid,
       few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (2 q))) / 2
 and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
-kinds (tuning seed, never the held-out kinds): README "Few-shot mode". `dense=False` in `build_memory` (setting
-`ZSAD_REFERENCE_DENSE=false`) keeps WinCLIP+ exactly.
+kinds (tuning seed, never the held-out kinds): README "Few-shot mode". Opt-in (`build_memory(dense=True)`, setting
+`ZSAD_REFERENCE_DENSE=true`); without it the memory is WinCLIP+ exactly.
 
 Size is bounded: each bank keeps at most `max_rows` rows; above that a greedy coreset (as PatchCore: repeatedly add
 the row farthest from those kept) is kept, and the memory records that it did. Nearest-neighbour search runs on the
@@ -239,7 +239,7 @@ def _bank(rows: list[torch.Tensor], max_rows: int, name: str, coreset: dict[str,
 
 
 def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max_rows: int,
-                 meta: Mapping[str, Any] | None = None, dense: bool = True) -> ReferenceMemory:
+                 meta: Mapping[str, Any] | None = None, dense: bool = False) -> ReferenceMemory:
     """A memory from `detector.embed(..., heatmap=True)` embeddings of K normal images (each with windows and
     patches). Banks above `max_rows` rows are reduced by `greedy_coreset`; `meta["coreset"]` says which.
 

@@ -156,8 +156,8 @@ class Settings(BaseSettings):
         "(service/heap.py); 0 keeps glibc's adaptive default. 4194304 lowers a large CLIP's peak memory."
     )
     reference_dense: bool = Field(
-        True, description="CNN towers: also keep the good parts' mid-level feature map in the reference memory (the "
-        "dense bank, PatchCore-style; needs 2+ shots). false: WinCLIP+ exactly, as anomalib."
+        False, description="CNN towers: also keep the good parts' mid-level feature map in the reference memory (the "
+        "dense bank, PatchCore-style; needs 2+ shots): for one product in a fixed pose. false: WinCLIP+ exactly."
     )
     batch_max_images: int = Field(16, ge=1, description="Most images in one POST /v1/detect/batch request.")
     calibration_max_images: int = Field(1000, ge=1, description="Most images in one POST /v1/calibrate request.")

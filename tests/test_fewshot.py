@@ -178,7 +178,7 @@ def test_few_shot_score_and_map_match_the_slow_winclip_reference(vit, cnn, kind,
     refs = _embs(det, _pixels(backend, k_shot, 10))
     queries = _embs(det, _pixels(backend, 3, 20))
     anchors = det.anchors()
-    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=False)  # WinCLIP+ exactly (no dense bank)
+    memory = build_memory(refs, model_ref(det), 1, 10_000)  # the default: WinCLIP+ exactly (no dense bank)
     assert memory.dense is None
     got = det.score(queries, memory=memory)
     if kind == "vit":  # the reference reads open_clip's own forward: the whole path is compared, not only formulas
@@ -196,7 +196,7 @@ def test_few_shot_score_and_map_match_the_slow_winclip_reference(vit, cnn, kind,
 def test_few_shot_rule_holds_for_every_score_and_combined_stays_the_weighted_mean(cnn):
     det = _detector(cnn)
     refs, queries = _embs(det, _pixels(cnn, 2, 1)), _embs(det, _pixels(cnn, 2, 2))
-    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=True)  # the rule holds on the dense grid too
     zero = det.score(queries)
     few = det.score(queries, memory=memory)
     w = det.settings.combine_weight
@@ -303,7 +303,7 @@ def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot):
     refs = _embs(det, _pixels(cnn, k_shot, 10))
     queries = _embs(det, _pixels(cnn, 3, 20))
     anchors = det.anchors()
-    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=True)
     assert memory.dense is not None and memory.dense_grid == refs[0].dense_grid != refs[0].grid
     assert memory.rows["dense"] == k_shot * refs[0].dense.shape[0]
     got = det.score(queries, memory=memory)
@@ -321,11 +321,11 @@ def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot):
 def test_dense_bank_needs_two_shots_can_be_switched_off_and_survives_serialisation(cnn):
     det = _detector(cnn)
     refs = _embs(det, _pixels(cnn, 3, 11))
-    one = build_memory(refs[:1], model_ref(det), 1, 10_000)
+    one = build_memory(refs[:1], model_ref(det), 1, 10_000, dense=True)
     assert one.dense is None and "2 or more shots" in one.meta["dense"]
-    off = build_memory(refs, model_ref(det), 1, 10_000, dense=False)
+    off = build_memory(refs, model_ref(det), 1, 10_000)  # the default: WinCLIP+ only
     assert off.dense is None and off.meta["dense"] == "off"
-    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=True)
     back = ReferenceMemory.from_bytes(memory.to_bytes())
     assert back.header() == memory.header() and back.dense_scale == pytest.approx(memory.dense_scale)
     assert torch.equal(back.dense, memory.dense) and torch.equal(back.dense_src, memory.dense_src)
@@ -339,11 +339,11 @@ def test_dense_bank_needs_two_shots_can_be_switched_off_and_survives_serialisati
 def test_dense_bank_leave_one_out_and_coreset(cnn):
     det = _detector(cnn)
     refs = _embs(det, _pixels(cnn, 3, 13))
-    memory = build_memory(refs, model_ref(det), 1, 10_000)
+    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=True)
     dense = torch.stack([e.dense for e in refs])
     assert float(association(dense, memory.dense).max()) < 1e-6  # each shot finds itself
     loo = association(dense, memory.dense, memory.dense_src, torch.tensor([0, 1, 2]))
     assert float(loo.min()) > 0  # the same as the memory's scale is made of
     assert memory.dense_scale == pytest.approx(float(torch.quantile(loo.flatten(), 0.99)))
-    small = build_memory(refs, model_ref(det), 1, max_rows=100)
+    small = build_memory(refs, model_ref(det), 1, max_rows=100, dense=True)
     assert small.rows["dense"] == 100 and small.meta["coreset"]["dense"]["rows_before"] == 3 * dense.shape[1]

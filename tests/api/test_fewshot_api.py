@@ -20,7 +20,7 @@ def served(api_store, tmp_path_factory):
     tmp = tmp_path_factory.mktemp("fewshot-api")
     store = tmp / "store"
     shutil.copytree(api_store, store)
-    settings = make_settings(tmp, store)
+    settings = make_settings(tmp, store).model_copy(update={"reference_dense": True})  # the opt-in dense bank too
     with TestClient(create_app(settings)) as c:
         assert wait_ready(c)["ready"]
         yield c, tmp, store, settings
