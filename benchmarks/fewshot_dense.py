@@ -28,9 +28,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from service.aggregate import upsample_map
 from service.detector import load_detector
 from service.evaluation.readers import list_images, load_mask, read_mvtec
-from service.fewshot import association, build_memory, model_ref, upsample
+from service.fewshot import association, build_memory, model_ref
 from service.preprocess import load_image
 from service.settings import Settings
 from service.synthetic.world import RANDOM_KINDS, TRAIN_KINDS
@@ -50,8 +51,8 @@ def rule_maps(det, embs, zero, memory_w, memory_d, score: str) -> dict[str, tupl
     dense = torch.stack([e.dense for e in embs])
     t = torch.tanh(association(dense, memory_d.dense).reshape(len(embs), dh, dw) / (2 * memory_d.dense_scale))
     z_img = torch.tensor([z.scores[score] for z in zero], dtype=torch.float64)
-    z_map = upsample(torch.stack([torch.as_tensor(z.grid[score]) for z in zero]).float(), (dh, dw))
-    w_map = upsample(wfs, (dh, dw))
+    z_map = upsample_map(torch.stack([torch.as_tensor(z.grid[score]) for z in zero]).float(), (dh, dw))
+    w_map = upsample_map(wfs, (dh, dw))
     winclip_img, winclip_map = (z_img + wfs.amax((-2, -1)).double()) / 2, (z_map + w_map) / 2
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, fs in (("E", (n_terms * w_map + t) / (n_terms + 1)), ("F", (w_map + t) / 2)):
@@ -87,14 +88,14 @@ def main() -> None:
                 ks = [s for s in samples if s.category == kind]
                 embs = []
                 for i in range(0, len(ks), 16):
-                    embs += det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True)
+                    embs += det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True, dense=True)
                 labels = np.array([s.label for s in ks])
                 deform = np.array([s.defect in ("good", "deformation") for s in ks])
                 masks = [load_mask(s.mask_path) if s.label else None for s in ks]
                 zero = det.score(embs)
                 train = list_images(root / kind / "train" / "good")
                 for k in shots:
-                    ref = det.embed([load_image(p) for p in pick(train, k, 0)], heatmap=True)
+                    ref = det.embed([load_image(p) for p in pick(train, k, 0)], heatmap=True, dense=True)
                     stride, rows = det.settings.window_stride, det.settings.reference_max_rows
                     memory_w = build_memory(ref, model_ref(det), stride, rows, dense=False)
                     memory_d = build_memory(ref, model_ref(det), stride, rows, dense=True)

@@ -56,14 +56,14 @@ with tempfile.TemporaryDirectory() as tmp:
         samples = read_mvtec(root).samples
         for kind in KINDS:
             ks = [s for s in samples if s.category == kind]
-            embs = sum((det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True)
+            embs = sum((det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True, dense=True)
                         for i in range(0, len(ks), 16)), [])
             labels = np.array([s.label for s in ks])
             deform = np.array([s.defect in ("good", "deformation") for s in ks])
             masks = [load_mask(s.mask_path) if s.label else None for s in ks]
             train = list_images(root / kind / "train" / "good")
             for k in (4, 16):
-                ref = det.embed([load_image(p) for p in pick(train, k, 0)], heatmap=True)
+                ref = det.embed([load_image(p) for p in pick(train, k, 0)], heatmap=True, dense=True)
                 for d, r in VARIANTS:
                     pe, pr = pooled(embs, d), pooled(ref, d)
                     mem = capped(build_memory(pr, model_ref(det), 1, 4096, dense=True), pr, r)

@@ -19,9 +19,10 @@ import numpy as np
 import torch
 from sklearn.metrics import roc_auc_score
 
+from service.aggregate import upsample_map
 from service.detector import load_detector
 from service.evaluation.readers import list_images, load_mask, read_mvtec
-from service.fewshot import build_memory, model_ref, upsample
+from service.fewshot import build_memory, model_ref
 from service.preprocess import load_image
 from service.settings import Settings
 from service.synthetic.world import RANDOM_KINDS, TRAIN_KINDS
@@ -66,9 +67,9 @@ def main() -> None:
             per_w = []
             for w in WEIGHTS:
                 img = np.array([(1 - w) * z.scores[args.score] + w * float(f.max()) for z, f in zip(zero, few)])
-                heat = np.concatenate([e.geometry.to_original((1 - w) * upsample(torch.tensor(z.grid[args.score]), f.shape[-2:])
-                                                              + w * f).ravel()
-                                       for e, z, f in zip(embs, zero, few)])
+                heat = np.concatenate([
+                    e.geometry.to_original((1 - w) * upsample_map(torch.tensor(z.grid[args.score]), f.shape[-2:]) + w * f)
+                    .ravel() for e, z, f in zip(embs, zero, few)])
                 per_w.append((roc_auc_score(labels, img), roc_auc_score(gt, heat),
                               roc_auc_score(labels[deform], img[deform])))
             rows.append(per_w)

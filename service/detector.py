@@ -264,9 +264,13 @@ class Detector:
 
     @torch.inference_mode()
     def embed(
-        self, images: Sequence[Image.Image | Prepared], heatmap: bool = True, timings: dict[str, float] | None = None
+        self, images: Sequence[Image.Image | Prepared], heatmap: bool = True, timings: dict[str, float] | None = None,
+        dense: bool | None = None,
     ) -> list[ImageEmbedding]:
-        """CLIP embeddings of a batch: global, plus windows when `heatmap` (one backbone pass either way)."""
+        """CLIP embeddings of a batch: global, plus windows when `heatmap` (one backbone pass either way).
+
+        `dense`: also the few-shot dense bank's features (CNN towers, with `heatmap`); None: when the settings build
+        memories with a dense bank (`reference_dense`), so that a memory and the images scored against it agree."""
         from .tta import encode_global
         from .windows import embed_image_and_windows
 
@@ -280,7 +284,8 @@ class Detector:
             lap(timings, "embed", t)
             return [ImageEmbedding(glob[i], {}, (0, 0), g) for i, g in enumerate(geoms)]
         emb = embed_image_and_windows(
-            self.backend, pixels, self.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings
+            self.backend, pixels, self.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings,
+            dense=s.reference_dense if dense is None else dense,
         )
         glob = emb.global_emb
         if self.tta_views > 1:
@@ -410,9 +415,10 @@ class Detector:
         then computed even without `heatmap`, since the image score takes the few-shot map's maximum."""
         timings = timings if timings is not None else {}
         if memory is None:
-            return self.score(self.embed(images, heatmap, timings), object_name, timings, map_score=map_score)
-        return self.score(self.embed(images, True, timings), object_name, timings, memory=memory, maps=heatmap,
-                          map_score=map_score)
+            return self.score(self.embed(images, heatmap, timings, dense=False), object_name, timings,
+                              map_score=map_score)
+        return self.score(self.embed(images, True, timings, dense=memory.dense is not None), object_name, timings,
+                          memory=memory, maps=heatmap, map_score=map_score)
 
     def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> Detector:
         """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""

@@ -45,7 +45,7 @@ from typing import Any
 import torch
 import torch.nn.functional as F
 
-from .aggregate import harmonic_patch_map
+from .aggregate import harmonic_patch_map, upsample_map
 from .memory_store import FORMAT, read_header
 from .window_grid import window_indices
 
@@ -55,8 +55,7 @@ DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' lea
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
-           "greedy_coreset", "association", "few_shot_map", "combine_few_shot", "upsample", "model_ref",
-           "load_memory"]
+           "greedy_coreset", "association", "few_shot_map", "combine_few_shot", "model_ref", "load_memory"]
 
 
 class ReferenceMemoryError(ValueError):
@@ -331,19 +330,11 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
     if dense is None:
         raise ReferenceMemoryError("the memory has a dense bank and the query embeddings have no dense features")
     dh, dw = memory.dense_grid
-    if dense.shape[1] != dh * dw:
-        raise ReferenceMemoryError(f"the memory's dense grid is {dh}x{dw}, the query's has {dense.shape[1]} cells")
+    if dense.shape[1] != dh * dw or dense.shape[-1] != memory.dense.shape[-1]:
+        raise ReferenceMemoryError(f"the memory's dense bank is {dh}x{dw} cells of width {memory.dense.shape[-1]}, "
+                                   f"the query's {dense.shape[1]} cells of width {dense.shape[-1]}")
     d = association(dense, memory.dense, memory.dense_src, exclude).reshape(b, dh, dw)
-    return (upsample(winclip, (dh, dw)) + torch.tanh(d / (2 * memory.dense_scale))) / 2
-
-
-def upsample(maps: torch.Tensor, size: tuple[int, int]) -> torch.Tensor:
-    """Maps [..., h, w] bilinearly resized to `size` (cell centres aligned; a no-op at the same size)."""
-    if tuple(maps.shape[-2:]) == tuple(size):
-        return maps
-    lead = maps.shape[:-2]
-    out = F.interpolate(maps.reshape(-1, 1, *maps.shape[-2:]).float(), size=size, mode="bilinear", align_corners=False)
-    return out.reshape(*lead, *size).to(maps.dtype)
+    return (upsample_map(winclip, (dh, dw)) + torch.tanh(d / (2 * memory.dense_scale))) / 2
 
 
 def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor
@@ -351,7 +342,8 @@ def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: t
     """WinCLIP+'s rule: image = (zero-shot image score + max few-shot map) / 2, map = (zero-shot + few-shot) / 2.
     A zero-shot map on a coarser grid than the few-shot map (a dense bank) is upsampled to it first."""
     fs_map = fs_map.to(zero_map.device)
-    zero_map = upsample(zero_map, tuple(fs_map.shape[-2:]))
+    if zero_map.shape[-2:] != fs_map.shape[-2:]:
+        zero_map = upsample_map(zero_map, tuple(fs_map.shape[-2:])).to(zero_map.dtype)
     image = (zero_image.double() + fs_map.amax(dim=(-2, -1)).to(zero_image.device).double()) / 2  # scores stay fp64
     return image, (zero_map + fs_map.to(zero_map.dtype)) / 2
 

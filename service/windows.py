@@ -471,7 +471,7 @@ class Embeddings:
     `patches` [B, h*w, P] are the grid cells' own tokens, L2-normalised and not centred (ViT: the transformer's
     width after `ln_post`, P = W, as WinCLIP's few-shot path compares them; CNN: the attention pool's value path, in
     the joint space): what the few-shot memory compares cell by cell (`fewshot.py`). None in crop mode.
-    `dense` [B, h'*w', C] (CNN towers in attnpool mode only) are mid-level features on the finer `dense_grid`
+    `dense` [B, h'*w', C] (CNN towers in attnpool mode, when asked) are mid-level features on the finer `dense_grid`
     (`dense_features`), the few-shot memory's dense bank.
     """
 
@@ -494,6 +494,7 @@ def embed_image_and_windows(
     cnn_mode: CnnWindowMode = "attnpool",
     timings: dict[str, float] | None = None,
     global_pixels: torch.Tensor | None = None,
+    dense: bool = False,
 ) -> Embeddings:
     """Global + window embeddings of preprocessed `pixels` [B, 3, H, W] (H, W multiples of the patch / CNN stride).
 
@@ -504,6 +505,7 @@ def embed_image_and_windows(
     The global embedding is the whole grid pooled like a window (equal to `encode_image` at the native size). When
     `pixels` is an upsampled copy (for a finer CNN grid), pass the native-size image as `global_pixels` to take the
     global embedding from `encode_image` on it instead. `timings`, when given, accumulates seconds per stage.
+    `dense` (CNN attnpool mode): also the mid-level features of the few-shot dense bank, only made when asked.
     """
     if cnn_mode not in ("attnpool", "crop"):
         raise ValueError(f"unknown cnn window mode {cnn_mode!r} (use 'attnpool' or 'crop')")
@@ -520,7 +522,7 @@ def embed_image_and_windows(
     own_global = global_pixels is None
     glob = torch.empty(0)
     patch_out: list[torch.Tensor] = []
-    dense, dense_grid = None, None
+    want_dense, dense, dense_grid = dense, None, None
     if kind == "vit":
         tokens = vit_tokens(visual, x)
         t0 = lap(timings, "embed", t0)
@@ -530,7 +532,8 @@ def embed_image_and_windows(
             glob = vit_glob
     elif cnn_mode == "attnpool":
         mid, fmap = cnn_feature_maps(visual, x)
-        dense, dense_grid = dense_features(mid)
+        if want_dense:
+            dense, dense_grid = dense_features(mid)
         cells = project_cells(visual, fmap)  # once for the patches, the global and every scale
         patch_out.append(cnn_patch_embeddings(visual, fmap, cells))
         if own_global:

@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from PIL import Image
 
+from service.aggregate import upsample_map
 from service.detector import Detector, ImageEmbedding
 from service.fewshot import (
     ReferenceMemory,
@@ -24,7 +25,6 @@ from service.fewshot import (
     build_memory,
     greedy_coreset,
     model_ref,
-    upsample,
 )
 from service.fnn import FNN
 from service.preprocess import Geometry
@@ -62,7 +62,7 @@ def _pixels(backend, n, seed):
 
 
 def _embs(det: Detector, pixels: torch.Tensor) -> list[ImageEmbedding]:
-    e = embed_image_and_windows(det.backend, pixels, det.window_scales, 1, 1024)
+    e = embed_image_and_windows(det.backend, pixels, det.window_scales, 1, 1024, dense=True)
     s = det.backend.image_size
     geo = Geometry(s, s, s, "stretch", (0, 0, s, s), (0, 0, s, s))
     return [ImageEmbedding(e.global_emb[i], {k: w[i] for k, w in e.windows.items()}, e.grid, geo, e.patches[i],
@@ -204,7 +204,7 @@ def test_few_shot_rule_holds_for_every_score_and_combined_stays_the_weighted_mea
         fs_max = None
         for name in ("fnn", "prompt"):
             # map = (zero + few) / 2, the zero-shot map upsampled to the dense bank's finer grid
-            fs_map = 2 * f.grid[name] - upsample(torch.tensor(z.grid[name]), f.grid[name].shape).numpy()
+            fs_map = 2 * f.grid[name] - upsample_map(torch.tensor(z.grid[name]), f.grid[name].shape).numpy()
             fs_max = float(fs_map.max())
             assert abs(f.scores[name] - (z.scores[name] + fs_max) / 2) < 1e-6
         assert abs(f.scores["combined"] - (w * f.scores["fnn"] + (1 - w) * f.scores["prompt"])) < 1e-6
@@ -347,3 +347,14 @@ def test_dense_bank_leave_one_out_and_coreset(cnn):
     assert memory.dense_scale == pytest.approx(float(torch.quantile(loo.flatten(), 0.99)))
     small = build_memory(refs, model_ref(det), 1, max_rows=100, dense=True)
     assert small.rows["dense"] == 100 and small.meta["coreset"]["dense"]["rows_before"] == 3 * dense.shape[1]
+
+
+def test_dense_features_are_made_only_for_a_dense_memory(cnn):
+    det = _detector(cnn)  # default settings: no dense bank is built, so none is embedded
+    s = cnn.image_size
+    good = [Image.new("RGB", (s, s), (100 + i, 120, 140)) for i in range(3)]
+    assert det.embed(good[:1], heatmap=True)[0].dense is None
+    memory = build_memory(det.embed(good, heatmap=True, dense=True), model_ref(det), 1, 10_000, dense=True)
+    assert memory.dense is not None
+    found = det.detect(good[:1], memory=memory)[0]  # the memory's bank asks for the query's dense features
+    assert found.mode == "few_shot" and found.grid["prompt"].shape == memory.dense_grid

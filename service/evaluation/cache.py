@@ -36,7 +36,8 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "centred": backend.image_center is not None,
         "tta_views": detector.tta_views,
         "patches": heatmap,  # grid-cell tokens for the few-shot memory (caches made before them are not reused)
-        "dense": f"layer2-avg3-c{DENSE_DIM}" if heatmap else "",  # the few-shot dense bank's features (likewise)
+        # the few-shot dense bank's features, made when the settings ask for the bank (`Detector.embed`)
+        "dense": f"layer2-avg3-c{DENSE_DIM}" if heatmap and s.reference_dense else "",
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 
