@@ -64,8 +64,9 @@ def _replicas(c) -> dict:
 
 def test_reload_through_one_replica_moves_the_fleet(pair):
     a, b, _ = pair
-    fleet = _until(lambda: len(_replicas(a)) == 2 and a.get("/v1/fleet").json())
-    assert fleet["desired"] is None and fleet["converged"] and fleet["this_replica"] == "A"
+    # both rows appear at start-up, each turns "ready" on its own replica's next heartbeat: wait for that
+    fleet = _until(lambda: (f := a.get("/v1/fleet").json())["converged"] and len(f["replicas"]) == 2 and f)
+    assert fleet["desired"] is None and fleet["this_replica"] == "A"
     r = a.post("/v1/models/reload", json={"version": "v2"})
     assert r.status_code == 200 and r.json()["desired"]["version"] == "v2" and r.json()["desired"]["generation"] == 1
     assert r.json()["desired"]["set_by"] == "anonymous"
