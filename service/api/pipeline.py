@@ -346,7 +346,7 @@ def _finish(state: AppState, decoded: list[Decoded], results: list[JobResult], o
 async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str, line: str | None,
                             score_name: str, target_frr: float, object_name: str | None,
                             store: bool, pixel: bool = True, reference: bool | None = False,
-                            caller: str | None = None) -> dict[str, Any]:
+                            caller: str | None = None, dense: bool | None = None) -> dict[str, Any]:
     """Score normal images exactly as /v1/detect would, fit the threshold at `target_frr` and store it; with `pixel`
     the images also run with heatmaps and the pixel threshold is `PIXEL_QUANTILE` of their heat
     (`calibration.NormalHeat`).
@@ -358,12 +358,16 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
     With `reference` the images also become the product's (line's) few-shot reference memory
     (`calibrate_few_shot`); `reference=None` (the API's default) does so when there are at least 2 images and the model
     can make a memory, else calibrates zero-shot. Without it, storing the threshold also removes any memory of that
-    product (line), so the product is judged zero-shot against the threshold just fitted zero-shot."""
+    product (line), so the product is judged zero-shot against the threshold just fitted zero-shot. `dense` chooses
+    the memory's dense bank (None: the `reference_dense` setting)."""
     from ..calibration import NormalHeat
 
-    if reference or (reference is None and len(uploads) >= 2 and _can_make_memory(state.detector)):
+    if dense and reference is False:
+        raise ApiError(400, "bad_request", "dense=true asks for a reference memory's dense bank; reference=false "
+                       "keeps no memory")
+    if reference or dense or (reference is None and len(uploads) >= 2 and _can_make_memory(state.detector)):
         few = await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
-                                       pixel, caller, required=bool(reference))
+                                       pixel, caller, required=bool(reference) or bool(dense), dense=dense)
         if few is not None:
             return few
     s = state.settings
@@ -432,18 +436,21 @@ def _shot_indices(n: int, k: int) -> list[int]:
 async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: str, line: str | None,
                              score_name: str, target_frr: float, object_name: str | None,
                              store: bool, pixel: bool = True, caller: str | None = None,
-                             required: bool = True) -> dict[str, Any] | None:
+                             required: bool = True, dense: bool | None = None) -> dict[str, Any] | None:
     """Few-shot calibration: up to `reference_max_shots` of the images become the reference memory, and the
     threshold (and, with `pixel`, the pixel threshold) is fitted on few-shot scores and maps in which no image is
     compared with its own embeddings: the other images against the whole memory, each shot against the memory
     without its rows (leave-one-out; with one shot that shot is left out of the fit). Everything runs on the
     inference thread, a micro-batch at a time, decoded within the pixel budget. Not `required` (the default mode):
-    None, before anything is stored, when this model cannot make a memory (the caller calibrates zero-shot)."""
+    None, before anything is stored, when this model cannot make a memory (the caller calibrates zero-shot).
+    `dense` (None: the `reference_dense` setting) gives the memory a dense bank (CNN towers, 2+ shots; with
+    `dense=True` a model that cannot make one is an error, not a silent WinCLIP+ memory)."""
     from ..calibration import NormalHeat
     from ..fewshot import ReferenceMemoryError, build_memory
     from ..store import utc_now
 
     s = state.settings
+    want_dense = s.reference_dense if dense is None else dense
     n = len(uploads)
     if n < 2:
         raise ApiError(400, "bad_request", "a few-shot calibration needs at least 2 good images (the memory, and "
@@ -454,7 +461,7 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     shot_set = set(shots)
 
     def embed(det: Any, items: list[Any]) -> list[Any]:
-        return [e.cpu() for e in det.embed(items, heatmap=True)]
+        return [e.cpu() for e in det.embed(items, heatmap=True, dense=want_dense)]
 
     embs: list[Any] = []
     model = None
@@ -469,8 +476,9 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     stride = state.detector.settings.window_stride
     meta = {"created_at": utc_now(), "product": product, "line": line}
     try:
-        memory = await to_thread.run_sync(build_memory, embs, model, stride, s.reference_max_rows, meta,
-                                             s.reference_dense)
+        memory = await to_thread.run_sync(build_memory, embs, model, stride, s.reference_max_rows, meta, want_dense)
+        if dense and memory.dense is None:
+            raise ReferenceMemoryError(f"no dense bank: {memory.meta.get('dense')}")
     except ReferenceMemoryError as exc:
         if not required:
             return None

@@ -135,3 +135,36 @@ def test_calibration_defaults_to_few_shot_from_two_images_and_delete_honours_if_
     assert ("gear", None) in _memories(c)  # a refused delete removes nothing
     assert c.delete("/v1/thresholds/gear", headers={"If-Match": etag}).status_code == 204
     assert ("gear", None) not in _memories(c)
+
+
+def test_dense_bank_is_chosen_per_calibration(served):
+    c, *_ = served  # the served setting is reference_dense=true
+    r = c.post("/v1/calibrate/valve", files=_files(3), params={"target_frr": 0.2, "dense": "false"})
+    assert r.status_code == 200 and r.json()["mode"] == "few_shot"
+    ref = r.json()["reference"]
+    assert "dense" not in ref["rows"] and ref["dense_grid"] is None and ref["dense_note"] == "off"
+    zero_rows = _detect(c, 2, heatmap="json")["heatmap"]["rows"]
+    assert _detect(c, 2, product="valve", heatmap="json")["heatmap"]["rows"] == zero_rows  # WinCLIP+'s own grid
+    r = c.post("/v1/calibrate/valve", files=_files(3), params={"target_frr": 0.2, "dense": "true"})
+    assert r.status_code == 200 and r.json()["reference"]["rows"]["dense"] > 0
+    assert _detect(c, 2, product="valve", heatmap="json")["heatmap"]["rows"] > zero_rows
+    # contradictions and impossibilities are clear errors that store nothing new
+    before = c.get("/v1/thresholds/valve").headers["etag"]
+    r = c.post("/v1/calibrate/valve", files=_files(3), params={"dense": "true", "reference": "false"})
+    assert r.status_code == 400 and "reference=false" in r.json()["error"]["message"]
+    r = c.post("/v1/calibrate/valve", files=_files(1), params={"dense": "true"})
+    assert r.status_code == 400 and "at least 2" in r.json()["error"]["message"]
+    assert c.get("/v1/thresholds/valve").headers["etag"] == before
+    # and with the setting off (the shipped default), dense=true still makes a bank
+    state = c.app.state.zsad
+    served_settings = state.settings
+    state.settings = served_settings.model_copy(update={"reference_dense": False})
+    try:
+        r = c.post("/v1/calibrate/valve", files=_files(3), params={"target_frr": 0.2})
+        assert r.status_code == 200 and r.json()["reference"]["dense_note"] == "off"
+        r = c.post("/v1/calibrate/valve", files=_files(3), params={"target_frr": 0.2, "dense": "true"})
+        assert r.status_code == 200 and r.json()["reference"]["rows"]["dense"] > 0
+        assert _detect(c, 2, product="valve", heatmap="json")["heatmap"]["rows"] > zero_rows
+    finally:
+        state.settings = served_settings
+    assert c.delete("/v1/thresholds/valve").status_code == 204

@@ -140,8 +140,12 @@ async def calibrate_product(
         "and the model can make a memory, else zero-shot (the answer's `mode` says which); true: few-shot or an "
         "error; false: a zero-shot threshold only (any memory of this product/line is dropped). See docs/service.md "
         "for when each pays.")] = None,
+    dense: Annotated[bool | None, Query(
+        description="Few-shot: give the memory a dense bank (CNN towers' mid-level features, PatchCore-style; needs 2+ "
+        "shots). Pays for one product in a fixed pose; for a family of varying parts WinCLIP+ alone is safer. "
+        "Default: the ZSAD_REFERENCE_DENSE setting; true: a dense bank or an error.")] = None,
 ):
     uploads, _ = await read_uploads(request, state.settings.calibration_max_images)
     obj = (object or "").strip().lower() or None
     return await calibrate_uploads(state, uploads, product, line, score or state.settings.default_score, target_frr,
-                                   obj, store, pixel, reference, caller=caller)
+                                   obj, store, pixel, reference, caller=caller, dense=dense)
