@@ -168,3 +168,25 @@ def test_dense_bank_is_chosen_per_calibration(served):
     finally:
         state.settings = served_settings
     assert c.delete("/v1/thresholds/valve").status_code == 204
+
+
+def test_dense_true_on_a_vit_tower_is_a_clear_error_that_stores_nothing(tiny_store, tmp_path):
+    from service.clip_backend import load_clip
+    from service.fnn import FNNConfig
+    from service.prompts import RandomWordConfig
+    from service.store import ModelStore
+    from service.train import TrainConfig, train_fnn_model
+
+    root, specs = tiny_store
+    store = tmp_path / "store"
+    shutil.copytree(root, store)
+    backend = load_clip(specs["vit"], store, device="cpu", precision="fp32")
+    cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=200, seed=0), fnn=FNNConfig(max_epochs=2, seed=0))
+    train_fnn_model(backend, cfg, ModelStore(store), name="default")
+    with TestClient(create_app(make_settings(tmp_path, store))) as c:
+        assert wait_ready(c)["ready"]
+        r = c.post("/v1/calibrate/x", files=_files(3), params={"dense": "true"})
+        assert r.status_code == 422 and "not a CNN tower" in r.json()["error"]["message"], r.text
+        assert _memories(c) == [] and "x" not in c.get("/v1/thresholds").json()["products"]
+        r = c.post("/v1/calibrate/x", files=_files(3), params={"target_frr": 0.2})  # WinCLIP+ without a bank
+        assert r.status_code == 200 and r.json()["mode"] == "few_shot" and "dense" not in r.json()["reference"]["rows"]
