@@ -367,7 +367,7 @@ async def calibrate_uploads(state: AppState, uploads: list[Upload], product: str
                        "keeps no memory")
     if reference or dense or (reference is None and len(uploads) >= 2 and _can_make_memory(state.detector)):
         few = await calibrate_few_shot(state, uploads, product, line, score_name, target_frr, object_name, store,
-                                       pixel, caller, required=bool(reference) or bool(dense), dense=dense)
+                                       pixel, caller, required=bool(reference or dense), dense=dense)
         if few is not None:
             return few
     s = state.settings

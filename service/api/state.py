@@ -76,6 +76,7 @@ class AppState:
         self._prepared: tuple[str, str, Any, float] | None = None  # a rollout candidate loaded ahead: name, version, ...
         self._prefetch: threading.Thread | None = None
         self._follow_lock = threading.Lock()
+        self._heartbeat_lock = threading.Lock()  # a row is read and written as one step (heartbeat)
         self.worker = InferenceWorker(lambda: self.detector, settings.max_batch_size, settings.max_batch_wait_ms,
                                       settings.batching, settings.queue_size, self.metrics)
         self.pixel_budget = PixelBudget(settings.max_pixels_in_flight)  # decoded pixels in flight (limits.py)
@@ -307,17 +308,22 @@ class AppState:
         return max(10.0, FLEET_STALE_POLLS * self.settings.fleet_poll_s)
 
     def heartbeat(self, status: str | None = None) -> None:
-        """Write this replica's row (best effort: a database hiccup must not take the replica down)."""
-        ref = self.model_ref()
-        error = self.fleet_error or (self.error if self.status == "failed" else None)
-        try:
-            self.fleet.heartbeat(self.replica_id, host=socket.gethostname(), pid=os.getpid(),
-                                 started_at=self.started_at, status=status or self.status,
-                                 model_name=ref["name"] if ref else None, model_version=ref["version"] if ref else None,
-                                 applied_generation=self.applied_generation, error=error and error[:2000],
-                                 package_version=__version__)
-        except Exception as exc:  # noqa: BLE001
-            self._log_fleet_problem(f"heartbeat failed: {exc}")
+        """Write this replica's row (best effort: a database hiccup must not take the replica down).
+
+        The loader thread and the fleet poll both write it: under one lock, so that a snapshot taken before a model
+        swap ("loading") cannot land after the newer one ("ready") and show the replica not ready for a poll."""
+        with self._heartbeat_lock:
+            ref = self.model_ref()
+            error = self.fleet_error or (self.error if self.status == "failed" else None)
+            try:
+                self.fleet.heartbeat(self.replica_id, host=socket.gethostname(), pid=os.getpid(),
+                                     started_at=self.started_at, status=status or self.status,
+                                     model_name=ref["name"] if ref else None,
+                                     model_version=ref["version"] if ref else None,
+                                     applied_generation=self.applied_generation, error=error and error[:2000],
+                                     package_version=__version__)
+            except Exception as exc:  # noqa: BLE001
+                self._log_fleet_problem(f"heartbeat failed: {exc}")
 
     def _log_fleet_problem(self, text: str) -> None:
         if text != self._fleet_log_error:  # once per distinct problem, not every poll
