@@ -64,7 +64,7 @@ def _replicas(c) -> dict:
 
 def test_reload_through_one_replica_moves_the_fleet(pair):
     a, b, _ = pair
-    # both rows appear at start-up, each turns "ready" on its own replica's next heartbeat: wait for that
+    # both rows appear at start-up ("loading") and each turns "ready" once its model is loaded: wait for that
     fleet = _until(lambda: (f := a.get("/v1/fleet").json())["converged"] and len(f["replicas"]) == 2 and f)
     assert fleet["desired"] is None and fleet["this_replica"] == "A"
     r = a.post("/v1/models/reload", json={"version": "v2"})
