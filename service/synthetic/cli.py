@@ -88,7 +88,7 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
             version=args.version, log_every=args.log_every, ckpt_every=args.ckpt_every,
             random_word_prob=args.random_word_prob, crop_prob=args.crop_prob, random_kind_prob=args.random_kind_prob,
             wide=args.wide, tower=FINE_TOWER if args.fine_grid else None, channels_last=not args.no_channels_last,
-            centre_images=args.centre_images,
+            centre_images=args.centre_images, local_weight=args.local_weight,
         )
     except ValueError as exc:
         _fail(args, str(exc))
@@ -175,6 +175,10 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
     t.add_argument("--fine-grid", action="store_true",
                    help="CNN tower at stride 8 (stem conv stride 1, layer4 dilated): a 12x12 map at 96 px; "
                         "render at --image-size (no upsampling)")
+    t.add_argument("--local-weight", type=float, default=0.0,
+                   help="weight of the local term: each WinCLIP window of a twin must match its pair's defect "
+                        "caption where the defect mask is and its clean caption elsewhere (CNN towers; default: "
+                        "%(default)s, the global contrastive loss only)")
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW convolutions on the CPU")
     t.add_argument("--centre-images", type=int, default=2048,
                    help="clean training-kind renders averaged for the image centre (default: %(default)s)")

@@ -74,6 +74,7 @@ class TwinPair:
     defect_visible: bool  # False when a close-up crop left the defect out (its caption is then a normal one)
     kind: str
     defect: str
+    mask: np.ndarray  # [S, S] bool: the pixels the defect changed in `defective` (empty when not visible)
 
 
 def training_look(scene: Scene) -> Scene:
@@ -141,6 +142,7 @@ def make_twin_pair(seed: int, index: int, size: int, kinds: tuple[str, ...] = TR
         defect_visible=visible,
         kind=scene.kind,
         defect=twin.defect.type,
+        mask=mask if visible else np.zeros_like(mask),
     )
 
 
@@ -176,6 +178,7 @@ class TwinBatches(torch.utils.data.Dataset):
             "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),  # uint8 [2P, 3, S, S]
             "tokens": self.tokenizer(texts),
             "visible": torch.tensor([p.defect_visible for p in items]),
+            "masks": torch.from_numpy(np.stack([p.mask for p in items])),  # bool [P, S, S]: the twins' defect pixels
             "step": torch.tensor(step),
         }
 

@@ -31,6 +31,7 @@ from tqdm.auto import tqdm
 from ..clip_backend import resolve_device
 from ..constants import CLIP_MEAN, CLIP_STD
 from ..tokenizer import CHAR_ALPHABET, CharTokenizer
+from ..windows import cnn_feature_map
 from .captions import CaptionConfig
 from .data import TwinBatches, check_training_kinds, clean_reference_images, reference_captions, worker_init
 from .world import DEFECTS, HELD_OUT_KINDS, RANDOM_KINDS, TRAIN_KINDS, WIDE_DEFECTS, WIDE_RANDOM_KINDS
@@ -53,6 +54,9 @@ class TrainClipConfig:
     kinds: tuple[str, ...] = TRAIN_KINDS
     random_kind_prob: float = 0.0  # share of scenes of RANDOM_KINDS (domain randomisation)
     wide: bool = False  # the wide world (v4): more random kinds, fine and global defects, pose and photometric jitter
+    # local term: the WinCLIP windows of a twin must tell where its defect is (0 = the global contrastive loss only)
+    local_weight: float = 0.0
+    local_scales: tuple[int, ...] = (1, 2, 3)  # window sides in cells of the final feature map, as the heatmap's
     # model
     embed_dim: int = 128
     vision_width: int = 32
@@ -91,6 +95,11 @@ class TrainClipConfig:
             raise ValueError("--render-size must be >= 16")
         if self.lr <= 0:
             raise ValueError("--lr must be > 0")
+        self.local_scales = tuple(int(k) for k in self.local_scales)  # type: ignore[assignment]
+        if self.local_weight < 0:
+            raise ValueError("--local-weight must be >= 0")
+        if not self.local_scales or min(self.local_scales) < 1:
+            raise ValueError("--local-scales must be window sides >= 1")
         for name in ("crop_prob", "random_word_prob", "random_kind_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
@@ -171,6 +180,67 @@ def twin_accuracy(img: torch.Tensor, txt: torch.Tensor, visible: torch.Tensor) -
     ok = (sim[idx, idx] > sim[idx, idx + p]) & (sim[idx + p, idx + p] > sim[idx + p, idx])
     vis = visible.to(img.device).float()
     return (ok.float() * vis).sum() / vis.sum()
+
+
+# Where a window counts as defective: it holds this share of the defect's pixels, or the defect covers this share
+# of it. Windows that touch the defect less are left out of the local term (neither label is right for them).
+LOCAL_HOLD = 0.5
+LOCAL_COVER = 0.1
+
+
+def window_targets(masks: torch.Tensor, grid: tuple[int, int], indices: torch.Tensor) -> torch.Tensor:
+    """Labels [P, n_windows] of the defective twins' windows: 1 defective, 0 clean, NaN left out.
+
+    `masks` [P, S, S] are the defect pixels; a window is the square of cells `indices` [n, k] of the `grid`. A small
+    flaw makes every window that holds most of it defective, a large one every window it covers a tenth of."""
+    h, w = grid
+    m = F.interpolate(masks[:, None].float(), size=(h * 8, w * 8), mode="area")  # cells of 8x8 sub-pixels
+    cells = F.avg_pool2d(m, 8).reshape(len(masks), h * w)  # share of each cell the defect covers
+    inside = cells[:, indices].sum(-1)  # [P, n] in cell units
+    total = cells.sum(-1, keepdim=True)
+    cover = inside / indices.shape[1]
+    held = inside / total.clamp_min(1e-8)
+    target = torch.full_like(cover, float("nan"))
+    target[inside <= 0] = 0.0
+    target[(held >= LOCAL_HOLD) | (cover >= LOCAL_COVER)] = 1.0
+    return target
+
+
+def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: torch.Tensor, masks: torch.Tensor,
+               visible: torch.Tensor, scales: tuple[int, ...]) -> torch.Tensor:
+    """Class-balanced BCE on the windows of each twin pair: does a window look like its pair's defect caption?
+
+    Why: the global loss matches whole images to captions and never asks a window where the defect is; the service
+    scores WinCLIP windows, so the windows are trained as the service reads them (the attention pool over the
+    window's cells, `cnn_window_embeddings`). A window's logit is scale * (cos(w, t_defect) - cos(w, t_clean)) with
+    the pair's own captions. The clean twin's windows are all clean; the defective twin's follow `window_targets`.
+    Pairs whose defect a close-up left out are skipped (both captions are normal)."""
+    from ..window_grid import window_indices
+    from ..windows import cnn_window_embeddings, project_cells
+
+    p = len(masks)
+    keep = visible.to(fmap.device).bool()
+    if not bool(keep.any()):
+        return fmap.sum() * 0.0
+    h, w = fmap.shape[-2:]
+    cells = project_cells(visual, fmap.float())
+    gap = (txt[p:] - txt[:p]).float()  # [P, D]: defect caption minus clean caption
+    logits, targets = [], []
+    for k in scales:
+        if k > min(h, w):
+            continue
+        idx = window_indices(h, w, k, 1).to(fmap.device)
+        emb = F.normalize(cnn_window_embeddings(visual, fmap.float(), idx, chunk=1 << 30, cells=cells).float(), dim=-1)
+        logit = scale * torch.einsum("bnd,bd->bn", emb, torch.cat([gap, gap]))  # [2P, n]
+        t = torch.cat([torch.zeros(p, len(idx), device=fmap.device), window_targets(masks.to(fmap.device), (h, w), idx)])
+        logits.append(logit[torch.cat([keep, keep])].reshape(-1))
+        targets.append(t[torch.cat([keep, keep])].reshape(-1))
+    logit, target = torch.cat(logits), torch.cat(targets)
+    pos, neg = target == 1, target == 0
+    loss = F.binary_cross_entropy_with_logits(logit[neg], target[neg])
+    if bool(pos.any()):
+        loss = 0.5 * (loss + F.binary_cross_entropy_with_logits(logit[pos], target[pos]))
+    return loss
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
@@ -280,8 +350,17 @@ def train(
             images = images.contiguous(memory_format=torch.channels_last)
         tokens = batch["tokens"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            img_f, txt_f, scale = model(images, tokens)
+            if cfg.local_weight > 0:
+                fmap = cnn_feature_map(model.visual, images)
+                img_f = F.normalize(model.visual.attnpool(fmap), dim=-1)
+                txt_f = F.normalize(model.encode_text(tokens), dim=-1)
+                scale = model.logit_scale.exp()
+            else:
+                img_f, txt_f, scale = model(images, tokens)
             loss = clip_loss(img_f.float(), txt_f.float(), scale.float())
+            if cfg.local_weight > 0:
+                loss = loss + cfg.local_weight * local_loss(model.visual, fmap, txt_f, scale.float(), batch["masks"],
+                                                            batch["visible"], cfg.local_scales)
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
