@@ -222,15 +222,16 @@ def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: 
     keep = visible.to(fmap.device).bool()
     if not bool(keep.any()):
         return fmap.sum() * 0.0
+    fmap = fmap.float()
     h, w = fmap.shape[-2:]
-    cells = project_cells(visual, fmap.float())
+    cells = project_cells(visual, fmap)
     gap = (txt[p:] - txt[:p]).float()  # [P, D]: defect caption minus clean caption
     logits, targets = [], []
     for k in scales:
         if k > min(h, w):
             continue
         idx = window_indices(h, w, k, 1).to(fmap.device)
-        emb = F.normalize(cnn_window_embeddings(visual, fmap.float(), idx, chunk=1 << 30, cells=cells).float(), dim=-1)
+        emb = F.normalize(cnn_window_embeddings(visual, fmap, idx, chunk=1 << 30, cells=cells).float(), dim=-1)
         logit = scale * torch.einsum("bnd,bd->bn", emb, torch.cat([gap, gap]))  # [2P, n]
         t = torch.cat([torch.zeros(p, len(idx), device=fmap.device), window_targets(masks.to(fmap.device), (h, w), idx)])
         logits.append(logit[torch.cat([keep, keep])].reshape(-1))
@@ -329,7 +330,8 @@ def train(
     use_amp = cfg.amp and device.type == "cuda"
     losses: list[float] = []
     accs: list[float] = []
-    pending: list[torch.Tensor] = []  # (loss, twin acc) still on the device: read back only at log time
+    locals_: list[float] = []  # the local term alone (0 without it), for the log
+    pending: list[torch.Tensor] = []  # (loss, twin acc, local term) still on the device: read back only at log time
     t0 = time.time()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     stopped = False
@@ -358,25 +360,30 @@ def train(
             else:
                 img_f, txt_f, scale = model(images, tokens)
             loss = clip_loss(img_f.float(), txt_f.float(), scale.float())
+            local = torch.zeros((), device=device)
             if cfg.local_weight > 0:
-                loss = loss + cfg.local_weight * local_loss(model.visual, fmap, txt_f, scale.float(), batch["masks"],
-                                                            batch["visible"], cfg.local_scales)
+                local = local_loss(model.visual, fmap, txt_f, scale.float(), batch["masks"], batch["visible"],
+                                   cfg.local_scales)
+                loss = loss + cfg.local_weight * local
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
-        pending.append(torch.stack([loss.detach().float(), twin_accuracy(img_f.detach(), txt_f.detach(), batch["visible"])]))
+        pending.append(torch.stack([loss.detach().float(), twin_accuracy(img_f.detach(), txt_f.detach(), batch["visible"]),
+                                    local.detach().float()]))
         bar.update(1)
         done = step + 1
         elapsed = time.time() - t0
         if done % cfg.log_every == 0 or done >= total or (budget_s and elapsed > budget_s):
-            for loss_v, acc_v in torch.stack(pending).cpu().tolist():
+            for loss_v, acc_v, local_v in torch.stack(pending).cpu().tolist():
                 losses.append(loss_v)
                 accs.append(acc_v)
+                locals_.append(local_v)
             pending.clear()
             k = cfg.log_every
-            log(json.dumps({"step": done, "loss": round(float(np.mean(losses[-k:])), 4),
+            extra = {"local": round(float(np.mean(locals_[-k:])), 4)} if cfg.local_weight > 0 else {}
+            log(json.dumps({"step": done, "loss": round(float(np.mean(losses[-k:])), 4), **extra,
                             "twin_acc": round(float(np.nanmean(accs[-k:])), 4), "lr": round(lr, 6),
                             "logit_scale": round(float(model.logit_scale.detach().exp()), 2), "elapsed_s": round(elapsed, 1),
                             "steps_per_s": round((done - start) / max(elapsed, 1e-6), 2)}))
@@ -401,7 +408,7 @@ def train(
         if done >= total or (stop_after is not None and done >= stop_after):
             break
     bar.close()
-    for loss_v, acc_v in (torch.stack(pending).cpu().tolist() if pending else []):
+    for loss_v, acc_v, _ in (torch.stack(pending).cpu().tolist() if pending else []):
         losses.append(loss_v)
         accs.append(acc_v)
     steps_done = step + 1 if losses else start

@@ -73,3 +73,21 @@ def test_the_local_term_teaches_windows_where_the_defect_is():
         opt.step()
     with torch.no_grad():
         assert float(loss()) < 0.6 * first
+
+
+def test_training_with_the_local_term_logs_it_and_keeps_the_global_loss():
+    import json
+
+    from service.synthetic.train_clip import train
+
+    cfg = dict(steps=4, batch=8, lr=2e-3, warmup=1, render_size=32, image_size=64, embed_dim=32, vision_width=8,
+               text_width=32, text_layers=1, text_heads=2, context_length=64, device="cpu", workers=0, log_every=1,
+               centre_images=8, centre_captions=8)
+    torch.set_num_threads(1)
+    lines: list[str] = []
+    both = train(TrainClipConfig(**cfg, local_weight=1.0), progress=False, log=lines.append)
+    rows = [json.loads(line) for line in lines if line.startswith("{")]
+    assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["local"] < r["loss"] for r in rows)
+    plain = train(TrainClipConfig(**cfg), progress=False, log=lambda _: None)
+    # The first step sees the same weights and data: the total is the global loss plus the local term.
+    assert both.losses[0] == pytest.approx(plain.losses[0] + rows[0]["local"], abs=1e-3)
