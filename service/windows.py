@@ -344,12 +344,17 @@ def _projected_positions(pool: nn.Module, grid: tuple[int, int], dtype: torch.dt
 
     They depend on the weights only, so they are cached on the pool: for one image they were half of the window
     pass's projection work. The key holds every weight's storage and version counter, so weights changed in place
-    are never served stale rows (weights without a version counter, made under inference mode, are not cached)."""
+    are never served stale rows (weights without a version counter, made under inference mode, are not cached).
+    Nor are rows that carry a gradient (training): rows made without one would cut the positional embedding and the
+    biases off the graph, and rows made with one would keep a step's graph alive on the module."""
     params = (pool.q_proj.weight, pool.k_proj.weight, pool.v_proj.weight, pool.q_proj.bias, pool.k_proj.bias,
               pool.v_proj.bias, pool.positional_embedding)
     try:
-        key = (grid, dtype, params[0].device, tuple((t.data_ptr(), t._version) for t in params))
+        key = (grid, dtype, params[0].device, torch.is_autocast_enabled(params[0].device.type),
+               tuple((t.data_ptr(), t._version) for t in params))
     except RuntimeError:
+        key = None
+    if torch.is_grad_enabled() and any(t.requires_grad for t in params):
         key = None
     cached = pool.__dict__.get("_zsad_positions")
     if key is not None and cached is not None and cached[0] == key:

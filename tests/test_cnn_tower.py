@@ -82,3 +82,19 @@ def test_cached_positional_projections_follow_weights_changed_in_place():
         ref = _attnpool_sequences(pool, cells[0][idx], pos[0], pos[1 + idx])[None]
     assert not torch.allclose(first, again)
     torch.testing.assert_close(again, ref, rtol=1e-4, atol=1e-5)
+
+
+def test_positional_rows_made_without_a_gradient_are_not_served_to_training():
+    """Rows cached under no_grad would cut the positional embedding off the graph of a later training step."""
+    from service.window_grid import window_indices
+
+    model = _clip(96, FINE_TOWER)
+    pool = model.visual.attnpool
+    idx = window_indices(12, 12, 2, 1)
+    x = torch.randn(1, 3, 96, 96)
+    with torch.no_grad():
+        cnn_window_embeddings(model.visual, cnn_feature_map(model.visual, x), idx, chunk=64)
+    assert "_zsad_positions" in pool.__dict__
+    cnn_window_embeddings(model.visual, cnn_feature_map(model.visual, x), idx, chunk=64).square().sum().backward()
+    assert pool.positional_embedding.grad is not None and pool.positional_embedding.grad.abs().sum() > 0
+    assert pool.k_proj.bias.grad is not None

@@ -99,7 +99,7 @@ class TrainClipConfig:
         if self.local_weight < 0:
             raise ValueError("--local-weight must be >= 0")
         if not self.local_scales or min(self.local_scales) < 1:
-            raise ValueError("--local-scales must be window sides >= 1")
+            raise ValueError("local_scales must be window sides >= 1")
         for name in ("crop_prob", "random_word_prob", "random_kind_prob"):
             if not 0.0 <= getattr(self, name) <= 1.0:
                 raise ValueError(f"--{name.replace('_', '-')} must be between 0 and 1")
@@ -214,12 +214,13 @@ def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: 
     scores WinCLIP windows, so the windows are trained as the service reads them (the attention pool over the
     window's cells, `cnn_window_embeddings`). A window's logit is scale * (cos(w, t_defect) - cos(w, t_clean)) with
     the pair's own captions. The clean twin's windows are all clean; the defective twin's follow `window_targets`.
-    Pairs whose defect a close-up left out are skipped (both captions are normal)."""
+    Pairs whose defect a close-up left out, or whose mask is empty, are skipped (nothing to localise)."""
     from ..window_grid import window_indices
     from ..windows import cnn_window_embeddings, project_cells
 
     p = len(masks)
-    keep = visible.to(fmap.device).bool()
+    # A defect drawn visible can still leave an empty mask (the world keeps its last redraw): nothing to localise.
+    keep = (visible.bool() & masks.flatten(1).any(1)).to(fmap.device)
     if not bool(keep.any()):
         return fmap.sum() * 0.0
     fmap = fmap.float()

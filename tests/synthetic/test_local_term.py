@@ -10,7 +10,7 @@ import torch
 from service.synthetic.data import TwinBatches, make_twin_pair
 from service.synthetic.train_clip import TrainClipConfig, build_model, local_loss, preprocess, window_targets
 from service.window_grid import window_indices
-from service.windows import cnn_feature_map
+from service.windows import cnn_feature_map, cnn_window_embeddings
 
 
 def test_a_small_flaw_labels_the_windows_that_hold_it_and_leaves_the_grazed_ones_out():
@@ -58,9 +58,13 @@ def test_the_local_term_teaches_windows_where_the_defect_is():
     images = preprocess(batch["images"], 64)
     opt = torch.optim.Adam(model.parameters(), lr=3e-3)
 
-    def loss() -> torch.Tensor:
+    def forward() -> tuple[torch.Tensor, torch.Tensor]:
         fmap = cnn_feature_map(model.visual, images)
         txt = torch.nn.functional.normalize(model.encode_text(batch["tokens"]), dim=-1)
+        return fmap, txt
+
+    def loss() -> torch.Tensor:
+        fmap, txt = forward()
         return local_loss(model.visual, fmap, txt, torch.tensor(10.0), batch["masks"], batch["visible"], (1, 2))
 
     with torch.no_grad():
@@ -73,6 +77,19 @@ def test_the_local_term_teaches_windows_where_the_defect_is():
         opt.step()
     with torch.no_grad():
         assert float(loss()) < 0.6 * first
+        # Direction, not only fit: on the cells (scale 1), cos to the defect caption minus cos to the clean one is
+        # higher where the mask says defect than on the same twin's clean cells and on the clean twins.
+        fmap, txt = forward()
+        grid = tuple(fmap.shape[-2:])
+        idx = window_indices(*grid, 1, 1)
+        emb = torch.nn.functional.normalize(cnn_window_embeddings(model.visual, fmap, idx, chunk=1024), dim=-1)
+        gap = txt[8:] - txt[:8]
+        margin = torch.einsum("bnd,bd->bn", emb, torch.cat([gap, gap]))
+        target = window_targets(batch["masks"], grid, idx)
+        defect = margin[8:][target == 1]
+        assert len(defect) > 0
+        assert defect.mean() > margin[8:][target == 0].mean() + 0.05
+        assert defect.mean() > margin[:8].mean() + 0.05
 
 
 def test_training_with_the_local_term_logs_it_and_keeps_the_global_loss():
@@ -89,5 +106,7 @@ def test_training_with_the_local_term_logs_it_and_keeps_the_global_loss():
     rows = [json.loads(line) for line in lines if line.startswith("{")]
     assert [r["step"] for r in rows] == [1, 2, 3, 4] and all(0 < r["local"] < r["loss"] for r in rows)
     plain = train(TrainClipConfig(**cfg), progress=False, log=lambda _: None)
+    moved = both.model.visual.attnpool.positional_embedding - plain.model.visual.attnpool.positional_embedding
+    assert moved.abs().max() > 1e-6, "the local term's gradient reaches the weights"
     # The first step sees the same weights and data: the total is the global loss plus the local term.
     assert both.losses[0] == pytest.approx(plain.losses[0] + rows[0]["local"], abs=1e-3)
