@@ -83,6 +83,11 @@ def pick_shots(paths: list[Path], k: int, seed: int) -> list[Path]:
     return [paths[i] for i in order[:k]]
 
 
+def _clip_name(manifest: dict) -> str:
+    clip = manifest.get("clip") or {}
+    return "@".join(str(clip[k]) for k in ("name", "version") if clip.get(k)) or str(clip.get("model", "unknown"))
+
+
 def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
     if layout == "folder":
         return {"normal_dir": args.normal_dir, "anomalous_dir": args.anomalous_dir}
@@ -118,12 +123,16 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
         samples = [s for s in samples if s.category in keep]
     print(dataset.describe(), file=sys.stderr)
 
-    base = load_detector(settings, args.model)
+    asked = args.versions.split(",") if args.versions else None
+    base = load_detector(settings, args.model, asked[0] if asked else None)  # the first version's own CLIP
     store = ModelStore(settings.model_store)
-    versions = args.versions.split(",") if args.versions else [base.version]
+    versions = asked or [base.version]
     detectors = {}
     for version in versions:
         fnn, manifest = load_fnn(store, base.name, version, base.backend.embed_dim)
+        if manifest.get("clip") != base.manifest.get("clip"):  # an FNN only means something on its own CLIP
+            raise ValueError(f"{base.name}@{version} was trained on another CLIP ({_clip_name(manifest)}) than "
+                             f"{base.name}@{versions[0]} ({_clip_name(base.manifest)}); evaluate them separately")
         detectors[version] = base.with_fnn(fnn, manifest)
     views = {v: d.tta_views for v, d in detectors.items()}
     if len(set(views.values()) | {base.tta_views}) > 1:  # one CLIP pass serves every version: it must be the same

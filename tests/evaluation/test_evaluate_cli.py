@@ -153,6 +153,26 @@ def test_versions_with_other_window_scales_are_refused_not_scored_on_the_first_o
     assert main(argv + ["--out", str(tmp_path / "image"), "--no-pixel"]) == 0
 
 
+def test_an_older_version_is_scored_on_its_own_clip_and_versions_on_other_clips_are_refused(env, tmp_path, capsys):
+    """`--versions v1` once scored v1's FNN on the *current* version's CLIP (same width, so nothing failed): an FNN
+    only means something on the CLIP it was trained on."""
+    store, data = env
+    store2 = tmp_path / "store2"
+    shutil.copytree(store, store2)
+    spec = publish_tiny_clip(store2, "tiny-clip", seed=5)  # tiny-clip@v2, now current
+    backend = load_clip(spec, store2, device="cpu")
+    cfg = TrainConfig(prompts=RandomWordConfig(n_pairs=100, seed=2), fnn=FNNConfig(max_epochs=2, seed=2))
+    newest = train_fnn_model(backend, cfg, ModelStore(store2), "default").version  # default@v3 on tiny-clip@v2
+    assert ModelStore(store2).current("default") == newest
+    argv = ["--store", str(store2), "evaluate", str(data), "--quiet", "--no-pixel"]
+    assert main(argv + ["--out", str(tmp_path / "old"), "--versions", "v1"]) == 0
+    run = json.loads((tmp_path / "old" / "run.json").read_text())
+    assert run["clip"]["version"] == "v1" and run["versions"] == ["v1"]
+    capsys.readouterr()
+    assert main(argv + ["--out", str(tmp_path / "mixed"), "--versions", f"v1,{newest}"]) == 1
+    assert "another CLIP" in capsys.readouterr().err
+
+
 def test_malformed_dataset_is_a_clear_cli_error(env, tmp_path, capsys):
     store, _ = env
     bad = tmp_path / "bad" / "widget" / "test" / "scratch"
