@@ -79,6 +79,7 @@ def figures(store: Path | None = None, workdir: Path | None = None) -> dict:
             caught = [bad[d] for d in ("hole", "crack", "stain")]
             out["caught_min"], out["caught_max"] = min(b["score"] for b in caught), max(b["score"] for b in caught)
             out["caught_all"] = all(b["label"] == "anomalous" and b["calibrated"] and b["regions"] for b in caught)
+            out["caught_labels"] = {d: bad[d]["label"] for d in ("hole", "crack", "stain")}
             out["deformation"], out["deformation_label"] = bad["deformation"]["score"], bad["deformation"]["label"]
         buf = io.StringIO()
         with contextlib.redirect_stdout(buf):
@@ -99,8 +100,10 @@ def paragraph(f: dict) -> str:
         f"training parts (`{f['mode']}`: they also become the product's reference memory, and answers say "
         f"`mode: {f['good_mode']}`) the threshold is {f['threshold']:.3f} and the pixel threshold {f['pixel_threshold']:.3f}; "
         f"the {f['n_good']} good test nuts score {f['good_min']:.2f}–{f['good_max']:.2f} ({f['good_rejected']} above "
-        f"the threshold), and a hole, crack and stain {f['caught_min']:.2f}–{f['caught_max']:.2f} (anomalous, "
-        f"`calibrated: true`, each with at least one region). A deformation ({f['deformation']:.2f}, "
+        f"the threshold), and a hole, crack and stain {f['caught_min']:.2f}–{f['caught_max']:.2f} "
+        + ("(anomalous, `calibrated: true`, each with at least one region)" if f["caught_all"] else
+           "(" + ", ".join(f"{d} {label}" for d, label in f["caught_labels"].items()) + ": not every one is caught)")
+        + f". A deformation ({f['deformation']:.2f}, "
         f"{f['deformation_label']}) "
         + ("is caught too" if f["deformation_label"] == "anomalous" else "is missed: see \"The embedded default model\"")
         + f". `zsad score --product hex_nut` gives "
