@@ -223,6 +223,7 @@ def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: 
     keep = (visible.bool() & masks.flatten(1).any(1)).to(fmap.device)
     if not bool(keep.any()):
         return fmap.sum() * 0.0
+    rows = torch.cat([keep, keep])  # each kept pair's clean and defective twin
     fmap = fmap.float()
     h, w = fmap.shape[-2:]
     cells = project_cells(visual, fmap)
@@ -235,8 +236,8 @@ def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: 
         emb = F.normalize(cnn_window_embeddings(visual, fmap, idx, chunk=1 << 30, cells=cells).float(), dim=-1)
         logit = scale * torch.einsum("bnd,bd->bn", emb, torch.cat([gap, gap]))  # [2P, n]
         t = torch.cat([torch.zeros(p, len(idx), device=fmap.device), window_targets(masks.to(fmap.device), (h, w), idx)])
-        logits.append(logit[torch.cat([keep, keep])].reshape(-1))
-        targets.append(t[torch.cat([keep, keep])].reshape(-1))
+        logits.append(logit[rows].reshape(-1))
+        targets.append(t[rows].reshape(-1))
     logit, target = torch.cat(logits), torch.cat(targets)
     pos, neg = target == 1, target == 0
     loss = F.binary_cross_entropy_with_logits(logit[neg], target[neg])
