@@ -102,7 +102,7 @@ def paragraph(f: dict) -> str:
         f"the {f['n_good']} good test nuts score {f['good_min']:.2f}–{f['good_max']:.2f} ({f['good_rejected']} above "
         f"the threshold), and a hole, crack and stain {f['caught_min']:.2f}–{f['caught_max']:.2f} "
         + ("(anomalous, `calibrated: true`, each with at least one region)" if f["caught_all"] else
-           "(" + ", ".join(f"{d} {label}" for d, label in f["caught_labels"].items()) + ": not every one is caught)")
+           "(" + ", ".join(f"{d} {label}" for d, label in f["caught_labels"].items()) + ")")
         + f". A deformation ({f['deformation']:.2f}, "
         f"{f['deformation_label']}) "
         + ("is caught too" if f["deformation_label"] == "anomalous" else "is missed: see \"The embedded default model\"")

@@ -83,11 +83,6 @@ def pick_shots(paths: list[Path], k: int, seed: int) -> list[Path]:
     return [paths[i] for i in order[:k]]
 
 
-def _clip_name(manifest: dict) -> str:
-    clip = manifest.get("clip") or {}
-    return "@".join(str(clip[k]) for k in ("name", "version") if clip.get(k)) or str(clip.get("model", "unknown"))
-
-
 def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
     if layout == "folder":
         return {"normal_dir": args.normal_dir, "anomalous_dir": args.anomalous_dir}
@@ -99,6 +94,7 @@ def _reader_options(args: argparse.Namespace, layout: str | None) -> dict:
 
 
 def cmd_evaluate(args: argparse.Namespace) -> int:
+    from ..clip_backend import ClipSpec
     from ..detector import load_detector
     from ..fewshot import build_memory, model_ref
     from ..fnn import load_fnn
@@ -131,8 +127,9 @@ def cmd_evaluate(args: argparse.Namespace) -> int:
     for version in versions:
         fnn, manifest = load_fnn(store, base.name, version, base.backend.embed_dim)
         if manifest.get("clip") != base.manifest.get("clip"):  # an FNN only means something on its own CLIP
-            raise ValueError(f"{base.name}@{version} was trained on another CLIP ({_clip_name(manifest)}) than "
-                             f"{base.name}@{versions[0]} ({_clip_name(base.manifest)}); evaluate them separately")
+            raise ValueError(f"{base.name}@{version} was trained on another CLIP "
+                             f"({ClipSpec.from_manifest(manifest.get('clip') or {}).label()}) than {base.name}@"
+                             f"{versions[0]} ({base.backend.spec.label()}); evaluate them separately")
         detectors[version] = base.with_fnn(fnn, manifest)
     views = {v: d.tta_views for v, d in detectors.items()}
     if len(set(views.values()) | {base.tta_views}) > 1:  # one CLIP pass serves every version: it must be the same

@@ -354,19 +354,17 @@ def train(
             images = images.contiguous(memory_format=torch.channels_last)
         tokens = batch["tokens"].to(device, non_blocking=True)
         with torch.autocast(device.type, dtype=torch.bfloat16, enabled=use_amp):
-            if cfg.local_weight > 0:
+            local = torch.zeros((), device=device)
+            if cfg.local_weight > 0:  # the tower's final map is needed for the windows: the forward in two parts
                 fmap = cnn_feature_map(model.visual, images)
                 img_f = F.normalize(model.visual.attnpool(fmap), dim=-1)
                 txt_f = F.normalize(model.encode_text(tokens), dim=-1)
                 scale = model.logit_scale.exp()
-            else:
-                img_f, txt_f, scale = model(images, tokens)
-            loss = clip_loss(img_f.float(), txt_f.float(), scale.float())
-            local = torch.zeros((), device=device)
-            if cfg.local_weight > 0:
                 local = local_loss(model.visual, fmap, txt_f, scale.float(), batch["masks"], batch["visible"],
                                    cfg.local_scales)
-                loss = loss + cfg.local_weight * local
+            else:
+                img_f, txt_f, scale = model(images, tokens)
+            loss = clip_loss(img_f.float(), txt_f.float(), scale.float()) + cfg.local_weight * local
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
