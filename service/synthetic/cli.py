@@ -1,4 +1,4 @@
-"""`zsad synth ...`: the synthetic world's commands (dataset, train-clip).
+"""`zsad synth ...`: the synthetic world's commands (dataset, train-clip, merge-clip).
 
 `register(subparsers)` adds them to the main `zsad` parser; `python -m service.synthetic.cli synth ...` runs them
 alone (handy on a machine without the service's dependencies). Wrong arguments exit 2 with one clear line, as
@@ -201,13 +201,52 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
     t.set_defaults(func=cmd_train_clip, _synth_parser=t)
 
 
+# --- merge-clip ------------------------------------------------------------------------------------------------
+def cmd_merge_clip(args: argparse.Namespace) -> int:
+    from ..store import StoreError, validate_name
+    from .merge_clip import merge_clips
+
+    if not 0.0 <= args.alpha <= 1.0:
+        _fail(args, "--alpha must be between 0 and 1")
+    name, _, version_a = args.base.partition("@")
+    name_b, _, version_b = args.to.partition("@")
+    if not version_a or not version_b or name_b != name:
+        _fail(args, "--base and --to must be versions of one CLIP: NAME@VERSION")
+    try:
+        if args.version:
+            validate_name(args.version, "version")
+        version = merge_clips(str(_store_root(args)), name, version_a, version_b, args.alpha, args.version)
+    except StoreError as exc:
+        print(f"zsad synth merge-clip: error: {exc}", file=sys.stderr)
+        return 1
+    print(json.dumps({"name": name, "version": version, "alpha": args.alpha}))
+    return 0
+
+
+def _add_merge_clip(sub: argparse._SubParsersAction) -> None:
+    m = sub.add_parser(
+        "merge-clip",
+        help="publish a weight-space interpolation of two versions of an in-house CLIP (WiSE-FT)",
+        description="Publish (1 - alpha) * BASE + alpha * TO, two versions of one in-house CLIP architecture (a "
+        "fine-tune and the model it started from), with modality centres recomputed for the result. No training: "
+        "choose alpha on validation data.",
+    )
+    m.add_argument("--base", required=True, metavar="NAME@VERSION", help="alpha = 0 end, e.g. tiny-factory-clip@v3")
+    m.add_argument("--to", required=True, metavar="NAME@VERSION", help="alpha = 1 end, e.g. tiny-factory-clip@v4")
+    m.add_argument("--alpha", type=float, required=True, help="mixing weight of --to, between 0 and 1")
+    m.add_argument("--version", default=None, help="store version (default: the next vN)")
+    m.add_argument("--store", default=argparse.SUPPRESS, help="model store folder (default: $ZSAD_MODEL_STORE or ./model_store)")
+    m.set_defaults(func=cmd_merge_clip, _synth_parser=m)
+
+
 def register(subparsers: argparse._SubParsersAction) -> None:
-    """Add `synth dataset` and `synth train-clip` to the main `zsad` parser."""
+    """Add `synth dataset`, `synth train-clip` and `synth merge-clip` to the main `zsad` parser."""
     s = subparsers.add_parser("synth", help="synthetic factory world: datasets and the in-house tiny CLIP",
                               description="Synthetic factory world: render datasets, train the in-house tiny CLIP.")
     sub = s.add_subparsers(dest="synth_cmd", required=True, metavar="ACTION")
     _add_dataset(sub)
     _add_train_clip(sub)
+    _add_merge_clip(sub)
 
 
 def main(argv: list[str] | None = None) -> int:
