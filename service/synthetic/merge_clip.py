@@ -17,7 +17,7 @@ from dataclasses import fields
 import torch
 
 from ..store import ModelStore, StoreError
-from .train_clip import TrainClipConfig, build_model, model_config, modality_centres, tokenizer_spec
+from .train_clip import TrainClipConfig, build_model, modality_centres, model_config, tokenizer_spec
 
 
 def interpolate_state(a: dict[str, torch.Tensor], b: dict[str, torch.Tensor], alpha: float) -> dict[str, torch.Tensor]:
