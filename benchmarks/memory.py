@@ -8,8 +8,9 @@ what the service does per batch: `Detector.detect` of 8 images (640 x 480) with 
 Cases, in one run (seeded random weights, written once as safetensors, as `_random_clip.py` does):
 * `before`: main's behaviour before #17: the model built on the CPU with random fp32 init, weights loaded by
   `open_clip.load_checkpoint`, then cast to the serving precision; the text tower kept; oneDNN weights pre-packed.
-* `after`: this code (with `--mmap-threshold N`: glibc's mmap threshold pinned, as the service's start-up pins it
-  with `ZSAD_MMAP_THRESHOLD=N`, `service/heap.py`): `load_clip(text_tower=False)` (weights read tensor by tensor
+* `after`: this code, with glibc's mmap threshold chosen as the service's start-up chooses it from
+  `ZSAD_MMAP_THRESHOLD` (`--mmap-threshold`, default `auto`: pinned at 4 MB for a CLIP this large; `0`: glibc's
+  default; `service/heap.py`): `load_clip(text_tower=False)` (weights read tensor by tensor
   into the serving precision), anchors computed with the text tower loaded on demand, cached next to the model, and
   the tower released.
 * `after_cached`: `after` restarted with the anchors already cached: the text tower is never loaded.
@@ -70,7 +71,7 @@ def _before_backend(weights: Path, precision: str):
 
 
 def run_case(case: str, precision: str, weights: Path, cache_dir: Path, batch: int, threads: int,
-             mmap_threshold: int = 0) -> dict:
+             mmap_threshold: int | str = "auto") -> dict:
     """One case in this (fresh) process; returns its figures."""
     import numpy as np
     import torch
@@ -95,10 +96,11 @@ def run_case(case: str, precision: str, weights: Path, cache_dir: Path, batch: i
         settings = Settings(text_tower="keep", precision=precision)
         cache = None
     else:
-        from service.heap import pin_mmap_threshold
+        from service.heap import mmap_threshold_for, pin_mmap_threshold
 
-        if mmap_threshold:  # as the service's start-up does with ZSAD_MMAP_THRESHOLD
-            pin_mmap_threshold(mmap_threshold)
+        threshold = mmap_threshold_for(mmap_threshold, weights.stat().st_size)  # as the service's start-up decides
+        if threshold:
+            pin_mmap_threshold(threshold)
         settings = Settings(text_tower="release", precision=precision, mmap_threshold=mmap_threshold)
         backend = load_clip(ClipSpec("file", ARCH, path=str(weights)), cache_dir, device="cpu", precision=precision,
                             text_tower=False)
@@ -133,10 +135,13 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="before,after,after_cached", help="comma-separated subset")
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--mmap-threshold", type=int, default=0,
-                    help="bytes: pin glibc's mmap threshold in the `after` cases (ZSAD_MMAP_THRESHOLD); 0: glibc's default")
+    ap.add_argument("--mmap-threshold", default="auto",
+                    help="ZSAD_MMAP_THRESHOLD for the `after` cases: auto (the service's default), 0 (glibc's "
+                         "default) or bytes to pin")
     ap.add_argument("--child", nargs=4, metavar=("CASE", "PRECISION", "WEIGHTS", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
+    if args.mmap_threshold != "auto":
+        args.mmap_threshold = int(args.mmap_threshold)
     if args.child:
         case, precision, weights, cache = args.child
         print(json.dumps(run_case(case, precision, Path(weights), Path(cache), args.batch, args.threads,

@@ -13,6 +13,7 @@ import threading
 import time
 from collections.abc import Mapping, Sequence
 from dataclasses import dataclass, field, replace
+from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
 import numpy as np
@@ -20,7 +21,7 @@ import torch
 from PIL import Image
 
 from .anchor_cache import AnchorCache, anchor_key
-from .clip_backend import ClipBackend, ClipLoadError, ClipSpec, load_clip
+from .clip_backend import CLIP_WEIGHTS_FILE, ClipBackend, ClipLoadError, ClipSpec, load_clip
 from .constants import WINDOW_SCALES
 from .fnn import FNN, load_fnn
 from .prompts import Vocabulary, ensemble
@@ -423,6 +424,26 @@ class Detector:
     def with_fnn(self, fnn: FNN, manifest: dict[str, Any]) -> Detector:
         """The same CLIP (and prompt anchors) with another FNN: how an N_p ablation scores many versions cheaply."""
         return replace(self, fnn=fnn.to(self.backend.device), manifest=manifest)
+
+
+def clip_weights_bytes(settings: Settings, name: str | None = None, version: str | None = None) -> int | None:
+    """Size of the weights file of the CLIP that `name@version` (default: the settings') scores with, before loading.
+
+    None for an open_clip pretrained CLIP (its file is in a hub cache, maybe not yet downloaded); 0 when the model
+    cannot be resolved (the load will then say why). The start-up uses it to choose the heap policy (service/heap.py).
+    """
+    store = ModelStore(settings.model_store)
+    try:
+        manifest = store.verify(name or settings.model_name, version or settings.model_version)[1]
+        spec = ClipSpec.from_manifest(manifest["clip"])
+        if spec.source == "store":
+            clip_folder, clip_manifest = store.verify(spec.name, spec.version)
+            return (clip_folder / str(clip_manifest.get("weights", CLIP_WEIGHTS_FILE))).stat().st_size
+        if spec.source == "file":
+            return Path(spec.path or "").stat().st_size
+        return None
+    except (StoreError, KeyError, TypeError, OSError):
+        return 0
 
 
 def load_detector(

@@ -6,7 +6,8 @@ what is freed. Releasing the text tower (hundreds of MB) after computing the pro
 later batch's activations were heap blocks, and a first start's serving peak RSS stayed about 200 MB above that of a
 restart with cached anchors (`benchmarks/memory.py`). Pinning the threshold (`ZSAD_MMAP_THRESHOLD`) keeps large
 blocks mmapped, at the price of page faults on every large block (`benchmarks/heap_pin.py`): worth it for a large
-CLIP, not for the embedded one, so it is off by default. Trimming after the release is always done (one call).
+CLIP, not for the embedded one, so by default (`auto`) it is pinned only when the served CLIP's weights are large.
+Trimming after the release is always done (one call).
 """
 from __future__ import annotations
 
@@ -16,8 +17,22 @@ import gc
 
 M_MMAP_THRESHOLD = -3  # glibc's mallopt parameter
 LARGE_MODEL_MMAP_THRESHOLD = 4 << 20  # what docs/service.md measures and advises for large CLIPs (ZSAD_MMAP_THRESHOLD)
+# A CLIP from this weights-file size up gets the pin under `auto`: the embedded model (11 MB) stays below, every
+# open_clip architecture (RN50 and up, >= 100 M parameters) lies far above.
+LARGE_CLIP_BYTES = 64 << 20
 
-__all__ = ["pin_mmap_threshold", "trim_heap", "LARGE_MODEL_MMAP_THRESHOLD"]
+__all__ = ["pin_mmap_threshold", "trim_heap", "mmap_threshold_for", "LARGE_MODEL_MMAP_THRESHOLD", "LARGE_CLIP_BYTES"]
+
+
+def mmap_threshold_for(setting: int | str, clip_bytes: int | None) -> int:
+    """The threshold to pin (0: leave glibc's default) for `ZSAD_MMAP_THRESHOLD` and the CLIP's weights size.
+
+    `auto` pins for a large CLIP; `clip_bytes` None means an open_clip pretrained CLIP, not yet on disk: large.
+    """
+    if setting != "auto":
+        return int(setting)
+    large = clip_bytes is None or clip_bytes >= LARGE_CLIP_BYTES
+    return LARGE_MODEL_MMAP_THRESHOLD if large else 0
 
 
 def _glibc() -> ctypes.CDLL | None:

@@ -8,7 +8,7 @@ one file per variable, named like it in lower case (`zsad_api_keys_admin`), hold
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Literal
+from typing import Annotated, Literal
 
 from pydantic import Field, field_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
@@ -151,9 +151,10 @@ class Settings(BaseSettings):
         "a greedy coreset of this many rows is kept."
     )
     reference_max_bytes: int = Field(REFERENCE_MAX_BYTES, ge=1, description="Largest stored reference memory.")
-    mmap_threshold: int = Field(
-        0, ge=0, le=1 << 30, description="Bytes from which glibc serves allocations with mmap, pinned at start-up "
-        "(service/heap.py); 0 keeps glibc's adaptive default. 4194304 lowers a large CLIP's peak memory."
+    mmap_threshold: Literal["auto"] | Annotated[int, Field(ge=0, le=1 << 30)] = Field(
+        "auto", description="Bytes from which glibc serves allocations with mmap, pinned at start-up "
+        "(service/heap.py); 0 keeps glibc's adaptive default. auto: 4194304 when the served CLIP's weights file is "
+        "64 MB or more (it lowers a large CLIP's peak memory), else 0 (the small embedded model runs faster without)."
     )
     reference_dense: bool = Field(
         False, description="CNN towers: also keep the good parts' mid-level feature map in the reference memory (the "

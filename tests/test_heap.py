@@ -40,3 +40,34 @@ def test_pinned_threshold_returns_freed_blocks_that_the_raised_threshold_keeps()
 
     assert freed("pin") > 50  # mmapped: 60 MB back to the OS on free
     assert freed("raised") < 20  # heap blocks below a live one: kept
+
+
+def test_auto_pins_for_a_large_clip_only():
+    from service.heap import LARGE_CLIP_BYTES, LARGE_MODEL_MMAP_THRESHOLD, mmap_threshold_for
+
+    assert mmap_threshold_for("auto", 12 << 20) == 0  # the embedded model: glibc's default is faster
+    assert mmap_threshold_for("auto", LARGE_CLIP_BYTES) == LARGE_MODEL_MMAP_THRESHOLD
+    assert mmap_threshold_for("auto", None) == LARGE_MODEL_MMAP_THRESHOLD  # an open_clip pretrained CLIP
+    assert mmap_threshold_for(0, 1 << 30) == 0 and mmap_threshold_for(131072, 1) == 131072  # explicit wins
+
+
+def test_clip_weights_size_is_read_before_loading(tmp_path, monkeypatch):
+    from pathlib import Path
+
+    from service.detector import clip_weights_bytes
+    from service.settings import Settings
+    from service.store import ModelStore
+
+    root = Path(__file__).resolve().parents[1] / "model_store"
+    store = ModelStore(root)
+    clip = store.manifest("default")["clip"]
+    folder = store.path(clip["name"], clip["version"])
+    assert clip_weights_bytes(Settings(model_store=str(root))) == (folder / "open_clip_model.safetensors").stat().st_size
+    assert clip_weights_bytes(Settings(model_store=str(tmp_path))) == 0  # nothing to load: no pin, the load says why
+    monkeypatch.setenv("ZSAD_MMAP_THRESHOLD", "auto")
+    assert Settings().mmap_threshold == "auto"
+    monkeypatch.setenv("ZSAD_MMAP_THRESHOLD", "4194304")
+    assert Settings().mmap_threshold == 4194304
+    monkeypatch.setenv("ZSAD_MMAP_THRESHOLD", "lots")
+    with pytest.raises(ValueError):
+        Settings()

@@ -23,7 +23,8 @@ from fastapi import FastAPI, Response
 from starlette.requests import ClientDisconnect
 
 from .. import __version__
-from ..heap import pin_mmap_threshold
+from ..detector import clip_weights_bytes
+from ..heap import mmap_threshold_for, pin_mmap_threshold
 from ..settings import Settings
 from . import apidocs, dashboard
 from .errors import error_response, install_error_handlers
@@ -48,8 +49,14 @@ def _setup_logging() -> None:
 @asynccontextmanager
 async def lifespan(app: FastAPI):
     state: AppState = app.state.zsad
-    if state.settings.mmap_threshold:  # before the model loads: large blocks stay returnable (service/heap.py)
-        pin_mmap_threshold(state.settings.mmap_threshold)
+    # Before the model loads: a large CLIP's large blocks stay returnable to the OS (service/heap.py).
+    setting = state.settings.mmap_threshold
+    threshold = mmap_threshold_for(setting, await asyncio.to_thread(clip_weights_bytes, state.settings)
+                                   if setting == "auto" else 0)
+    if threshold:
+        pinned = pin_mmap_threshold(threshold)
+        log.info("heap: mmap threshold %s at %d bytes (ZSAD_MMAP_THRESHOLD=%s)", "pinned" if pinned else "not taken",
+                 threshold, setting)
     if not state.auth.enabled:
         log.warning("no API keys configured (ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN): the API is OPEN to anyone "
                     "who can reach this server")

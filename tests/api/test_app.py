@@ -246,3 +246,21 @@ def test_openapi_documents_every_endpoint_with_examples(client):
     for name in ("DetectResult", "ResultsPage", "Stats", "ThresholdIn", "CalibrationResult", "ReloadOut"):
         assert "examples" in spec["components"]["schemas"][name], name
     assert set(spec["paths"]["/v1/detect"]["post"]["requestBody"]["content"]) >= {"multipart/form-data", "image/png"}
+
+
+@pytest.mark.parametrize(("setting", "clip_bytes", "pinned"), [
+    ("auto", 600 << 20, 4 << 20),  # a ViT-B-sized CLIP: pinned before it loads
+    ("auto", 12 << 20, None),  # the embedded model: glibc's default
+    (0, 600 << 20, None),  # explicitly off
+    (131072, 12 << 20, 131072),  # explicit bytes win
+])
+def test_start_up_pins_the_heap_for_a_large_clip(tmp_path, monkeypatch, setting, clip_bytes, pinned):
+    import service.api.app as app_module
+
+    calls = []
+    monkeypatch.setattr(app_module, "clip_weights_bytes", lambda settings: clip_bytes)
+    monkeypatch.setattr(app_module, "pin_mmap_threshold", lambda n: calls.append(n) or True)
+    app, _ = _app(tmp_path, mmap_threshold=setting)
+    with TestClient(app) as c:
+        wait_ready(c)
+    assert calls == ([pinned] if pinned else [])
