@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cnn_tower import apply_tower
+from .cnn_tower import apply_tower, fold_batchnorm
 from .constants import CLIP_MEAN, CLIP_STD
 from .heap import trim_heap
 from .store import ModelStore, StoreError, sha256_file
@@ -404,11 +404,14 @@ def load_clip(
     precision: str = "auto",
     hub_cache: str | Path | None = None,
     text_tower: bool = True,
+    fold_bn: bool = True,
 ) -> ClipBackend:
     """Build the CLIP that `spec` names, with its weights, on `device`. Raises ClipLoadError, never random.
 
     Weights are read once, in the serving precision. With `text_tower=False` the text tower stays unloaded
-    (`ClipBackend.load_text` brings it when prompt anchors must be computed)."""
+    (`ClipBackend.load_text` brings it when prompt anchors must be computed). A CNN image tower's BatchNorms are
+    folded into their convs (`cnn_tower.fold_batchnorm`: the same function, one pass less); `fold_bn=False` keeps
+    them, for a benchmark's baseline."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(precision, device)
     store = ModelStore(store_root)
@@ -471,6 +474,8 @@ def load_clip(
     else:
         raise ClipLoadError(f"unknown CLIP source {spec.source!r} (use pretrained, file or store)")
 
+    if fold_bn:
+        info["batchnorms_folded"] = fold_batchnorm(model.visual)
     info["tokenizer"] = tokenizer_spec
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = cfg.get("size", getattr(model.visual, "image_size", 224))

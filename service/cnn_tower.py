@@ -82,3 +82,36 @@ def resize_attnpool(pos: torch.Tensor, side: int) -> torch.Tensor:
     grid = F.interpolate(grid, size=(side, side), mode="bicubic", align_corners=False)
     rest = grid.permute(0, 2, 3, 1).reshape(side * side, -1).to(pos.dtype)
     return torch.cat([pos[:1], rest], dim=0)
+
+
+@torch.no_grad()
+def fold_batchnorm(visual: nn.Module) -> int:
+    """Fold every eval-mode BatchNorm of a ModifiedResNet into the conv before it; returns how many were folded.
+
+    Why: in inference a BatchNorm is a per-channel affine map, so it can live in the conv's weight and bias; the
+    tower then makes one pass over each activation instead of two. On the embedded model's narrow convs (16-128
+    channels) that pass is memory-bound: `benchmarks/bn_fold.py`. The arithmetic is done in fp32 and cast back, so a
+    bf16 model loses nothing more than its own rounding. Pairs are open_clip's: `convN`/`bnN` of the stem and the
+    bottlenecks, and a downsample's `0`/`1`. Training code never calls this (the statistics would stop updating).
+    """
+    if not _is_resnet(visual):
+        return 0
+    folded = 0
+    for module in list(visual.modules()):
+        pairs = [(f"conv{i}", f"bn{i}") for i in (1, 2, 3)]
+        if isinstance(module, nn.Sequential):
+            pairs = [("0", "1")]
+        for conv_name, bn_name in pairs:
+            conv, bn = getattr(module, conv_name, None), getattr(module, bn_name, None)
+            if not isinstance(conv, nn.Conv2d) or not isinstance(bn, nn.BatchNorm2d) or bn.training:
+                continue
+            scale = bn.weight.float() / torch.sqrt(bn.running_var.float() + bn.eps)
+            bias = bn.bias.float() - bn.running_mean.float() * scale
+            if conv.bias is not None:
+                bias = bias + conv.bias.float() * scale
+            dtype = conv.weight.dtype
+            conv.weight.copy_((conv.weight.float() * scale[:, None, None, None]).to(dtype))
+            conv.bias = nn.Parameter(bias.to(dtype=dtype, device=conv.weight.device), requires_grad=False)
+            setattr(module, bn_name, nn.Identity())
+            folded += 1
+    return folded

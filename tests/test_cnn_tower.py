@@ -98,3 +98,32 @@ def test_positional_rows_made_without_a_gradient_are_not_served_to_training():
     cnn_window_embeddings(model.visual, cnn_feature_map(model.visual, x), idx, chunk=64).square().sum().backward()
     assert pool.positional_embedding.grad is not None and pool.positional_embedding.grad.abs().sum() > 0
     assert pool.k_proj.bias.grad is not None
+
+
+@pytest.mark.parametrize("tower", [None, FINE_TOWER])
+def test_folded_batchnorms_give_the_same_tower_in_one_pass_less(tower):
+    import copy
+
+    from service.cnn_tower import fold_batchnorm
+    from tests.helpers_models import _randomise
+
+    model = _clip(96, tower)
+    _randomise(model, 3)  # BN statistics far from the identity, so a wrong fold shows
+    n_bn = sum(isinstance(m, torch.nn.BatchNorm2d) for m in model.visual.modules())
+    folded = copy.deepcopy(model)
+    assert fold_batchnorm(folded.visual) == n_bn == 19  # stem 3, four bottlenecks x 3, four downsamples
+    assert not any(isinstance(m, torch.nn.BatchNorm2d) for m in folded.visual.modules())
+    x = torch.randn(2, 3, 96, 96)
+    def close(a, b):  # the random tower's outputs run to ~1e3: compare relative to their scale
+        return (a - b).abs().max() <= 1e-5 * b.abs().max()
+
+    with torch.no_grad():
+        assert close(folded.encode_image(x), model.encode_image(x))
+        assert close(cnn_feature_map(folded.visual, x), cnn_feature_map(model.visual, x))
+    # bf16: the fold is computed in fp32, so it stays within bf16's own rounding of the unfolded tower
+    bf = copy.deepcopy(model).to(torch.bfloat16)
+    ref = bf.encode_image(x.bfloat16()).float()
+    fold_batchnorm(bf.visual)
+    diff = (bf.encode_image(x.bfloat16()).float() - ref).abs().max()
+    assert diff <= 0.05 * ref.abs().max()
+    assert fold_batchnorm(folded.visual) == 0  # nothing left to fold; a ViT tower is left alone too
