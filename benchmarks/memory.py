@@ -135,13 +135,11 @@ def main() -> None:
     ap.add_argument("--threads", type=int, default=2)
     ap.add_argument("--cases", default="before,after,after_cached", help="comma-separated subset")
     ap.add_argument("--precisions", default="fp32,bf16")
-    ap.add_argument("--mmap-threshold", default="auto",
+    ap.add_argument("--mmap-threshold", default="auto", type=lambda v: v if v == "auto" else int(v),
                     help="ZSAD_MMAP_THRESHOLD for the `after` cases: auto (the service's default), 0 (glibc's "
                          "default) or bytes to pin")
     ap.add_argument("--child", nargs=4, metavar=("CASE", "PRECISION", "WEIGHTS", "CACHE"), help=argparse.SUPPRESS)
     args = ap.parse_args()
-    if args.mmap_threshold != "auto":
-        args.mmap_threshold = int(args.mmap_threshold)
     if args.child:
         case, precision, weights, cache = args.child
         print(json.dumps(run_case(case, precision, Path(weights), Path(cache), args.batch, args.threads,

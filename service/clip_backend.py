@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cnn_tower import apply_tower, fold_batchnorm
+from .cnn_tower import apply_tower, fold_batchnorm, is_resnet
 from .constants import CLIP_MEAN, CLIP_STD
 from .heap import trim_heap
 from .store import ModelStore, StoreError, sha256_file
@@ -397,6 +397,21 @@ def _release_text(model: nn.Module) -> None:
                 owner._buffers[leaf] = meta
 
 
+def _load_serving_weights(model: nn.Module, path: Path, device: torch.device, dtype: torch.dtype, part: str,
+                          fold_bn: bool) -> int:
+    """`_load_weights`, then a CNN tower's BatchNorms folded (`fold_bn`); returns how many were folded.
+
+    The fold needs fp32 weights to round once: a CNN tower is read in fp32, folded, then cast to `dtype` (a tensor
+    read in fp32 and cast holds what reading it in `dtype` would)."""
+    fold = fold_bn and is_resnet(model.visual)
+    _load_weights(model, path, device, torch.float32 if fold else dtype, part)
+    if not fold:
+        return 0
+    folded = fold_batchnorm(model.visual)
+    model.to(dtype)
+    return folded
+
+
 def load_clip(
     spec: ClipSpec,
     store_root: str | Path,
@@ -410,8 +425,9 @@ def load_clip(
 
     Weights are read once, in the serving precision. With `text_tower=False` the text tower stays unloaded
     (`ClipBackend.load_text` brings it when prompt anchors must be computed). A CNN image tower's BatchNorms are
-    folded into their convs (`cnn_tower.fold_batchnorm`: the same function, one pass less); `fold_bn=False` keeps
-    them, for a benchmark's baseline."""
+    folded into their convs (`cnn_tower.fold_batchnorm`: the same function, one pass less; its weights are read in
+    fp32, folded, then cast once to the serving precision). `fold_bn=False` keeps the weights file's own tensors and
+    modules: for code that compares or reuses them, and a benchmark's baseline."""
     device = resolve_device(device) if isinstance(device, str) else device
     dtype = resolve_dtype(precision, device)
     store = ModelStore(store_root)
@@ -432,7 +448,7 @@ def load_clip(
                 f"Fetch them once with network access: `{fetch_command(spec.arch, spec.pretrained)}`"
             )
         model = _create(spec.arch)
-        _load_weights(model, path, device, dtype, part)
+        info["batchnorms_folded"] = _load_serving_weights(model, path, device, dtype, part, fold_bn)
         arch = spec.arch
     elif spec.source == "file":
         if not spec.arch or not spec.path:
@@ -444,7 +460,7 @@ def load_clip(
             raise ClipLoadError(f"checksum mismatch for CLIP weights {path}")
         sha = spec.sha256
         model = _create(spec.arch)
-        _load_weights(model, path, device, dtype, part)
+        info["batchnorms_folded"] = _load_serving_weights(model, path, device, dtype, part, fold_bn)
         arch = spec.arch
     elif spec.source == "store":
         try:
@@ -462,7 +478,7 @@ def load_clip(
             apply_tower(model, manifest.get("tower"))  # a finer CNN grid (cnn_tower): before the weights load
         except ValueError as exc:
             raise ClipLoadError(f"CLIP {spec.label()}: {exc}") from exc
-        _load_weights(model, weights, device, dtype, part)
+        info["batchnorms_folded"] = _load_serving_weights(model, weights, device, dtype, part, fold_bn)
         tokenizer_spec = manifest.get("tokenizer")
         arch = manifest.get("arch", spec.name)
         if manifest.get("centers"):
@@ -474,8 +490,6 @@ def load_clip(
     else:
         raise ClipLoadError(f"unknown CLIP source {spec.source!r} (use pretrained, file or store)")
 
-    if fold_bn:
-        info["batchnorms_folded"] = fold_batchnorm(model.visual)
     info["tokenizer"] = tokenizer_spec
     cfg = model.visual.preprocess_cfg if hasattr(model.visual, "preprocess_cfg") else {}
     size = cfg.get("size", getattr(model.visual, "image_size", 224))

@@ -24,7 +24,8 @@ TOWER_KEYS = ("stem_stride", "layer4_stride", "layer4_dilation")
 FINE_TOWER: dict[str, int] = {"stem_stride": 1, "layer4_stride": 1, "layer4_dilation": 2}  # stride 32 -> 8
 
 
-def _is_resnet(visual: nn.Module) -> bool:
+def is_resnet(visual: nn.Module) -> bool:
+    """open_clip's ModifiedResNet image tower (works on a meta-device model too)."""
     return hasattr(visual, "attnpool") and hasattr(visual, "layer4") and hasattr(visual, "conv1")
 
 
@@ -52,7 +53,7 @@ def apply_tower(model: nn.Module, options: dict[str, Any] | None) -> nn.Module:
     if unknown:
         raise ValueError(f"unknown tower options {sorted(unknown)} (known: {', '.join(TOWER_KEYS)})")
     visual = model.visual
-    if not _is_resnet(visual):
+    if not is_resnet(visual):
         raise ValueError("tower options apply to a ModifiedResNet image tower only")
     stem_stride = int(options.get("stem_stride", 2))
     visual.conv1.stride = (stem_stride, stem_stride)
@@ -90,11 +91,12 @@ def fold_batchnorm(visual: nn.Module) -> int:
 
     Why: in inference a BatchNorm is a per-channel affine map, so it can live in the conv's weight and bias; the
     tower then makes one pass over each activation instead of two. On the embedded model's narrow convs (16-128
-    channels) that pass is memory-bound: `benchmarks/bn_fold.py`. The arithmetic is done in fp32 and cast back, so a
-    bf16 model loses nothing more than its own rounding. Pairs are open_clip's: `convN`/`bnN` of the stem and the
-    bottlenecks, and a downsample's `0`/`1`. Training code never calls this (the statistics would stop updating).
+    channels) that pass is memory-bound: `benchmarks/bn_fold.py`. The arithmetic is done in fp32 and cast to the
+    conv's dtype: give it fp32 weights and cast afterwards (as `load_clip` does) to round once. Pairs are open_clip's:
+    `convN`/`bnN` of the stem and the bottlenecks, and a downsample's `0`/`1`. Training code never calls this (the
+    statistics would stop updating), nor does anything that needs the weights file's own tensors.
     """
-    if not _is_resnet(visual):
+    if not is_resnet(visual):
         return 0
     folded = 0
     for module in list(visual.modules()):

@@ -433,12 +433,13 @@ def clip_weights_bytes(settings: Settings, name: str | None = None, version: str
     cannot be resolved (the load will then say why). The start-up uses it to choose the heap policy (service/heap.py).
     """
     store = ModelStore(settings.model_store)
-    try:
-        manifest = store.verify(name or settings.model_name, version or settings.model_version)[1]
+    try:  # manifests only, no checksums: the load verifies everything right after
+        manifest = store.manifest(name or settings.model_name, version or settings.model_version)
         spec = ClipSpec.from_manifest(manifest["clip"])
         if spec.source == "store":
-            clip_folder, clip_manifest = store.verify(spec.name, spec.version)
-            return (clip_folder / str(clip_manifest.get("weights", CLIP_WEIGHTS_FILE))).stat().st_size
+            clip_manifest = store.manifest(spec.name, spec.version)
+            weights = str(clip_manifest.get("weights", CLIP_WEIGHTS_FILE))
+            return (store.path(spec.name, spec.version) / weights).stat().st_size
         if spec.source == "file":
             return Path(spec.path or "").stat().st_size
         return None

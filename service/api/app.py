@@ -46,17 +46,21 @@ def _setup_logging() -> None:
         root.propagate = False
 
 
-@asynccontextmanager
-async def lifespan(app: FastAPI):
-    state: AppState = app.state.zsad
-    # Before the model loads: a large CLIP's large blocks stay returnable to the OS (service/heap.py).
-    setting = state.settings.mmap_threshold
-    threshold = mmap_threshold_for(setting, await asyncio.to_thread(clip_weights_bytes, state.settings)
-                                   if setting == "auto" else 0)
+def _pin_heap(settings: Settings) -> None:
+    """Pin glibc's mmap threshold per ZSAD_MMAP_THRESHOLD (auto: for a large CLIP), so that a large CLIP's large
+    blocks stay returnable to the OS (service/heap.py). Decided once, at start-up, for the configured model."""
+    setting = settings.mmap_threshold
+    threshold = mmap_threshold_for(setting, clip_weights_bytes(settings) if setting == "auto" else 0)
     if threshold:
         pinned = pin_mmap_threshold(threshold)
         log.info("heap: mmap threshold %s at %d bytes (ZSAD_MMAP_THRESHOLD=%s)", "pinned" if pinned else "not taken",
                  threshold, setting)
+
+
+@asynccontextmanager
+async def lifespan(app: FastAPI):
+    state: AppState = app.state.zsad
+    await asyncio.to_thread(_pin_heap, state.settings)  # before the model loads
     if not state.auth.enabled:
         log.warning("no API keys configured (ZSAD_API_KEYS_READ / ZSAD_API_KEYS_ADMIN): the API is OPEN to anyone "
                     "who can reach this server")

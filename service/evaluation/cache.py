@@ -38,6 +38,8 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "patches": heatmap,  # grid-cell tokens for the few-shot memory (caches made before them are not reused)
         # the few-shot dense bank's features, made when the settings ask for the bank (`Detector.embed`)
         "dense": f"layer2-avg3-c{DENSE_DIM}" if heatmap and s.reference_dense else "",
+        # a CNN tower with its BatchNorms folded at load rounds differently (caches made before it are not reused)
+        "batchnorms_folded": backend.info.get("batchnorms_folded", 0),
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 

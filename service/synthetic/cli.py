@@ -203,7 +203,7 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
 
 # --- merge-clip ------------------------------------------------------------------------------------------------
 def cmd_merge_clip(args: argparse.Namespace) -> int:
-    from ..store import StoreError, validate_name
+    from ..store import ModelStore, StoreError, validate_name
     from .merge_clip import merge_clips
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -212,11 +212,17 @@ def cmd_merge_clip(args: argparse.Namespace) -> int:
     name_b, _, version_b = args.to.partition("@")
     if not version_a or not version_b or name_b != name:
         _fail(args, "--base and --to must be versions of one CLIP: NAME@VERSION")
+    store_root = _store_root(args)
     try:
         if args.version:
             validate_name(args.version, "version")
-        version = merge_clips(str(_store_root(args)), name, version_a, version_b, args.alpha, args.version)
     except StoreError as exc:
+        _fail(args, str(exc))
+    if args.version and args.version in ModelStore(store_root).versions(name):
+        _fail(args, f"{name}@{args.version} already exists in {store_root}; versions are immutable")
+    try:
+        version = merge_clips(str(store_root), name, version_a, version_b, args.alpha, args.version)
+    except (StoreError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: torch refusing the tensors
         print(f"zsad synth merge-clip: error: {exc}", file=sys.stderr)
         return 1
     print(json.dumps({"name": name, "version": version, "alpha": args.alpha}))

@@ -5,7 +5,10 @@ v3 knew (the seen kinds' ranking). Interpolating the two weight sets, `(1 - alph
 remedy: for models fine-tuned from one another the loss is close to convex along that line, and the middle often keeps
 both. It costs no training, so the mixing weight can be chosen on validation data at the price of evaluations only.
 Integer buffers (BatchNorm's step counter) are taken from `b`; the modality centres are recomputed for the result by
-the trainer's own recipe, as they describe the new weights, not either parent.
+the trainer's own recipe, as they describe the new weights, not either parent. BatchNorm statistics are interpolated
+like the weights, not re-estimated on the merged net (REPAIR, Jordan et al. 2023, does that for independently
+trained nets; for a fine-tune and its start point, WiSE-FT's setting, the plain interpolation is the published recipe
+and the one the README's figures measure).
 """
 from __future__ import annotations
 
@@ -62,7 +65,6 @@ def merge_clips(store_root: str, name: str, version_a: str, version_b: str, alph
     if cfg_a != cfg_b or man_a.get("tower") != man_b.get("tower"):
         raise StoreError(f"{name}@{man_a['version']} and @{man_b['version']} are different architectures")
     cfg = _config_from_manifest(man_b)
-    cfg.version = version
     if model_config(cfg) != cfg_b["model_cfg"]:
         raise StoreError(f"{name}@{man_b['version']}: its training config does not rebuild its architecture")
     state_a = load_file(str(folder_a / man_a.get("weights", "open_clip_model.safetensors")))
@@ -75,8 +77,8 @@ def merge_clips(store_root: str, name: str, version_a: str, version_b: str, alph
     parents = [f"{name}@{man_a['version']}", f"{name}@{man_b['version']}"]
     extra = {
         "description": f"weight-space interpolation of {parents[0]} and {parents[1]} (WiSE-FT), alpha {alpha}",
-        "training": {"merge": {"from": parents, "alpha": alpha}, "config": man_b["training"]["config"],
-                     "init_from": parents[0]},
+        # `config` is the `to` parent's, kept because it rebuilds the architecture and the centres' recipe
+        "training": {"merge": {"from": parents, "alpha": alpha}, "config": man_b["training"]["config"]},
         "synthetic_world": man_b.get("synthetic_world"),
         "preprocess": man_b.get("preprocess"),
         "modality_gap_cosine": round(gap, 4),

@@ -103,3 +103,7 @@ def test_cli_merges_and_rejects_bad_arguments(store, capsys):
     rc = zsad(["--store", str(store), "synth", "merge-clip", "--base", f"{NAME}@v1", "--to", f"{NAME}@v9",
                "--alpha", "0.5"])
     assert rc == 1 and "v9" in capsys.readouterr().err
+    with pytest.raises(SystemExit) as exc:  # versions are immutable: refused before any work
+        zsad(["--store", str(store), "synth", "merge-clip", "--base", f"{NAME}@v1", "--to", f"{NAME}@v2",
+              "--alpha", "0.5", "--version", "v1"])
+    assert exc.value.code == 2 and "already exists" in capsys.readouterr().err
