@@ -28,6 +28,20 @@ def _store_root(args: argparse.Namespace) -> Path:
         return Path(os.environ.get("ZSAD_MODEL_STORE", Path(__file__).resolve().parents[2] / "model_store"))
 
 
+def _check_new_version(args: argparse.Namespace, store_root: Path, name: str, version: str | None) -> None:
+    """Refuse (exit 2, before any work) a bad store name or version, or a version that exists: they are immutable."""
+    from ..store import ModelStore, StoreError, validate_name
+
+    try:
+        validate_name(name)
+        if version:
+            validate_name(version, "version")
+            if version in ModelStore(store_root).versions(name):
+                _fail(args, f"{name}@{version} already exists in {store_root}; versions are immutable")
+    except StoreError as exc:
+        _fail(args, str(exc))
+
+
 # --- dataset ---------------------------------------------------------------------------------------------------
 def cmd_dataset(args: argparse.Namespace) -> int:
     from .dataset import DatasetSpec, parse_kinds, write_mvtec
@@ -96,18 +110,11 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
         _fail(args, f"--resume: checkpoint {args.resume} does not exist")
     if args.max_minutes is not None and args.max_minutes <= 0:
         _fail(args, "--max-minutes must be > 0")
-    from ..store import ModelStore, StoreError, validate_name
+    from ..store import ModelStore, StoreError
 
     store_root = _store_root(args)
     init, lineage = None, None
-    try:
-        validate_name(cfg.out_name)
-        if cfg.version:
-            validate_name(cfg.version, "version")
-            if not args.no_publish and cfg.version in ModelStore(store_root).versions(cfg.out_name):
-                _fail(args, f"{cfg.out_name}@{cfg.version} already exists in {store_root}; versions are immutable")
-    except StoreError as exc:
-        _fail(args, str(exc))
+    _check_new_version(args, store_root, cfg.out_name, None if args.no_publish else cfg.version)
     if args.init_from:  # checked now, not after the data workers have started
         name, _, version = args.init_from.partition("@")
         try:
@@ -203,7 +210,7 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
 
 # --- merge-clip ------------------------------------------------------------------------------------------------
 def cmd_merge_clip(args: argparse.Namespace) -> int:
-    from ..store import ModelStore, StoreError, validate_name
+    from ..store import StoreError
     from .merge_clip import merge_clips
 
     if not 0.0 <= args.alpha <= 1.0:
@@ -213,13 +220,7 @@ def cmd_merge_clip(args: argparse.Namespace) -> int:
     if not version_a or not version_b or name_b != name:
         _fail(args, "--base and --to must be versions of one CLIP: NAME@VERSION")
     store_root = _store_root(args)
-    try:
-        if args.version:
-            validate_name(args.version, "version")
-    except StoreError as exc:
-        _fail(args, str(exc))
-    if args.version and args.version in ModelStore(store_root).versions(name):
-        _fail(args, f"{name}@{args.version} already exists in {store_root}; versions are immutable")
+    _check_new_version(args, store_root, name, args.version)
     try:
         version = merge_clips(str(store_root), name, version_a, version_b, args.alpha, args.version)
     except (StoreError, ValueError, OSError, RuntimeError) as exc:  # RuntimeError: torch refusing the tensors

@@ -92,3 +92,12 @@ def test_train_clip_trains_on_the_kinds_it_is_given(tmp_path, capsys):
             "--ckpt", str(tmp_path / "ckpt.pt"), "--store", str(tmp_path / "store")]
     assert main(argv) == 0
     assert "kinds gear, wood (+ random kinds 0)" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize(("version", "message"), [("v3", "already exists"), ("bad/v", "invalid model version")])
+def test_train_clip_refuses_a_taken_or_bad_version_before_any_work(version, message, capsys):
+    from service.settings import REPO_ROOT
+
+    with pytest.raises(SystemExit) as exc:  # tiny-factory-clip@v3 is the shipped CLIP: versions are immutable
+        main(["--store", str(REPO_ROOT / "model_store"), "synth", "train-clip", "--version", version, "--steps", "1"])
+    assert exc.value.code == 2 and message in capsys.readouterr().err
