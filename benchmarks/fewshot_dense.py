@@ -31,7 +31,7 @@ from sklearn.metrics import roc_auc_score
 from service.aggregate import upsample_map
 from service.detector import load_detector
 from service.evaluation.readers import list_images, load_mask, read_mvtec
-from service.fewshot import association, build_memory, model_ref
+from service.fewshot import association, build_memory, dense_near, model_ref
 from service.preprocess import load_image
 from service.settings import Settings
 from service.synthetic.world import RANDOM_KINDS, TRAIN_KINDS
@@ -49,7 +49,8 @@ def rule_maps(det, embs, zero, memory_w, memory_d, score: str) -> dict[str, tupl
     wfs = det._few_shot_map(embs, memory_w, None)  # [B, h, w]
     dh, dw = memory_d.dense_grid
     dense = torch.stack([e.dense for e in embs])
-    t = torch.tanh(association(dense, memory_d.dense).reshape(len(embs), dh, dw) / (2 * memory_d.dense_scale))
+    d = association(dense, memory_d.dense, near=dense_near(memory_d)).reshape(len(embs), dh, dw)
+    t = torch.tanh(d / (2 * memory_d.dense_scale))
     z_img = torch.tensor([z.scores[score] for z in zero], dtype=torch.float64)
     z_map = upsample_map(torch.stack([torch.as_tensor(z.grid[score]) for z in zero]).float(), (dh, dw))
     w_map = upsample_map(wfs, (dh, dw))

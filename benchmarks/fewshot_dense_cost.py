@@ -26,7 +26,7 @@ import service.fewshot  # the study undoes the shipped caps below: full-width, 4
 import service.windows
 from service.detector import load_detector
 from service.evaluation.readers import list_images, load_mask, read_mvtec
-from service.fewshot import association, build_memory, greedy_coreset, model_ref
+from service.fewshot import association, build_memory, dense_near, greedy_coreset, model_ref
 from service.preprocess import load_image
 from service.settings import Settings
 from service.synthetic.world import RANDOM_KINDS, TRAIN_KINDS
@@ -44,8 +44,9 @@ def capped(mem, refs, r):
     if mem.dense.shape[0] <= r:
         return mem
     keep = greedy_coreset(mem.dense, r)
-    mem.dense, mem.dense_src = mem.dense[keep], mem.dense_src[keep]
-    own = association(torch.stack([e.dense for e in refs]), mem.dense, mem.dense_src, torch.arange(len(refs)))
+    mem.dense, mem.dense_src, mem.dense_pos = mem.dense[keep], mem.dense_src[keep], mem.dense_pos[keep]
+    own = association(torch.stack([e.dense for e in refs]), mem.dense, mem.dense_src, torch.arange(len(refs)),
+                      near=dense_near(mem))
     mem.dense_scale = max(float(torch.quantile(own.flatten(), 0.99)), 1e-6)
     return mem
 res = {}

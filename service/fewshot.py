@@ -19,7 +19,10 @@ CNN towers add a **dense bank** (not in anomalib's WinCLIP, which has ViTs only)
 (`windows.dense_features`: layer2, 3x3-averaged, channels pooled to 64, a finer grid than the final map), compared
 as PatchCore compares patches, at most DENSE_MAX_ROWS rows (coreset). Its association d is put on the scale of the
 good parts' own spread, tanh(d / (2 q)), where q is the 99th percentile of each shot's association with the other
-shots (so it needs 2 or more shots; a one-shot memory has no dense bank). With a dense bank the few-shot map is,
+shots (so it needs 2 or more shots; a one-shot memory has no dense bank). A cell is compared only with the bank's
+cells within DENSE_RADIUS cells of its own position (Chebyshev distance on the dense grid; every other cell when none
+is left there after the coreset): a memory of one product in a fixed pose knows where each part of it belongs, so a
+dent whose edge looks like a normal edge elsewhere is no longer matched there. With a dense bank the few-shot map is,
 on the dense grid,
       few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (2 q))) / 2
 and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
@@ -53,9 +56,10 @@ FORMAT_VERSION = 1
 MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
 DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
+DENSE_RADIUS = 2  # dense cells a query cell is compared with, around its own position: README "Few-shot mode"
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
-           "greedy_coreset", "association", "few_shot_map", "combine_few_shot", "model_ref", "load_memory"]
+           "greedy_coreset", "association", "dense_near", "few_shot_map", "combine_few_shot", "model_ref", "load_memory"]
 
 
 class ReferenceMemoryError(ValueError):
@@ -85,6 +89,7 @@ class ReferenceMemory:
     dense_src: torch.Tensor | None = None  # [M_d] long
     dense_grid: tuple[int, int] | None = None
     dense_scale: float | None = None  # q: the shots' leave-one-out association quantile (DENSE_QUANTILE)
+    dense_pos: torch.Tensor | None = None  # [M_d] long: each dense row's cell (row-major); None: global search
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -102,7 +107,8 @@ class ReferenceMemory:
                        patches=self.patches.to(device), patch_src=self.patch_src.to(device),
                        global_emb=self.global_emb.to(device),
                        dense=self.dense.to(device) if self.dense is not None else None,
-                       dense_src=self.dense_src.to(device) if self.dense_src is not None else None)
+                       dense_src=self.dense_src.to(device) if self.dense_src is not None else None,
+                       dense_pos=self.dense_pos.to(device) if self.dense_pos is not None else None)
 
     def header(self) -> dict[str, Any]:
         """The JSON header stored with the tensors (and shown by the API): everything but the banks."""
@@ -127,6 +133,8 @@ class ReferenceMemory:
             tensors[f"w{s}_src"] = self.window_src[s]
         if self.dense is not None:
             tensors["dense"], tensors["dense_src"] = self.dense, self.dense_src
+            if self.dense_pos is not None:
+                tensors["dense_pos"] = self.dense_pos
         tensors = {k: v.detach().cpu().contiguous() for k, v in tensors.items()}
         return save(tensors, metadata={"zsad": json.dumps(self.header(), sort_keys=True)})
 
@@ -154,11 +162,12 @@ class ReferenceMemory:
             grid = (int(header["grid"][0]), int(header["grid"][1]))
             model = {k: str(v) for k, v in header["model"].items()}
             stride = int(header["stride"])
-            dense, dense_src, dense_grid, dense_scale = None, None, None, None
+            dense, dense_src, dense_grid, dense_scale, dense_pos = None, None, None, None, None
             if header.get("dense_grid") is not None:
                 dense, dense_src = tensors["dense"].float(), tensors["dense_src"].long()
                 dense_grid = (int(header["dense_grid"][0]), int(header["dense_grid"][1]))
                 dense_scale = float(header["dense_scale"])
+                dense_pos = tensors["dense_pos"].long() if "dense_pos" in tensors else None  # older memories: none
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ReferenceMemoryError(f"reference memory is incomplete: {exc!r}") from None
         banks = [(patches, patch_src)] + [(windows[s], window_src[s]) for s in scales]
@@ -166,6 +175,9 @@ class ReferenceMemory:
             banks.append((dense, dense_src))
             if not math.isfinite(dense_scale) or dense_scale <= 0:
                 raise ReferenceMemoryError("reference memory has a bad dense scale")
+            if dense_pos is not None and (dense_pos.shape != dense_src.shape or int(dense_pos.min()) < 0
+                                          or int(dense_pos.max()) >= dense_grid[0] * dense_grid[1]):
+                raise ReferenceMemoryError("reference memory has bad dense cell positions")
         dims = {w.shape[-1] for w in windows.values()} | {glob.shape[-1]}
         if (shots < 1 or glob.shape[0] != shots or len(dims) != 1 or any(
                 b.ndim != 2 or src.shape != (b.shape[0],) or b.shape[0] == 0 for b, src in banks)
@@ -174,7 +186,7 @@ class ReferenceMemory:
             raise ReferenceMemoryError("reference memory tensors are inconsistent")
         meta = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
         return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta, dense, dense_src,
-                   dense_grid, dense_scale)
+                   dense_grid, dense_scale, dense_pos)
 
 
 _HEADER_KEYS = {"format", "format_version", "shots", "grid", "scales", "stride", "model", "rows", "patch_dim",
@@ -227,14 +239,17 @@ def greedy_coreset(x: torch.Tensor, m: int) -> torch.Tensor:
     return chosen
 
 
-def _bank(rows: list[torch.Tensor], max_rows: int, name: str, coreset: dict[str, Any]) -> tuple[torch.Tensor, torch.Tensor]:
+def _bank(rows: list[torch.Tensor], max_rows: int, name: str, coreset: dict[str, Any]
+          ) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """Rows of all shots as one bank, each row's shot index, and which of the concatenated rows were kept."""
     bank = torch.cat(rows)
     src = torch.cat([torch.full((r.shape[0],), i, dtype=torch.long) for i, r in enumerate(rows)])
+    keep = torch.arange(bank.shape[0])
     if bank.shape[0] > max_rows:
         keep = greedy_coreset(bank, max_rows).cpu()
         coreset[name] = {"rows_before": int(bank.shape[0]), "rows_after": int(max_rows)}
         bank, src = bank[keep], src[keep]
-    return bank, src
+    return bank, src, keep
 
 
 def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max_rows: int,
@@ -257,12 +272,12 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
         if tuple(e.grid) != tuple(first.grid) or sorted(e.windows) != scales or e.patches is None:
             raise ReferenceMemoryError("reference images were embedded with different grids or window scales")
     coreset: dict[str, Any] = {}
-    patches, patch_src = _bank([F.normalize(e.patches.detach().float().cpu(), dim=-1) for e in embs], max_rows,
-                               "patches", coreset)
+    patches, patch_src, _ = _bank([F.normalize(e.patches.detach().float().cpu(), dim=-1) for e in embs], max_rows,
+                                  "patches", coreset)
     windows, window_src = {}, {}
     for s in scales:
-        windows[s], window_src[s] = _bank([F.normalize(e.windows[s].detach().float().cpu(), dim=-1) for e in embs],
-                                          max_rows, f"windows_{s}", coreset)
+        windows[s], window_src[s], _ = _bank([F.normalize(e.windows[s].detach().float().cpu(), dim=-1) for e in embs],
+                                             max_rows, f"windows_{s}", coreset)
     glob = torch.stack([F.normalize(e.global_emb.detach().float().cpu(), dim=-1) for e in embs])
     info = {**(meta or {}), "coreset": coreset, "max_rows": int(max_rows)}
     memory = ReferenceMemory(windows, window_src, patches, patch_src, glob, tuple(first.grid), int(stride), len(embs),
@@ -276,26 +291,42 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
         if len({tuple(e.dense_grid) for e in embs}) != 1:
             raise ReferenceMemoryError("reference images were embedded with different dense grids")
         rows = [F.normalize(e.dense.detach().float().cpu(), dim=-1) for e in embs]
-        memory.dense, memory.dense_src = _bank(rows, min(max_rows, DENSE_MAX_ROWS), "dense", coreset)
+        memory.dense, memory.dense_src, keep = _bank(rows, min(max_rows, DENSE_MAX_ROWS), "dense", coreset)
+        memory.dense_pos = torch.arange(rows[0].shape[0]).repeat(len(rows))[keep]
         memory.dense_grid = tuple(embs[0].dense_grid)
-        own = association(torch.stack(rows), memory.dense, memory.dense_src, torch.arange(len(embs)))
+        own = association(torch.stack(rows), memory.dense, memory.dense_src, torch.arange(len(embs)),
+                          near=dense_near(memory))
         memory.dense_scale = max(float(torch.quantile(own.flatten(), DENSE_QUANTILE)), 1e-6)
     return memory
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------
+def dense_near(memory: ReferenceMemory, radius: int = DENSE_RADIUS) -> torch.Tensor | None:
+    """[n, M_d] bool: which dense bank rows each query cell may be compared with (within `radius` cells of it,
+    Chebyshev distance on the dense grid). None for a memory without cell positions (made before they were kept)."""
+    if memory.dense_pos is None or memory.dense_grid is None:
+        return None
+    h, w = memory.dense_grid
+    cells = torch.arange(h * w, device=memory.dense_pos.device)
+    dy = (cells[:, None] // w - memory.dense_pos[None, :] // w).abs()
+    dx = (cells[:, None] % w - memory.dense_pos[None, :] % w).abs()
+    return (dy <= radius) & (dx <= radius)
+
+
 def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor | None = None,
-                exclude: torch.Tensor | None = None) -> torch.Tensor:
+                exclude: torch.Tensor | None = None, near: torch.Tensor | None = None) -> torch.Tensor:
     """Visual association scores [B, n]: min over bank rows of (1 - cos) / 2 for queries [B, n, D].
 
     `exclude` [B] (shot index, or -1 for none) leaves out the bank rows of that shot for each query image
-    (leave-one-out). Runs on the bank's device in chunks of at most MAX_SIM_ELEMENTS similarities.
+    (leave-one-out). `near` [n, M] (bool) limits query row i to the bank rows near[i] allows; a query row with none
+    of them left falls back to every row. Runs on the bank's device in chunks of at most MAX_SIM_ELEMENTS similarities.
     """
     b, n, _ = query.shape
     q = F.normalize(query.to(bank.device, torch.float32), dim=-1)
     bank = F.normalize(bank.float(), dim=-1)
     m = bank.shape[0]
     best = torch.full((b, n), -2.0, device=bank.device)
+    best_near = best.clone() if near is not None else None
     rows_per_chunk = max(1, MAX_SIM_ELEMENTS // max(1, b * n))
     for start in range(0, m, rows_per_chunk):
         sims = q @ bank[start:start + rows_per_chunk].T  # [B, n, c]
@@ -303,6 +334,11 @@ def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor 
             own = bank_src[start:start + rows_per_chunk].to(bank.device)[None, :] == exclude.to(bank.device)[:, None]
             sims = sims.masked_fill(own[:, None, :], -2.0)
         best = torch.maximum(best, sims.amax(dim=-1))
+        if best_near is not None:
+            allowed = near[:, start:start + rows_per_chunk].to(bank.device)[None]
+            best_near = torch.maximum(best_near, sims.masked_fill(~allowed, -2.0).amax(dim=-1))
+    if best_near is not None:
+        best = torch.where(best_near > -2.0, best_near, best)
     if bool((best <= -2.0).any()):
         raise ReferenceMemoryError("a query has no reference rows left to compare with (leave-one-out of a one-shot memory)")
     return (1.0 - best.clamp(-1.0, 1.0)) / 2.0
@@ -333,7 +369,7 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
     if dense.shape[1] != dh * dw or dense.shape[-1] != memory.dense.shape[-1]:
         raise ReferenceMemoryError(f"the memory's dense bank is {dh}x{dw} cells of width {memory.dense.shape[-1]}, "
                                    f"the query's {dense.shape[1]} cells of width {dense.shape[-1]}")
-    d = association(dense, memory.dense, memory.dense_src, exclude).reshape(b, dh, dw)
+    d = association(dense, memory.dense, memory.dense_src, exclude, near=dense_near(memory)).reshape(b, dh, dw)
     return (upsample_map(winclip, (dh, dw)) + torch.tanh(d / (2 * memory.dense_scale))) / 2
 
 

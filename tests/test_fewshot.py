@@ -19,10 +19,12 @@ from PIL import Image
 from service.aggregate import upsample_map
 from service.detector import Detector, ImageEmbedding
 from service.fewshot import (
+    DENSE_RADIUS,
     ReferenceMemory,
     ReferenceMemoryError,
     association,
     build_memory,
+    dense_near,
     greedy_coreset,
     model_ref,
 )
@@ -280,17 +282,22 @@ def test_detect_uses_the_memory_without_a_heatmap_too(cnn):
 def _dense_reference(query: ImageEmbedding, refs: list[ImageEmbedding], zero_image: float, zs_map: list[float],
                      fs_map: list[float], grid) -> tuple[float, torch.Tensor]:
     """Image score and final map [dh, dw] with a dense bank, cell by cell: the scale q is the 99th percentile of each
-    shot's cells' nearest-neighbour association among the OTHER shots' cells; t = tanh(d / 2q); few-shot map =
-    (WinCLIP+ few-shot map upsampled + t) / 2; final = (zero-shot map upsampled + few-shot map) / 2."""
-    def nearest(f: torch.Tensor, rows: torch.Tensor) -> float:
+    shot's cells' nearest-neighbour association among the OTHER shots' cells within DENSE_RADIUS cells of it;
+    t = tanh(d / 2q), d the same search against every shot; few-shot map = (WinCLIP+ few-shot map upsampled + t) / 2;
+    final = (zero-shot map upsampled + few-shot map) / 2."""
+    dh, dw = query.dense_grid
+
+    def near(p: int, r: int) -> bool:
+        return abs(p // dw - r // dw) <= DENSE_RADIUS and abs(p % dw - r % dw) <= DENSE_RADIUS
+
+    def nearest(f: torch.Tensor, p: int, shots: list[ImageEmbedding]) -> float:
+        rows = torch.stack([o.dense[r] for o in shots for r in range(dh * dw) if near(p, r)])
         return float(((1 - F.normalize(rows, dim=-1) @ F.normalize(f, dim=0)) / 2).min())
 
-    own = [nearest(r.dense[p], torch.cat([o.dense for j, o in enumerate(refs) if j != i]))
+    own = [nearest(r.dense[p], p, [o for j, o in enumerate(refs) if j != i])
            for i, r in enumerate(refs) for p in range(r.dense.shape[0])]
     q = float(torch.quantile(torch.tensor(own), 0.99))
-    bank = torch.cat([r.dense for r in refs])
-    dh, dw = query.dense_grid
-    t = torch.tensor([math.tanh(nearest(query.dense[p], bank) / (2 * q)) for p in range(dh * dw)]).reshape(dh, dw)
+    t = torch.tensor([math.tanh(nearest(query.dense[p], p, refs) / (2 * q)) for p in range(dh * dw)]).reshape(dh, dw)
     up = [F.interpolate(torch.tensor(m, dtype=torch.float32).reshape(1, 1, *grid), size=(dh, dw), mode="bilinear",
                         align_corners=False)[0, 0] for m in (zs_map, fs_map)]
     few = (up[1] + t) / 2
@@ -329,6 +336,7 @@ def test_dense_bank_needs_two_shots_can_be_switched_off_and_survives_serialisati
     back = ReferenceMemory.from_bytes(memory.to_bytes())
     assert back.header() == memory.header() and back.dense_scale == pytest.approx(memory.dense_scale)
     assert torch.equal(back.dense, memory.dense) and torch.equal(back.dense_src, memory.dense_src)
+    assert torch.equal(back.dense_pos, memory.dense_pos)
     queries = _embs(det, _pixels(cnn, 2, 12))
     assert det.score(queries, memory=back)[0].scores == pytest.approx(det.score(queries, memory=memory)[0].scores)
     without_dense = [ImageEmbedding(e.global_emb, e.windows, e.grid, e.geometry, e.patches) for e in queries]
@@ -342,11 +350,30 @@ def test_dense_bank_leave_one_out_and_coreset(cnn):
     memory = build_memory(refs, model_ref(det), 1, 10_000, dense=True)
     dense = torch.stack([e.dense for e in refs])
     assert float(association(dense, memory.dense).max()) < 1e-6  # each shot finds itself
-    loo = association(dense, memory.dense, memory.dense_src, torch.tensor([0, 1, 2]))
+    loo = association(dense, memory.dense, memory.dense_src, torch.tensor([0, 1, 2]), near=dense_near(memory))
     assert float(loo.min()) > 0  # the same as the memory's scale is made of
     assert memory.dense_scale == pytest.approx(float(torch.quantile(loo.flatten(), 0.99)))
     small = build_memory(refs, model_ref(det), 1, max_rows=100, dense=True)
     assert small.rows["dense"] == 100 and small.meta["coreset"]["dense"]["rows_before"] == 3 * dense.shape[1]
+    # the coreset keeps each row's cell: a kept row is its shot's feature at that cell
+    kept = dense[small.dense_src, small.dense_pos]
+    assert torch.allclose(F.normalize(kept, dim=-1), small.dense, atol=1e-6)
+
+
+def test_dense_search_stays_near_the_cell_and_falls_back_when_nothing_is_near():
+    bank = F.normalize(torch.tensor([[1.0, 0.0], [0.0, 1.0]]), dim=-1)  # row 0 at cell 0, row 1 at cell 8 (3x3)
+    query = bank[[0]][None].repeat(1, 9, 1)  # every cell looks like row 0
+    memory = ReferenceMemory({}, {}, bank, torch.zeros(2, dtype=torch.long), bank[:1], (1, 1), 1, 1, {},
+                             dense=bank, dense_src=torch.zeros(2, dtype=torch.long), dense_grid=(3, 3),
+                             dense_scale=1.0, dense_pos=torch.tensor([0, 8]))
+    near = dense_near(memory, radius=1)
+    assert near.shape == (9, 2) and near[0].tolist() == [True, False] and near[8].tolist() == [False, True]
+    assert near[4].tolist() == [True, True]  # the centre is within one cell of both corners
+    d = association(query, bank, near=near)[0]
+    assert float(d[0]) == pytest.approx(0.0, abs=1e-6)  # its own row is near: a match
+    assert float(d[8]) == pytest.approx(0.5)  # only row 1 is near: orthogonal, (1 - 0) / 2
+    far = association(query, bank, near=torch.zeros(9, 2, dtype=torch.bool))[0]
+    assert torch.allclose(far, association(query, bank)[0])  # nothing near: every row, as without positions
 
 
 def test_dense_features_are_made_only_for_a_dense_memory(cnn):
