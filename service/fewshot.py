@@ -19,11 +19,11 @@ CNN towers add a **dense bank** (not in anomalib's WinCLIP, which has ViTs only)
 (`windows.dense_features`: layer2, 3x3-averaged, channels pooled to 64, a finer grid than the final map), compared
 as PatchCore compares patches, at most DENSE_MAX_ROWS rows (coreset). Its association d is put on the scale of the
 good parts' own spread, tanh(d / (2 q)), where q is the 99th percentile of each shot's association with the other
-shots (so it needs 2 or more shots; a one-shot memory has no dense bank). A cell is compared only with the bank's
-cells within DENSE_RADIUS cells of its own position (Chebyshev distance on the dense grid; every other cell when none
-is left there after the coreset): a memory of one product in a fixed pose knows where each part of it belongs, so a
-dent whose edge looks like a normal edge elsewhere is no longer matched there. With a dense bank the few-shot map is,
-on the dense grid,
+shots (so it needs 2 or more shots; a one-shot memory has no dense bank). Bank rows remember their cell, so the
+search can be limited to cells within DENSE_RADIUS of the query cell's position (Chebyshev distance on the dense
+grid; every cell when the coreset left none there); it is unlimited (inf), because radius 2 won on the tuning kinds
+and lost badly on the held-out ones (a rotated elongated part leaves its own cells): README "Few-shot mode". With a
+dense bank the few-shot map is, on the dense grid,
       few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (2 q))) / 2
 and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
 kinds (tuning seed, never the held-out kinds): README "Few-shot mode". Opt-in (`build_memory(dense=True)`, setting
@@ -56,7 +56,7 @@ FORMAT_VERSION = 1
 MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
 DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
-DENSE_RADIUS = 2  # dense cells a query cell is compared with, around its own position: README "Few-shot mode"
+DENSE_RADIUS = math.inf  # dense cells around its own position a query cell is compared with (inf: all of them)
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
            "greedy_coreset", "association", "dense_near", "few_shot_map", "combine_few_shot", "model_ref", "load_memory"]
@@ -301,10 +301,11 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------
-def dense_near(memory: ReferenceMemory, radius: int = DENSE_RADIUS) -> torch.Tensor | None:
+def dense_near(memory: ReferenceMemory, radius: float = DENSE_RADIUS) -> torch.Tensor | None:
     """[n, M_d] bool: which dense bank rows each query cell may be compared with (within `radius` cells of it,
-    Chebyshev distance on the dense grid). None for a memory without cell positions (made before they were kept)."""
-    if memory.dense_pos is None or memory.dense_grid is None:
+    Chebyshev distance on the dense grid). None (every row) for an unlimited radius or a memory without cell
+    positions (made before they were kept)."""
+    if math.isinf(radius) or memory.dense_pos is None or memory.dense_grid is None:
         return None
     h, w = memory.dense_grid
     cells = torch.arange(h * w, device=memory.dense_pos.device)

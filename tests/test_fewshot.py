@@ -280,15 +280,15 @@ def test_detect_uses_the_memory_without_a_heatmap_too(cnn):
 
 # --- the dense bank (CNN towers) --------------------------------------------------------------------------------------
 def _dense_reference(query: ImageEmbedding, refs: list[ImageEmbedding], zero_image: float, zs_map: list[float],
-                     fs_map: list[float], grid) -> tuple[float, torch.Tensor]:
+                     fs_map: list[float], grid, radius: float = DENSE_RADIUS) -> tuple[float, torch.Tensor]:
     """Image score and final map [dh, dw] with a dense bank, cell by cell: the scale q is the 99th percentile of each
-    shot's cells' nearest-neighbour association among the OTHER shots' cells within DENSE_RADIUS cells of it;
+    shot's cells' nearest-neighbour association among the OTHER shots' cells within `radius` cells of it;
     t = tanh(d / 2q), d the same search against every shot; few-shot map = (WinCLIP+ few-shot map upsampled + t) / 2;
     final = (zero-shot map upsampled + few-shot map) / 2."""
     dh, dw = query.dense_grid
 
     def near(p: int, r: int) -> bool:
-        return abs(p // dw - r // dw) <= DENSE_RADIUS and abs(p % dw - r % dw) <= DENSE_RADIUS
+        return abs(p // dw - r // dw) <= radius and abs(p % dw - r % dw) <= radius
 
     def nearest(f: torch.Tensor, p: int, shots: list[ImageEmbedding]) -> float:
         rows = torch.stack([o.dense[r] for o in shots for r in range(dh * dw) if near(p, r)])
@@ -304,8 +304,13 @@ def _dense_reference(query: ImageEmbedding, refs: list[ImageEmbedding], zero_ima
     return (zero_image + float(few.max())) / 2, (up[0] + few) / 2
 
 
-@pytest.mark.parametrize("k_shot", [2, 3])
-def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot):
+@pytest.mark.parametrize(("k_shot", "radius"), [(2, DENSE_RADIUS), (3, DENSE_RADIUS), (3, 2)])
+def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot, radius, monkeypatch):
+    import functools
+
+    import service.fewshot as fewshot
+
+    monkeypatch.setattr(fewshot, "dense_near", functools.partial(dense_near, radius=radius))  # the scoring's search
     det = _detector(cnn)
     refs = _embs(det, _pixels(cnn, k_shot, 10))
     queries = _embs(det, _pixels(cnn, 3, 20))
@@ -317,7 +322,8 @@ def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot):
     for d, q in zip(got, _as_dicts(queries)):
         zero_image, zs_map, fs_map = _reference_parts(q, _as_dicts(refs), anchors.normal, anchors.anomalous,
                                                       queries[0].grid, det.window_scales)
-        image, final = _dense_reference(queries[got.index(d)], refs, zero_image, zs_map, fs_map, queries[0].grid)
+        image, final = _dense_reference(queries[got.index(d)], refs, zero_image, zs_map, fs_map, queries[0].grid,
+                                        radius)
         assert d.mode == "few_shot" and d.shots == k_shot
         assert abs(d.scores["prompt"] - image) < 1e-4
         assert tuple(d.grid["prompt"].shape) == tuple(final.shape)
