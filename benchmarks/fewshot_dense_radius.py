@@ -7,7 +7,8 @@ For each radius, `benchmarks/fewshot_dense.py` (default) or the held-out `benchm
 `service.fewshot.dense_near` bound to that radius (`inf`: every cell, what ships). For `fewshot_dense` the dense bank
 keeps every row (no coreset), so the comparison is the radius alone. The rule, declared before the run: the largest
 sum of image + pixel + deformation AUROC of rule F (the shipped rule) over both worlds at 4 shots, only if it beats
-`inf` by 0.5 or more. Prints each run's output and ends with `RESULT name=fewshot_dense_radius` (F sums).
+`inf` by 0.5 or more. Prints each run's output and ends with `RESULT name=fewshot_dense_radius` (the F sums of
+`fewshot_dense` runs; `fewshot` runs print their own RESULT line above it).
 """
 from __future__ import annotations
 

@@ -21,9 +21,9 @@ as PatchCore compares patches, at most DENSE_MAX_ROWS rows (coreset). Its associ
 good parts' own spread, tanh(d / (2 q)), where q is the 99th percentile of each shot's association with the other
 shots (so it needs 2 or more shots; a one-shot memory has no dense bank). Bank rows remember their cell, so the
 search can be limited to cells within DENSE_RADIUS of the query cell's position (Chebyshev distance on the dense
-grid; every cell when the coreset left none there); it is unlimited (inf), because radius 2 won on the tuning kinds
-and lost badly on the held-out ones (a rotated elongated part leaves its own cells): README "Few-shot mode". With a
-dense bank the few-shot map is, on the dense grid,
+grid; every remaining cell when the coreset or leave-one-out left none there). It is unlimited (inf): radius 2 won
+on the tuning kinds and lost badly on the held-out ones (a rotated elongated part leaves its own cells), README
+"Few-shot mode". With a dense bank the few-shot map is, on the dense grid,
       few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (2 q))) / 2
 and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
 kinds (tuning seed, never the held-out kinds): README "Few-shot mode". Opt-in (`build_memory(dense=True)`, setting
@@ -167,7 +167,7 @@ class ReferenceMemory:
                 dense, dense_src = tensors["dense"].float(), tensors["dense_src"].long()
                 dense_grid = (int(header["dense_grid"][0]), int(header["dense_grid"][1]))
                 dense_scale = float(header["dense_scale"])
-                dense_pos = tensors["dense_pos"].long() if "dense_pos" in tensors else None  # older memories: none
+                dense_pos = tensors.get("dense_pos")  # older memories have none: their search is unlimited
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ReferenceMemoryError(f"reference memory is incomplete: {exc!r}") from None
         banks = [(patches, patch_src)] + [(windows[s], window_src[s]) for s in scales]
@@ -175,15 +175,17 @@ class ReferenceMemory:
             banks.append((dense, dense_src))
             if not math.isfinite(dense_scale) or dense_scale <= 0:
                 raise ReferenceMemoryError("reference memory has a bad dense scale")
-            if dense_pos is not None and (dense_pos.shape != dense_src.shape or int(dense_pos.min()) < 0
-                                          or int(dense_pos.max()) >= dense_grid[0] * dense_grid[1]):
-                raise ReferenceMemoryError("reference memory has bad dense cell positions")
         dims = {w.shape[-1] for w in windows.values()} | {glob.shape[-1]}
         if (shots < 1 or glob.shape[0] != shots or len(dims) != 1 or any(
                 b.ndim != 2 or src.shape != (b.shape[0],) or b.shape[0] == 0 for b, src in banks)
                 or any(int(src.min()) < 0 or int(src.max()) >= shots for _, src in banks)
                 or not all(torch.isfinite(b).all() for b, _ in banks)):
             raise ReferenceMemoryError("reference memory tensors are inconsistent")
+        if dense_pos is not None:
+            if (dense_pos.dtype not in (torch.int32, torch.int64) or dense_pos.shape != dense_src.shape
+                    or int(dense_pos.min()) < 0 or int(dense_pos.max()) >= dense_grid[0] * dense_grid[1]):
+                raise ReferenceMemoryError("reference memory has bad dense cell positions")
+            dense_pos = dense_pos.long()
         meta = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
         return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta, dense, dense_src,
                    dense_grid, dense_scale, dense_pos)
@@ -301,10 +303,11 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
 
 
 # --- scoring -----------------------------------------------------------------------------------------------------
-def dense_near(memory: ReferenceMemory, radius: float = DENSE_RADIUS) -> torch.Tensor | None:
+def dense_near(memory: ReferenceMemory, radius: float | None = None) -> torch.Tensor | None:
     """[n, M_d] bool: which dense bank rows each query cell may be compared with (within `radius` cells of it,
-    Chebyshev distance on the dense grid). None (every row) for an unlimited radius or a memory without cell
-    positions (made before they were kept)."""
+    default DENSE_RADIUS, Chebyshev distance on the dense grid). None (every row) for an unlimited radius or a memory
+    without cell positions (made before they were kept)."""
+    radius = DENSE_RADIUS if radius is None else radius
     if math.isinf(radius) or memory.dense_pos is None or memory.dense_grid is None:
         return None
     h, w = memory.dense_grid
@@ -327,6 +330,8 @@ def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor 
     bank = F.normalize(bank.float(), dim=-1)
     m = bank.shape[0]
     best = torch.full((b, n), -2.0, device=bank.device)
+    if near is not None and tuple(near.shape) != (n, m):
+        raise ValueError(f"near must be [{n}, {m}] (query rows x bank rows), got {tuple(near.shape)}")
     best_near = best.clone() if near is not None else None
     rows_per_chunk = max(1, MAX_SIM_ELEMENTS // max(1, b * n))
     for start in range(0, m, rows_per_chunk):

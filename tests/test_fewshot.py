@@ -343,6 +343,14 @@ def test_dense_bank_needs_two_shots_can_be_switched_off_and_survives_serialisati
     assert back.header() == memory.header() and back.dense_scale == pytest.approx(memory.dense_scale)
     assert torch.equal(back.dense, memory.dense) and torch.equal(back.dense_src, memory.dense_src)
     assert torch.equal(back.dense_pos, memory.dense_pos)
+    from dataclasses import replace as dc_replace
+
+    older = ReferenceMemory.from_bytes(dc_replace(memory, dense_pos=None).to_bytes())  # made before positions
+    assert older.dense_pos is None and dense_near(older, radius=1) is None  # loads; its search is unlimited
+    cells = memory.dense_grid[0] * memory.dense_grid[1]
+    for bad in (memory.dense_pos + cells, memory.dense_pos[:-1], memory.dense_pos.float(), -memory.dense_pos - 1):
+        with pytest.raises(ReferenceMemoryError, match="dense cell positions"):
+            ReferenceMemory.from_bytes(dc_replace(memory, dense_pos=bad).to_bytes())
     queries = _embs(det, _pixels(cnn, 2, 12))
     assert det.score(queries, memory=back)[0].scores == pytest.approx(det.score(queries, memory=memory)[0].scores)
     without_dense = [ImageEmbedding(e.global_emb, e.windows, e.grid, e.geometry, e.patches) for e in queries]
@@ -380,6 +388,12 @@ def test_dense_search_stays_near_the_cell_and_falls_back_when_nothing_is_near():
     assert float(d[8]) == pytest.approx(0.5)  # only row 1 is near: orthogonal, (1 - 0) / 2
     far = association(query, bank, near=torch.zeros(9, 2, dtype=torch.bool))[0]
     assert torch.allclose(far, association(query, bank)[0])  # nothing near: every row, as without positions
+    # leave-one-out: cell 0's only near row (row 0, shot 0) is excluded, so it falls back to the other shot's row 1
+    src = torch.tensor([0, 1])
+    loo = association(query, bank, src, torch.tensor([0]), near=near)[0]
+    assert float(loo[0]) == pytest.approx(0.5) and torch.allclose(loo, association(query, bank, src, torch.tensor([0]))[0])
+    with pytest.raises(ValueError, match="near must be"):
+        association(query, bank, near=near[:1])
 
 
 def test_dense_features_are_made_only_for_a_dense_memory(cnn):

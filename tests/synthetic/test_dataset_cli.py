@@ -95,9 +95,12 @@ def test_train_clip_trains_on_the_kinds_it_is_given(tmp_path, capsys):
 
 
 @pytest.mark.parametrize(("version", "message"), [("v3", "already exists"), ("bad/v", "invalid model version")])
-def test_train_clip_refuses_a_taken_or_bad_version_before_any_work(version, message, capsys):
-    from service.settings import REPO_ROOT
-
-    with pytest.raises(SystemExit) as exc:  # tiny-factory-clip@v3 is the shipped CLIP: versions are immutable
-        main(["--store", str(REPO_ROOT / "model_store"), "synth", "train-clip", "--version", version, "--steps", "1"])
+def test_train_clip_refuses_a_taken_or_bad_version_before_any_work(version, message, tmp_path, capsys):
+    taken = tmp_path / "store" / "tiny-factory-clip" / "v3"  # a taken version: versions are immutable
+    taken.mkdir(parents=True)
+    (taken / "manifest.json").write_text("{}")
+    with pytest.raises(SystemExit) as exc:
+        main(["--store", str(tmp_path / "store"), "synth", "train-clip", "--version", version, "--steps", "1",
+              "--ckpt", str(tmp_path / "ckpt.pt"), "--workers", "0"])
     assert exc.value.code == 2 and message in capsys.readouterr().err
+    assert not (tmp_path / "ckpt.pt").exists()  # refused before any training
