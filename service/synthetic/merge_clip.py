@@ -53,7 +53,7 @@ def merge_clips(store_root: str, name: str, version_a: str, version_b: str, alph
     """Publish `(1 - alpha) * name@version_a + alpha * name@version_b` as a new version of `name`; returns it."""
     from safetensors.torch import load_file
 
-    from ..clip_backend import CLIP_CONFIG_FILE, save_store_clip
+    from ..clip_backend import CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE, save_store_clip
 
     log = log or (lambda msg: print(msg, file=sys.stderr))
     store = ModelStore(store_root)
@@ -67,8 +67,8 @@ def merge_clips(store_root: str, name: str, version_a: str, version_b: str, alph
     cfg = _config_from_manifest(man_b)
     if model_config(cfg) != cfg_b["model_cfg"]:
         raise StoreError(f"{name}@{man_b['version']}: its training config does not rebuild its architecture")
-    state_a = load_file(str(folder_a / man_a.get("weights", "open_clip_model.safetensors")))
-    state_b = load_file(str(folder_b / man_b.get("weights", "open_clip_model.safetensors")))
+    state_a = load_file(str(folder_a / man_a.get("weights", CLIP_WEIGHTS_FILE)))
+    state_b = load_file(str(folder_b / man_b.get("weights", CLIP_WEIGHTS_FILE)))
     model = build_model(cfg)
     model.load_state_dict(interpolate_state(state_a, state_b, alpha), strict=True)
     log(f"interpolated {name}@{man_a['version']} and @{man_b['version']} at alpha {alpha}; computing the centres")

@@ -425,18 +425,19 @@ def _load_published(model: nn.Module, cfg: TrainClipConfig, store_root: str | Pa
     """Copy a published CLIP's (fp16) weights into `model`; the architectures must match exactly."""
     from safetensors.torch import load_file
 
+    from ..clip_backend import CLIP_CONFIG_FILE, CLIP_WEIGHTS_FILE
     from ..cnn_tower import resize_attnpool
     from ..store import ModelStore
 
     folder, manifest = ModelStore(store_root).verify(name, version)
-    stored = json.loads((folder / "open_clip_config.json").read_text()).get("model_cfg")
+    stored = json.loads((folder / CLIP_CONFIG_FILE).read_text()).get("model_cfg")
     ours = model_config(cfg)
     # Another input size or tower is fine (same parameter shapes): the attention pool's grid is resized below.
     same = json.loads(json.dumps(stored))
     same["vision_cfg"]["image_size"] = ours["vision_cfg"]["image_size"]
     if same != ours:
         raise ValueError(f"{name}@{manifest['version']} has another model config than this run: {stored}")
-    state = {k: v.float() for k, v in load_file(str(folder / manifest.get("weights", "open_clip_model.safetensors"))).items()}
+    state = {k: v.float() for k, v in load_file(str(folder / manifest.get("weights", CLIP_WEIGHTS_FILE))).items()}
     key = "visual.attnpool.positional_embedding"
     target = model.state_dict()[key]
     if state[key].shape != target.shape:
