@@ -136,7 +136,7 @@ def main() -> None:
     ap.add_argument("--repeats", type=int, default=60)
     ap.add_argument("--threads", type=int, default=1)
     ap.add_argument("--score", default="combined")
-    ap.add_argument("--world", default="product,random", help="comma-separated: product, random")
+    ap.add_argument("--world", default="product,random", help="comma-separated: product, product_wide, random")
     ap.add_argument("--kinds", default=",".join(HELD_OUT_KINDS))
     ap.add_argument("--skip-quality", action="store_true")
     ap.add_argument("--skip-cost", action="store_true")

@@ -18,13 +18,13 @@ scored as anomalib's WinCLIP few-shot path (`winclip/torch_model.py`, the paper'
 CNN towers add a **dense bank** (not in anomalib's WinCLIP, which has ViTs only): the shots' mid-level feature map
 (`windows.dense_features`: layer2, 3x3-averaged, channels pooled to 64, a finer grid than the final map), compared
 as PatchCore compares patches, at most DENSE_MAX_ROWS rows (coreset). Its association d is put on the scale of the
-good parts' own spread, tanh(d / (2 q)), where q is the 99th percentile of each shot's association with the other
-shots (so it needs 2 or more shots; a one-shot memory has no dense bank). Bank rows remember their cell, so the
+good parts' own spread, tanh(d / (DENSE_SQUASH q)), where q is the 99th percentile of each shot's association with
+the other shots (so it needs 2 or more shots; a one-shot memory has no dense bank). Bank rows remember their cell, so the
 search can be limited to cells within DENSE_RADIUS of the query cell's position (Chebyshev distance on the dense
 grid; every remaining cell when the coreset or leave-one-out left none there). It is unlimited (inf): radius 2 won
 on the tuning kinds and lost badly on the held-out ones (a rotated elongated part leaves its own cells), README
 "Few-shot mode". With a dense bank the few-shot map is, on the dense grid,
-      few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (2 q))) / 2
+      few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (DENSE_SQUASH q))) / 2
 and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
 kinds (tuning seed, never the held-out kinds): README "Few-shot mode". Opt-in (`build_memory(dense=True)`, setting
 `ZSAD_REFERENCE_DENSE=true`); without it the memory is WinCLIP+ exactly.
@@ -57,9 +57,11 @@ MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest
 DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
 DENSE_RADIUS = math.inf  # dense cells around its own position a query cell is compared with (inf: all of them)
+DENSE_SQUASH = 4.0  # the dense term is tanh(d / (DENSE_SQUASH * q)): 4 won over 2 (and 1) on the tuning worlds
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
-           "greedy_coreset", "association", "dense_near", "few_shot_map", "combine_few_shot", "model_ref", "load_memory"]
+           "greedy_coreset", "association", "dense_near", "dense_term", "few_shot_map", "combine_few_shot", "model_ref",
+           "load_memory"]
 
 
 class ReferenceMemoryError(ValueError):
@@ -350,6 +352,12 @@ def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor 
     return (1.0 - best.clamp(-1.0, 1.0)) / 2.0
 
 
+def dense_term(d: torch.Tensor, scale: float) -> torch.Tensor:
+    """The dense association d on the good parts' own spread q, squashed into [0, 1): tanh(d / (DENSE_SQUASH q)).
+    A larger DENSE_SQUASH keeps the term below saturation for more of the range (README "Few-shot mode")."""
+    return torch.tanh(d / (DENSE_SQUASH * scale))
+
+
 def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, memory: ReferenceMemory,
                  exclude: torch.Tensor | None = None, dense: torch.Tensor | None = None) -> torch.Tensor:
     """Few-shot map: the mean of the cells' association map and each scale's harmonic window map [B, h, w]; with a
@@ -376,7 +384,7 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
         raise ReferenceMemoryError(f"the memory's dense bank is {dh}x{dw} cells of width {memory.dense.shape[-1]}, "
                                    f"the query's {dense.shape[1]} cells of width {dense.shape[-1]}")
     d = association(dense, memory.dense, memory.dense_src, exclude, near=dense_near(memory)).reshape(b, dh, dw)
-    return (upsample_map(winclip, (dh, dw)) + torch.tanh(d / (2 * memory.dense_scale))) / 2
+    return (upsample_map(winclip, (dh, dw)) + dense_term(d, memory.dense_scale)) / 2
 
 
 def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor

@@ -20,6 +20,7 @@ from service.aggregate import upsample_map
 from service.detector import Detector, ImageEmbedding
 from service.fewshot import (
     DENSE_RADIUS,
+    DENSE_SQUASH,
     ReferenceMemory,
     ReferenceMemoryError,
     association,
@@ -280,10 +281,11 @@ def test_detect_uses_the_memory_without_a_heatmap_too(cnn):
 
 # --- the dense bank (CNN towers) --------------------------------------------------------------------------------------
 def _dense_reference(query: ImageEmbedding, refs: list[ImageEmbedding], zero_image: float, zs_map: list[float],
-                     fs_map: list[float], grid, radius: float = DENSE_RADIUS) -> tuple[float, torch.Tensor]:
+                     fs_map: list[float], grid, radius: float = DENSE_RADIUS, squash: float = DENSE_SQUASH
+                     ) -> tuple[float, torch.Tensor]:
     """Image score and final map [dh, dw] with a dense bank, cell by cell: the scale q is the 99th percentile of each
     shot's cells' nearest-neighbour association among the OTHER shots' cells within `radius` cells of it;
-    t = tanh(d / 2q), d the same search against every shot; few-shot map = (WinCLIP+ few-shot map upsampled + t) / 2;
+    t = tanh(d / (squash q)), d the same search against every shot; few-shot map = (WinCLIP+ few-shot map upsampled + t) / 2;
     final = (zero-shot map upsampled + few-shot map) / 2."""
     dh, dw = query.dense_grid
 
@@ -297,20 +299,23 @@ def _dense_reference(query: ImageEmbedding, refs: list[ImageEmbedding], zero_ima
     own = [nearest(r.dense[p], p, [o for j, o in enumerate(refs) if j != i])
            for i, r in enumerate(refs) for p in range(r.dense.shape[0])]
     q = float(torch.quantile(torch.tensor(own), 0.99))
-    t = torch.tensor([math.tanh(nearest(query.dense[p], p, refs) / (2 * q)) for p in range(dh * dw)]).reshape(dh, dw)
+    t = torch.tensor([math.tanh(nearest(query.dense[p], p, refs) / (squash * q)) for p in range(dh * dw)]).reshape(dh, dw)
     up = [F.interpolate(torch.tensor(m, dtype=torch.float32).reshape(1, 1, *grid), size=(dh, dw), mode="bilinear",
                         align_corners=False)[0, 0] for m in (zs_map, fs_map)]
     few = (up[1] + t) / 2
     return (zero_image + float(few.max())) / 2, (up[0] + few) / 2
 
 
-@pytest.mark.parametrize(("k_shot", "radius"), [(2, DENSE_RADIUS), (3, DENSE_RADIUS), (3, 2)])
-def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot, radius, monkeypatch):
+@pytest.mark.parametrize(("k_shot", "radius", "squash"),
+                         [(2, DENSE_RADIUS, DENSE_SQUASH), (3, DENSE_RADIUS, DENSE_SQUASH), (3, 2, DENSE_SQUASH),
+                          (3, DENSE_RADIUS, 1.0)])
+def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot, radius, squash, monkeypatch):
     import functools
 
     import service.fewshot as fewshot
 
     monkeypatch.setattr(fewshot, "dense_near", functools.partial(dense_near, radius=radius))  # the scoring's search
+    monkeypatch.setattr(fewshot, "DENSE_SQUASH", squash)
     det = _detector(cnn)
     refs = _embs(det, _pixels(cnn, k_shot, 10))
     queries = _embs(det, _pixels(cnn, 3, 20))
@@ -323,7 +328,7 @@ def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot, radius, 
         zero_image, zs_map, fs_map = _reference_parts(q, _as_dicts(refs), anchors.normal, anchors.anomalous,
                                                       queries[0].grid, det.window_scales)
         image, final = _dense_reference(queries[got.index(d)], refs, zero_image, zs_map, fs_map, queries[0].grid,
-                                        radius)
+                                        radius, squash)
         assert d.mode == "few_shot" and d.shots == k_shot
         assert abs(d.scores["prompt"] - image) < 1e-4
         assert tuple(d.grid["prompt"].shape) == tuple(final.shape)
