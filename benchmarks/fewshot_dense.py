@@ -52,7 +52,7 @@ def rule_maps(det, embs, zero, memory_w, memory_d, score: str) -> dict[str, tupl
     dh, dw = memory_d.dense_grid
     dense = torch.stack([e.dense for e in embs])
     d = association(dense, memory_d.dense, near=dense_near(memory_d)).reshape(len(embs), dh, dw)
-    t = dense_term(d, memory_d.dense_scale)
+    t = dense_term(d, memory_d.dense_scale, memory_d.dense_squash)
     z_img = torch.tensor([z.scores[score] for z in zero], dtype=torch.float64)
     z_map = upsample_map(torch.stack([torch.as_tensor(z.grid[score]) for z in zero]).float(), (dh, dw))
     w_map = upsample_map(wfs, (dh, dw))

@@ -12,7 +12,7 @@ held-out `benchmarks/fewshot.py` with that radius (`inf`: every cell, what ships
 declared before the runs: the largest sum of image + pixel + deformation AUROC of rule F (the shipped rule) over the
 worlds at 4 shots, adopted only if it beats the shipped setting by 0.5 or more (for the squash, also not below it on
 `product_wide`). Prints each run's output and ends with `RESULT name=fewshot_dense_sweep` (the F sums of
-`fewshot_dense` runs; `fewshot` runs print their own RESULT line above it).
+`fewshot_dense` runs, over the worlds and per world; `fewshot` runs print their own RESULT line above it).
 """
 from __future__ import annotations
 
@@ -58,6 +58,12 @@ def main() -> None:
             found = re.search(r" F ([\d.]+)", out.getvalue().split("sum of")[-1])
             if found:
                 sums[f"r{radius}_s{squash}"] = float(found.group(1))
+            # each world's F sum at the largest shot count (the squash rule also looks at product_wide alone)
+            per_world = re.findall(r"(\w+)_k(\d+)_F=([\d.]+)/([\d.]+)/([\d.]+)", out.getvalue())
+            top = max((int(k) for _, k, *_ in per_world), default=0)
+            for world, k, *figures in per_world:
+                if int(k) == top:
+                    sums[f"r{radius}_s{squash}_{world}"] = sum(float(f) for f in figures)
     print("RESULT name=fewshot_dense_sweep " + " ".join(f"F_sum_{k}={v:.1f}" for k, v in sums.items()))
 
 

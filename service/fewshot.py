@@ -19,11 +19,13 @@ CNN towers add a **dense bank** (not in anomalib's WinCLIP, which has ViTs only)
 (`windows.dense_features`: layer2, 3x3-averaged, channels pooled to 64, a finer grid than the final map), compared
 as PatchCore compares patches, at most DENSE_MAX_ROWS rows (coreset). Its association d is put on the scale of the
 good parts' own spread, tanh(d / (DENSE_SQUASH q)), where q is the 99th percentile of each shot's association with
-the other shots (so it needs 2 or more shots; a one-shot memory has no dense bank). Bank rows remember their cell, so the
-search can be limited to cells within DENSE_RADIUS of the query cell's position (Chebyshev distance on the dense
-grid; every remaining cell when the coreset or leave-one-out left none there). It is unlimited (inf): radius 2 won
-on the tuning kinds and lost badly on the held-out ones (a rotated elongated part leaves its own cells), README
-"Few-shot mode". With a dense bank the few-shot map is, on the dense grid,
+the other shots (so it needs 2 or more shots; a one-shot memory has no dense bank). A memory records the squash it
+was built with (`dense_squash`; memories stored before it was recorded were made with 2), so that its scores keep
+agreeing with the thresholds fitted on them. Bank rows remember their cell, so the search can be limited to cells
+within DENSE_RADIUS of the query cell's position (Chebyshev distance on the dense grid; every remaining cell when
+the coreset or leave-one-out left none there). It is unlimited (inf): radius 2 won on the tuning kinds and lost
+badly on the held-out ones (a rotated elongated part leaves its own cells), README "Few-shot mode". With a dense
+bank the few-shot map is, on the dense grid,
       few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (DENSE_SQUASH q))) / 2
 and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
 kinds (tuning seed, never the held-out kinds): README "Few-shot mode". Opt-in (`build_memory(dense=True)`, setting
@@ -58,6 +60,7 @@ DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' lea
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
 DENSE_RADIUS = math.inf  # dense cells around its own position a query cell is compared with (inf: all of them)
 DENSE_SQUASH = 4.0  # the dense term is tanh(d / (DENSE_SQUASH * q)): 4 won over 2 (and 1) on the tuning worlds
+LEGACY_DENSE_SQUASH = 2.0  # what memories stored before the squash was recorded were made (and calibrated) with
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
            "greedy_coreset", "association", "dense_near", "dense_term", "few_shot_map", "combine_few_shot", "model_ref",
@@ -92,6 +95,7 @@ class ReferenceMemory:
     dense_grid: tuple[int, int] | None = None
     dense_scale: float | None = None  # q: the shots' leave-one-out association quantile (DENSE_QUANTILE)
     dense_pos: torch.Tensor | None = None  # [M_d] long: each dense row's cell (row-major); None: global search
+    dense_squash: float | None = None  # DENSE_SQUASH when the memory was built: its thresholds were fitted with it
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -118,7 +122,7 @@ class ReferenceMemory:
                 "scales": list(self.scales), "stride": self.stride, "model": dict(self.model), "rows": self.rows,
                 "patch_dim": int(self.patches.shape[-1]), "embed_dim": int(self.global_emb.shape[-1]),
                 "dense_grid": list(self.dense_grid) if self.dense_grid is not None else None,
-                "dense_scale": self.dense_scale, **self.meta}
+                "dense_scale": self.dense_scale, "dense_squash": self.dense_squash, **self.meta}
 
     def incompatibility(self, model: Mapping[str, str], scales: Sequence[int], stride: int,
                         grid: tuple[int, int] | None = None) -> str | None:
@@ -164,19 +168,20 @@ class ReferenceMemory:
             grid = (int(header["grid"][0]), int(header["grid"][1]))
             model = {k: str(v) for k, v in header["model"].items()}
             stride = int(header["stride"])
-            dense, dense_src, dense_grid, dense_scale, dense_pos = None, None, None, None, None
+            dense, dense_src, dense_grid, dense_scale, dense_pos, dense_squash = None, None, None, None, None, None
             if header.get("dense_grid") is not None:
                 dense, dense_src = tensors["dense"].float(), tensors["dense_src"].long()
                 dense_grid = (int(header["dense_grid"][0]), int(header["dense_grid"][1]))
                 dense_scale = float(header["dense_scale"])
                 dense_pos = tensors.get("dense_pos")  # older memories have none: their search is unlimited
+                dense_squash = float(header.get("dense_squash") or LEGACY_DENSE_SQUASH)  # older: made with 2
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ReferenceMemoryError(f"reference memory is incomplete: {exc!r}") from None
         banks = [(patches, patch_src)] + [(windows[s], window_src[s]) for s in scales]
         if dense is not None:
             banks.append((dense, dense_src))
-            if not math.isfinite(dense_scale) or dense_scale <= 0:
-                raise ReferenceMemoryError("reference memory has a bad dense scale")
+            if not math.isfinite(dense_scale) or dense_scale <= 0 or not math.isfinite(dense_squash) or dense_squash <= 0:
+                raise ReferenceMemoryError("reference memory has a bad dense scale or squash")
         dims = {w.shape[-1] for w in windows.values()} | {glob.shape[-1]}
         if (shots < 1 or glob.shape[0] != shots or len(dims) != 1 or any(
                 b.ndim != 2 or src.shape != (b.shape[0],) or b.shape[0] == 0 for b, src in banks)
@@ -190,11 +195,11 @@ class ReferenceMemory:
             dense_pos = dense_pos.long()
         meta = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
         return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta, dense, dense_src,
-                   dense_grid, dense_scale, dense_pos)
+                   dense_grid, dense_scale, dense_pos, dense_squash)
 
 
 _HEADER_KEYS = {"format", "format_version", "shots", "grid", "scales", "stride", "model", "rows", "patch_dim",
-                "embed_dim", "dense_grid", "dense_scale"}
+                "embed_dim", "dense_grid", "dense_scale", "dense_squash"}
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -301,6 +306,7 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
         own = association(torch.stack(rows), memory.dense, memory.dense_src, torch.arange(len(embs)),
                           near=dense_near(memory))
         memory.dense_scale = max(float(torch.quantile(own.flatten(), DENSE_QUANTILE)), 1e-6)
+        memory.dense_squash = float(DENSE_SQUASH)  # read when built: the memory keeps it, with its thresholds
     return memory
 
 
@@ -352,10 +358,11 @@ def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor 
     return (1.0 - best.clamp(-1.0, 1.0)) / 2.0
 
 
-def dense_term(d: torch.Tensor, scale: float) -> torch.Tensor:
-    """The dense association d on the good parts' own spread q, squashed into [0, 1): tanh(d / (DENSE_SQUASH q)).
-    A larger DENSE_SQUASH keeps the term below saturation for more of the range (README "Few-shot mode")."""
-    return torch.tanh(d / (DENSE_SQUASH * scale))
+def dense_term(d: torch.Tensor, scale: float, squash: float) -> torch.Tensor:
+    """The dense association d on the good parts' own spread q, squashed into [0, 1): tanh(d / (squash q)), with
+    the memory's squash (DENSE_SQUASH when it was built). A larger squash keeps the term below saturation for more
+    of the range (README "Few-shot mode")."""
+    return torch.tanh(d / (squash * scale))
 
 
 def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, memory: ReferenceMemory,
@@ -384,7 +391,8 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
         raise ReferenceMemoryError(f"the memory's dense bank is {dh}x{dw} cells of width {memory.dense.shape[-1]}, "
                                    f"the query's {dense.shape[1]} cells of width {dense.shape[-1]}")
     d = association(dense, memory.dense, memory.dense_src, exclude, near=dense_near(memory)).reshape(b, dh, dw)
-    return (upsample_map(winclip, (dh, dw)) + dense_term(d, memory.dense_scale)) / 2
+    squash = memory.dense_squash if memory.dense_squash is not None else LEGACY_DENSE_SQUASH
+    return (upsample_map(winclip, (dh, dw)) + dense_term(d, memory.dense_scale, squash)) / 2
 
 
 def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor

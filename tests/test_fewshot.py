@@ -10,6 +10,7 @@ anomalib does.
 from __future__ import annotations
 
 import math
+from dataclasses import replace
 
 import pytest
 import torch
@@ -334,6 +335,34 @@ def test_dense_bank_score_and_map_match_the_slow_reference(cnn, k_shot, radius, 
         assert tuple(d.grid["prompt"].shape) == tuple(final.shape)
         assert float(abs(torch.tensor(d.grid["prompt"]) - final).max()) < 1e-4
         assert d.heat["prompt"].shape == (cnn.image_size, cnn.image_size)
+
+
+def test_a_memory_keeps_the_squash_it_was_built_with_and_older_memories_read_as_two(cnn, monkeypatch):
+    """Stored thresholds were fitted with the memory's squash: a later DENSE_SQUASH must not change its scores."""
+    import json
+
+    from safetensors.torch import load, save
+
+    import service.fewshot as fewshot
+
+    det = _detector(cnn)
+    refs, queries = _embs(det, _pixels(cnn, 3, 12)), _embs(det, _pixels(cnn, 2, 21))
+    monkeypatch.setattr(fewshot, "DENSE_SQUASH", 4.0)
+    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=True)
+    before = [d.scores["prompt"] for d in det.score(queries, memory=memory)]
+    monkeypatch.setattr(fewshot, "DENSE_SQUASH", 1.0)
+    back = ReferenceMemory.from_bytes(memory.to_bytes())
+    assert back.dense_squash == 4.0 and back.header()["dense_squash"] == 4.0
+    assert [d.scores["prompt"] for d in det.score(queries, memory=back)] == pytest.approx(before, abs=1e-9)
+    # a memory stored before the squash was recorded: made, and calibrated, with tanh(d / 2q)
+    data = memory.to_bytes()
+    header = json.loads(fewshot._safetensors_metadata(data)["zsad"])
+    del header["dense_squash"]
+    legacy = ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps(header)}))
+    assert legacy.dense_squash == fewshot.LEGACY_DENSE_SQUASH == 2.0
+    as_two = [d.scores["prompt"] for d in det.score(queries, memory=replace(memory, dense_squash=2.0))]
+    assert [d.scores["prompt"] for d in det.score(queries, memory=legacy)] == pytest.approx(as_two, abs=1e-9)
+    assert as_two != pytest.approx(before, abs=1e-6)
 
 
 def test_dense_bank_needs_two_shots_can_be_switched_off_and_survives_serialisation(cnn):
