@@ -147,9 +147,17 @@ class ClipBackend:
 
     @torch.inference_mode()
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
-        """Global embeddings [B, D] (float32, on the model's device) of preprocessed pixels [B, 3, S, S]."""
-        raw = self.model.encode_image(pixels.to(self.device, self.dtype))
-        return self.finish_image(raw)
+        """Global embeddings [B, D] (float32, on the model's device) of preprocessed pixels [B, 3, S, S].
+
+        A CNN tower's attention pool runs for its one output token (`windows.cnn_global_embeddings`, equal to the
+        module's forward up to float rounding); `benchmarks/global_pool.py` times both."""
+        from .windows import cnn_feature_map, cnn_global_embeddings
+
+        pixels = pixels.to(self.device, self.dtype)
+        visual = self.model.visual
+        if is_resnet(visual):
+            return self.finish_image(cnn_global_embeddings(visual, cnn_feature_map(visual, pixels)))
+        return self.finish_image(self.model.encode_image(pixels))
 
 
 def _finish(raw: torch.Tensor, center: torch.Tensor | None) -> torch.Tensor:

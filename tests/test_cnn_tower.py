@@ -4,7 +4,7 @@ import pytest
 import torch
 
 from service.cnn_tower import FINE_TOWER, apply_tower, cnn_stride, fold_batchnorm, resize_attnpool
-from service.windows import cnn_feature_map, cnn_window_embeddings, feature_grid
+from service.windows import cnn_feature_map, cnn_global_embeddings, cnn_window_embeddings, feature_grid
 
 
 def _clip(image_size: int, tower=None):
@@ -36,6 +36,22 @@ def test_whole_map_window_equals_encode_image():
         win = cnn_window_embeddings(model.visual, fmap, torch.arange(144).view(1, -1), chunk=8)[:, 0]
         full = model.visual(x)
     torch.testing.assert_close(win, full, rtol=1e-4, atol=1e-4)
+
+
+@pytest.mark.parametrize(("size", "tower"), [(64, None), (96, FINE_TOWER)])
+def test_the_one_token_attention_pool_equals_the_modules_forward(size, tower):
+    """`cnn_global_embeddings` (what ClipBackend.encode_image runs for CNN towers) against open_clip's attnpool, which
+    computes every token and keeps the first; the weights are trained-like (non-zero biases, scaled positions)."""
+    model = _clip(size, tower)
+    pool = model.visual.attnpool
+    with torch.no_grad():
+        for proj in (pool.q_proj, pool.k_proj, pool.v_proj, pool.c_proj):
+            proj.bias.normal_(0, 0.5)
+        pool.positional_embedding.mul_(3)
+        x = torch.randn(3, 3, size, size)
+        fmap = cnn_feature_map(model.visual, x)
+        torch.testing.assert_close(cnn_global_embeddings(model.visual, fmap), pool(fmap), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(cnn_global_embeddings(model.visual, fmap), model.visual(x), rtol=1e-5, atol=1e-5)
 
 
 def test_resize_attnpool_keeps_the_class_row_and_unknown_options_fail():
