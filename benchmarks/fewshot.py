@@ -1,7 +1,7 @@
 """Few-shot mode (WinCLIP+) on the embedded model: quality with 0 / 1 / 4 (...) shots on the held-out kinds, per kind,
 and the CPU cost per image with 1, 4, 16, 64 shots against the zero-shot request it replaces.
 
-    python benchmarks/fewshot.py [--store model_store] [--seed 20261126] [--shots 0,1,4] [--world product,random]
+    python benchmarks/fewshot.py [--store model_store] [--seed 20261126] [--shots 0,1,4] [--world product,product_wide,random]
                                  [--cost-shots 1,4,16,64] [--kinds hex_nut,pill,leather]
 
 What it measures. Quality: for each world (`benchmarks/_product_sets.py`) a synthetic MVTec-layout set of the held-out

@@ -2,7 +2,7 @@
 module's forward, on the shipped CLIP.
 
 open_clip's `AttentionPool2d` queries every token of the final map and projects every token's output, then keeps the
-first; `ClipBackend.encode_image` runs `windows.cnn_global_embeddings` instead (only that token's query and output).
+first; `ClipBackend.encode_image` runs `cnn_tower.resnet_global` instead (only that token's query and output).
 Measured: CPU time per image of the tower (`time.process_time`, one torch thread, channels-last input as served,
 the two alternating within each repetition) at 4 images (a request's test-time views) and 16; the largest
 difference of the embeddings (fp32); and a zero-shot request without heatmap (`Detector.detect`, `--threads` torch

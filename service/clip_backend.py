@@ -30,7 +30,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cnn_tower import apply_tower, fold_batchnorm, is_resnet
+from .cnn_tower import apply_tower, fold_batchnorm, is_resnet, resnet_global
 from .constants import CLIP_MEAN, CLIP_STD
 from .heap import trim_heap
 from .store import ModelStore, StoreError, sha256_file
@@ -149,14 +149,12 @@ class ClipBackend:
     def encode_image(self, pixels: torch.Tensor) -> torch.Tensor:
         """Global embeddings [B, D] (float32, on the model's device) of preprocessed pixels [B, 3, S, S].
 
-        A CNN tower's attention pool runs for its one output token (`windows.cnn_global_embeddings`, equal to the
+        A CNN tower's attention pool runs for its one output token (`cnn_tower.resnet_global`, equal to the
         module's forward up to float rounding); `benchmarks/global_pool.py` times both."""
-        from .windows import cnn_feature_map, cnn_global_embeddings
-
         pixels = pixels.to(self.device, self.dtype)
         visual = self.model.visual
         if is_resnet(visual):
-            return self.finish_image(cnn_global_embeddings(visual, cnn_feature_map(visual, pixels)))
+            return self.finish_image(resnet_global(visual, pixels))
         return self.finish_image(self.model.encode_image(pixels))
 
 

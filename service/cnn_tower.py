@@ -117,3 +117,30 @@ def fold_batchnorm(visual: nn.Module) -> int:
             setattr(module, bn_name, nn.Identity())
             folded += 1
     return folded
+
+
+def resnet_global(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
+    """A ModifiedResNet's output [B, D] for pixels at its native size: stem, layers, then the attention pool for its
+    one output token (`attnpool_first_token`). Equal to `visual(pixels)` up to float rounding, for less work."""
+    x = visual.stem(pixels)
+    x = visual.layer4(visual.layer3(visual.layer2(visual.layer1(x))))
+    pool = visual.attnpool
+    if not all(type(getattr(pool, n)) is nn.Linear for n in ("q_proj", "k_proj", "v_proj", "c_proj")):
+        return pool(x)  # swapped projections (e.g. benchmarks/int8.py's quantised ones): the module's own forward
+    return attnpool_first_token(pool, x)
+
+
+def attnpool_first_token(pool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
+    """What open_clip's `AttentionPool2d` returns for a final map [B, C, h, w]: its first (mean) token's output.
+
+    The module queries every token and projects every token's output, then keeps the first; here only that
+    token's query and output are computed (`benchmarks/global_pool.py` times both). Keys and values are the same."""
+    b, c, h, w = fmap.shape
+    heads = pool.num_heads
+    x = fmap.reshape(b, c, h * w).transpose(1, 2)  # [B, h*w, C]
+    x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)
+    q = F.linear(x[:, :1], pool.q_proj.weight, pool.q_proj.bias)
+    k = F.linear(x, pool.k_proj.weight, pool.k_proj.bias)
+    v = F.linear(x, pool.v_proj.weight, pool.v_proj.bias)
+    o = F.scaled_dot_product_attention(*(t.reshape(b, -1, heads, c // heads).transpose(1, 2) for t in (q, k, v)))
+    return F.linear(o.reshape(b, c), pool.c_proj.weight, pool.c_proj.bias)

@@ -54,7 +54,8 @@ from .aggregate import harmonic_patch_map, upsample_map
 from .memory_store import FORMAT, read_header
 from .window_grid import window_indices
 
-FORMAT_VERSION = 1
+FORMAT_VERSION = 2  # 2: the header records dense_squash (so older code refuses a memory it would mis-score)
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1: made before the squash was recorded, read as LEGACY_DENSE_SQUASH
 MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
 DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
@@ -156,8 +157,9 @@ class ReferenceMemory:
             raise ReferenceMemoryError(f"not a readable reference memory ({type(exc).__name__}: {exc})") from None
         if not isinstance(header, dict) or header.get("format") != FORMAT:
             raise ReferenceMemoryError("not a zsad reference memory (no header)")
-        if header.get("format_version") != FORMAT_VERSION:
-            raise ReferenceMemoryError(f"reference memory format {header.get('format_version')} is not {FORMAT_VERSION}")
+        if header.get("format_version") not in READABLE_FORMAT_VERSIONS:
+            raise ReferenceMemoryError(f"reference memory format {header.get('format_version')} is not one of "
+                                       f"{READABLE_FORMAT_VERSIONS}")
         try:
             scales = [int(s) for s in header["scales"]]
             windows = {s: tensors[f"w{s}"].float() for s in scales}
@@ -174,7 +176,8 @@ class ReferenceMemory:
                 dense_grid = (int(header["dense_grid"][0]), int(header["dense_grid"][1]))
                 dense_scale = float(header["dense_scale"])
                 dense_pos = tensors.get("dense_pos")  # older memories have none: their search is unlimited
-                dense_squash = float(header.get("dense_squash") or LEGACY_DENSE_SQUASH)  # older: made with 2
+                squash = header.get("dense_squash")  # format 1 has none: made (and calibrated) with 2
+                dense_squash = float(LEGACY_DENSE_SQUASH if squash is None else squash)
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ReferenceMemoryError(f"reference memory is incomplete: {exc!r}") from None
         banks = [(patches, patch_src)] + [(windows[s], window_src[s]) for s in scales]

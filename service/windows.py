@@ -376,30 +376,6 @@ def project_cells(visual: nn.Module, fmap: torch.Tensor) -> CellProjections:
     return CellProjections(raw=raw, pos=pos, kv=raw[..., c:] + pos[1:, c:])  # keys/values once, for every scale
 
 
-def cnn_global_embeddings(visual: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
-    """What `visual.attnpool` returns for a final feature map [B, C, h, w] (its mean token's output [B, D]), for less
-    work (`benchmarks/global_pool.py`).
-
-    open_clip's pool queries every token and projects every token's output, then keeps the first. Here only that
-    token's query and output are computed; the cells' keys and values come from one projection each, the mean
-    token's as the mean of the cells' (the projections are linear), and the positional rows with their biases are
-    cached per grid (`_projected_positions`)."""
-    pool = visual.attnpool
-    b, c, h, w = fmap.shape
-    heads = pool.num_heads
-    cells = fmap.reshape(b, c, h * w).transpose(1, 2)  # [B, h*w, C]
-    pos = _projected_positions(pool, (h, w), fmap.dtype)  # [1 + h*w, 3C]
-    k = F.linear(cells, pool.k_proj.weight)
-    v = F.linear(cells, pool.v_proj.weight)
-    keys = torch.cat([k.mean(1, keepdim=True), k], dim=1) + pos[:, c:2 * c]  # [B, 1 + h*w, C]
-    values = torch.cat([v.mean(1, keepdim=True), v], dim=1) + pos[:, 2 * c:]
-    query = F.linear(cells.mean(1), pool.q_proj.weight) + pos[0, :c]  # [B, C]
-    o = F.scaled_dot_product_attention(query.view(b, heads, 1, c // heads),
-                                       keys.view(b, -1, heads, c // heads).transpose(1, 2),
-                                       values.view(b, -1, heads, c // heads).transpose(1, 2))
-    return F.linear(o.reshape(b, c), pool.c_proj.weight, pool.c_proj.bias)
-
-
 def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.Tensor, chunk: int,
                           cells: CellProjections | None = None) -> torch.Tensor:
     """Raw window embeddings [B, n_windows, D] pooling each window's cells of `fmap` [B, C, h, w] via `attnpool`.

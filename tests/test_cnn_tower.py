@@ -3,8 +3,16 @@ from the store, and window pooling over the whole map still equals the global em
 import pytest
 import torch
 
-from service.cnn_tower import FINE_TOWER, apply_tower, cnn_stride, fold_batchnorm, resize_attnpool
-from service.windows import cnn_feature_map, cnn_global_embeddings, cnn_window_embeddings, feature_grid
+from service.cnn_tower import (
+    FINE_TOWER,
+    apply_tower,
+    attnpool_first_token,
+    cnn_stride,
+    fold_batchnorm,
+    resize_attnpool,
+    resnet_global,
+)
+from service.windows import cnn_feature_map, cnn_window_embeddings, feature_grid
 
 
 def _clip(image_size: int, tower=None):
@@ -40,7 +48,7 @@ def test_whole_map_window_equals_encode_image():
 
 @pytest.mark.parametrize(("size", "tower"), [(64, None), (96, FINE_TOWER)])
 def test_the_one_token_attention_pool_equals_the_modules_forward(size, tower):
-    """`cnn_global_embeddings` (what ClipBackend.encode_image runs for CNN towers) against open_clip's attnpool, which
+    """`resnet_global` (what ClipBackend.encode_image runs for CNN towers) against open_clip's attnpool, which
     computes every token and keeps the first; the weights are trained-like (non-zero biases, scaled positions)."""
     model = _clip(size, tower)
     pool = model.visual.attnpool
@@ -50,8 +58,8 @@ def test_the_one_token_attention_pool_equals_the_modules_forward(size, tower):
         pool.positional_embedding.mul_(3)
         x = torch.randn(3, 3, size, size)
         fmap = cnn_feature_map(model.visual, x)
-        torch.testing.assert_close(cnn_global_embeddings(model.visual, fmap), pool(fmap), rtol=1e-5, atol=1e-5)
-        torch.testing.assert_close(cnn_global_embeddings(model.visual, fmap), model.visual(x), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(attnpool_first_token(pool, fmap), pool(fmap), rtol=1e-5, atol=1e-5)
+        torch.testing.assert_close(resnet_global(model.visual, x), model.visual(x), rtol=1e-5, atol=1e-5)
 
 
 def test_resize_attnpool_keeps_the_class_row_and_unknown_options_fail():

@@ -357,9 +357,15 @@ def test_a_memory_keeps_the_squash_it_was_built_with_and_older_memories_read_as_
     # a memory stored before the squash was recorded: made, and calibrated, with tanh(d / 2q)
     data = memory.to_bytes()
     header = json.loads(fewshot._safetensors_metadata(data)["zsad"])
+    assert header["format_version"] == fewshot.FORMAT_VERSION == 2  # older code refuses it rather than mis-score it
     del header["dense_squash"]
+    header["format_version"] = 1
     legacy = ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps(header)}))
     assert legacy.dense_squash == fewshot.LEGACY_DENSE_SQUASH == 2.0
+    with pytest.raises(fewshot.ReferenceMemoryError, match="format 3"):
+        ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps({**header, "format_version": 3})}))
+    with pytest.raises(fewshot.ReferenceMemoryError, match="squash"):
+        ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps({**header, "dense_squash": 0})}))
     as_two = [d.scores["prompt"] for d in det.score(queries, memory=replace(memory, dense_squash=2.0))]
     assert [d.scores["prompt"] for d in det.score(queries, memory=legacy)] == pytest.approx(as_two, abs=1e-9)
     assert as_two != pytest.approx(before, abs=1e-6)

@@ -530,6 +530,7 @@ async def calibrate_few_shot(state: AppState, uploads: list[Upload], product: st
     info = {"shots": memory.shots, "rows": memory.rows, "coreset": memory.meta.get("coreset") or {},
             "bytes": len(data), "model": model, "line": line,
             "dense_grid": list(memory.dense_grid) if memory.dense_grid else None, "dense_scale": memory.dense_scale,
+            "dense_squash": memory.dense_squash,
             "dense_note": memory.meta.get("dense")}  # why there is no dense bank, when there is none
     summary = {k: v for k, v in dist.items() if k not in ("scores", "histogram")}
     summary["model"] = model

@@ -40,6 +40,8 @@ def model_key(detector: Detector, heatmap: bool) -> str:
         "dense": f"layer2-avg3-c{DENSE_DIM}" if heatmap and s.reference_dense else "",
         # a CNN tower with its BatchNorms folded at load rounds differently (caches made before it are not reused)
         "batchnorms_folded": backend.info.get("batchnorms_folded", 0),
+        # and its global embedding from the one-token attention pool (`cnn_tower.resnet_global`) rounds differently
+        "global_pool": "first-token",
     }
     return hashlib.sha256(json.dumps(parts, sort_keys=True).encode()).hexdigest()[:20]
 

@@ -10,6 +10,7 @@ from fastapi.testclient import TestClient
 
 from service.api.app import create_app
 from service.db.engine import database_url
+from service.fewshot import DENSE_SQUASH
 from tests.conftest import publish_tiny_model
 
 from .helpers import image_bytes, make_settings, wait_ready
@@ -57,6 +58,7 @@ def test_few_shot_lifecycle(served, capsys):
     assert zero["scores"] != body["scores"]
     # a CNN tower's memory has the dense bank, and a few-shot map is on its finer grid
     assert cal["reference"]["rows"]["dense"] > 0 and cal["reference"]["dense_scale"] > 0
+    assert cal["reference"]["dense_squash"] == DENSE_SQUASH  # the squash its thresholds were fitted with
     few_grid = _detect(c, 1, product="nut", heatmap="json")["heatmap"]
     zero_grid = _detect(c, 1, heatmap="json")["heatmap"]
     assert few_grid["rows"] == cal["reference"]["dense_grid"][0] > zero_grid["rows"]
