@@ -272,7 +272,7 @@ class Detector:
 
         `dense`: also the few-shot dense bank's features (CNN towers, with `heatmap`); None: when the settings build
         memories with a dense bank (`reference_dense`), so that a memory and the images scored against it agree."""
-        from .tta import encode_global
+        from .tta import average_embeddings, encode_global
         from .windows import embed_image_and_windows
 
         s = self.settings
@@ -286,10 +286,12 @@ class Detector:
             return [ImageEmbedding(glob[i], {}, (0, 0), g) for i, g in enumerate(geoms)]
         emb = embed_image_and_windows(
             self.backend, pixels, self.window_scales, s.window_stride, s.window_chunk, s.cnn_window_mode, timings,
-            dense=s.reference_dense if dense is None else dense,
+            dense=s.reference_dense if dense is None else dense, extra_views=self._views_in_window_pass(pixels),
         )
         glob = emb.global_emb
-        if self.tta_views > 1:
+        if emb.view_globals is not None:  # the views shared the window pass's backbone forward
+            glob = average_embeddings([glob, *emb.view_globals.split(len(geoms))]).to(glob.dtype)
+        elif self.tta_views > 1:
             t = time.perf_counter()
             glob = encode_global(self.backend, pixels, self.tta_views, identity=glob)
             lap(timings, "embed", t)
@@ -299,6 +301,23 @@ class Detector:
                            emb.dense[i] if emb.dense is not None else None, emb.dense_grid)
             for i, g in enumerate(geoms)
         ]
+
+    def _views_in_window_pass(self, pixels: torch.Tensor) -> torch.Tensor | None:
+        """The test-time views (all but the identity) to run in the heatmap pass's backbone forward, or None.
+
+        A CNN tower in attnpool mode pools the views from the same forward as the windows. On the CPU only while that
+        forward stays within `tta.CPU_IMAGES_PER_FORWARD` images (larger forwards get slower per image), which a
+        single-image request with 4 views does: one forward of 4 images instead of 1 and then 3."""
+        from .cnn_tower import is_resnet
+        from .tta import CPU_IMAGES_PER_FORWARD, dihedral_views
+
+        n, b = self.tta_views, pixels.shape[0]
+        visual = getattr(getattr(self.backend, "model", None), "visual", None)
+        if n < 2 or self.settings.cnn_window_mode != "attnpool" or visual is None or not is_resnet(visual):
+            return None
+        if self.backend.device.type == "cpu" and n * b > max(b, CPU_IMAGES_PER_FORWARD):
+            return None
+        return torch.cat(dihedral_views(pixels, n)[1:])
 
     @torch.inference_mode()
     def score(

@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cnn_tower import cnn_stride
+from .cnn_tower import attnpool_first_token, cnn_stride
 from .fast_transformer import block_forward, block_ok
 from .timing import lap
 from .window_grid import window_boxes, window_indices
@@ -478,6 +478,8 @@ class Embeddings:
     the joint space): what the few-shot memory compares cell by cell (`fewshot.py`). None in crop mode.
     `dense` [B, h'*w', C] (CNN towers in attnpool mode, when asked) are mid-level features on the finer `dense_grid`
     (`dense_features`), the few-shot memory's dense bank.
+    `view_globals` [V*B, D] are the global embeddings of further views passed as `extra_views` (CNN towers in
+    attnpool mode; None otherwise), in the order given.
     """
 
     global_emb: torch.Tensor
@@ -487,6 +489,7 @@ class Embeddings:
     patches: torch.Tensor | None = None
     dense: torch.Tensor | None = None  # [B, h'*w', C] CNN mid-level features (`dense_features`); None otherwise
     dense_grid: tuple[int, int] | None = None
+    view_globals: torch.Tensor | None = None  # [V*B, D] global embeddings of `extra_views` (CNN attnpool mode)
 
 
 @torch.inference_mode()
@@ -500,6 +503,7 @@ def embed_image_and_windows(
     timings: dict[str, float] | None = None,
     global_pixels: torch.Tensor | None = None,
     dense: bool = False,
+    extra_views: torch.Tensor | None = None,
 ) -> Embeddings:
     """Global + window embeddings of preprocessed `pixels` [B, 3, H, W] (H, W multiples of the patch / CNN stride).
 
@@ -511,6 +515,9 @@ def embed_image_and_windows(
     `pixels` is an upsampled copy (for a finer CNN grid), pass the native-size image as `global_pixels` to take the
     global embedding from `encode_image` on it instead. `timings`, when given, accumulates seconds per stage.
     `dense` (CNN attnpool mode): also the mid-level features of the few-shot dense bank, only made when asked.
+    `extra_views` [V*B, 3, H, W] (CNN attnpool mode; ignored otherwise): further images, e.g. the test-time views,
+    that share the backbone pass and get only a global embedding (`view_globals`): one forward of B(1 + V) images
+    costs less than a forward of B and another of V*B (batch 1 runs the convolutions least efficiently).
     """
     if cnn_mode not in ("attnpool", "crop"):
         raise ValueError(f"unknown cnn window mode {cnn_mode!r} (use 'attnpool' or 'crop')")
@@ -526,6 +533,7 @@ def embed_image_and_windows(
     t0 = time.perf_counter()
     own_global = global_pixels is None
     glob = torch.empty(0)
+    view_globals = None
     patch_out: list[torch.Tensor] = []
     want_dense, dense, dense_grid = dense, None, None
     if kind == "vit":
@@ -536,7 +544,13 @@ def embed_image_and_windows(
         if vit_glob is not None:
             glob = vit_glob
     elif cnn_mode == "attnpool":
-        mid, fmap = cnn_feature_maps(visual, x)
+        b = x.shape[0]
+        if extra_views is not None:
+            mid, fmap = cnn_feature_maps(visual, torch.cat([x, extra_views.to(x.device, x.dtype)]))
+            view_globals = backend.finish_image(attnpool_first_token(visual.attnpool, fmap[b:]))
+            mid, fmap = mid[:b], fmap[:b]
+        else:
+            mid, fmap = cnn_feature_maps(visual, x)
         if want_dense:
             dense, dense_grid = dense_features(mid)
         cells = project_cells(visual, fmap)  # once for the patches, the global and every scale
@@ -563,5 +577,5 @@ def embed_image_and_windows(
     lap(timings, "windows", t0)
     patches = F.normalize(patch_out[0].float(), dim=-1) if patch_out else None
     return Embeddings(global_emb=backend.finish_image(glob), windows=windows, grid=grid, indices=indices,
-                      patches=patches, dense=dense, dense_grid=dense_grid)
+                      patches=patches, dense=dense, dense_grid=dense_grid, view_globals=view_globals)
 

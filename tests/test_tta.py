@@ -101,6 +101,29 @@ def test_detector_with_eight_views_ignores_a_quarter_turn(tta_store):
     assert det.score([with_map])[0].scores == pytest.approx(det.score([without])[0].scores, abs=1e-6)
 
 
+def test_one_image_pools_its_views_from_the_window_pass_forward_and_a_batch_does_not(tta_store, monkeypatch):
+    """Detector.embed with a heatmap: one image's test-time views share the backbone forward of the window pass (one
+    forward of 4 images, not 1 and then 3); a batch whose views would exceed the CPU forward size keeps encode_global.
+    The global embedding is the same either way, and the same as without a heatmap."""
+    det = load_detector(Settings(model_store=tta_store, device="cpu", tta_views=4))
+    calls: list[int] = []
+    original = type(det.backend).encode_image
+
+    def counting(self, x):
+        calls.append(x.shape[0])
+        return original(self, x)
+
+    monkeypatch.setattr(type(det.backend), "encode_image", counting)
+    one = det.embed([_square(7)])[0]
+    assert calls == []  # the three other views were pooled from the window pass's forward
+    batch = det.embed([_square(s) for s in (7, 8, 9)])  # 4 views x 3 images > 8 images in one CPU forward
+    assert sum(calls) == 9  # the three other views of three images, through encode_global
+    assert torch.allclose(one.global_emb, batch[0].global_emb, atol=1e-5)
+    calls.clear()
+    plain = det.embed([_square(7)], heatmap=False)[0]
+    assert sum(calls) == 4 and torch.allclose(one.global_emb, plain.global_emb, atol=1e-5)
+
+
 def test_views_setting_is_read_from_the_environment_and_checked(monkeypatch):
     from pydantic import ValidationError
 
