@@ -9,7 +9,12 @@ memory=...)` with a 16-shot dense memory (the few-shot request, which needs the 
 the zero-shot request without heatmap (`Detector.detect(heatmap=False)`, unchanged), so the few-shot cost ratio of
 `benchmarks/fewshot.py` can be read for both variants.
 
+With `--batches`, also heatmap detection of B images at once (a micro-batch), the views in their own grouped
+forwards against all of them in the window pass's forward regardless of `tta.CPU_WINDOW_PASS_IMAGES` (ms per image):
+where the shared forward stops paying is where that cap belongs.
+
 Usage: .venv/bin/python benchmarks/views_in_window_pass.py [--store model_store] [--repeats 40] [--threads 2]
+                                                          [--batches 4,6,8] [--batch-repeats 12]
 """
 from __future__ import annotations
 
@@ -21,7 +26,9 @@ import tempfile
 import time
 from pathlib import Path
 
+import numpy as np
 import torch
+from PIL import Image
 
 REPO = Path(__file__).resolve().parent.parent
 sys.path.insert(0, str(REPO))
@@ -34,6 +41,7 @@ from service.evaluation.readers import list_images
 from service.fewshot import build_memory, model_ref
 from service.preprocess import load_image
 from service.settings import Settings
+from service.tta import dihedral_views
 
 
 def main() -> int:
@@ -42,6 +50,8 @@ def main() -> int:
     p.add_argument("--repeats", type=int, default=40)
     p.add_argument("--threads", type=int, default=2)
     p.add_argument("--shots", type=int, default=16)
+    p.add_argument("--batches", default="", help="micro-batch sizes for the heatmap comparison, e.g. 4,6,8")
+    p.add_argument("--batch-repeats", type=int, default=12)
     args = p.parse_args()
     torch.set_num_threads(args.threads)
     load0 = os.getloadavg()[0]
@@ -86,6 +96,23 @@ def main() -> int:
     print(f"few-shot ({args.shots} shots) over zero-shot: {fields['few_shot_ratio_own']:.2f} -> "
           f"{fields['few_shot_ratio_shared']:.2f}")
     fields["load_avg_start"], fields["load_avg_end"] = load0, os.getloadavg()[0]
+    for b in (int(v) for v in args.batches.split(",") if v):
+        images = [Image.fromarray(np.random.default_rng(i).integers(0, 255, (256, 256, 3), dtype=np.uint8))
+                  for i in range(b)]
+        per: dict[str, list[float]] = {"own": [], "all": []}
+        for rep in range(args.batch_repeats + 2):  # two warm-up rounds
+            for variant in ("own", "all"):
+                Detector._views_in_window_pass = ((lambda self, px: None) if variant == "own" else
+                                                  (lambda self, px: torch.cat(dihedral_views(px, self.tta_views)[1:])))
+                t = time.perf_counter()
+                det.detect(images, heatmap=True)
+                if rep >= 2:
+                    per[variant].append((time.perf_counter() - t) / b)
+        Detector._views_in_window_pass = shared
+        own, every = (statistics.median(per[k]) * 1000 for k in ("own", "all"))
+        print(f"batch {b}: views in their own forwards {own:.1f} ms/image, all in the window pass ({b * det.tta_views} "
+              f"images) {every:.1f} ms/image")
+        fields.update({f"b{b}_own_ms": own, f"b{b}_all_ms": every})
     print("RESULT name=views_in_window_pass " + " ".join(f"{k}={v:.3g}" for k, v in fields.items()))
     return 0
 

@@ -305,17 +305,17 @@ class Detector:
     def _views_in_window_pass(self, pixels: torch.Tensor) -> torch.Tensor | None:
         """The test-time views (all but the identity) to run in the heatmap pass's backbone forward, or None.
 
-        A CNN tower in attnpool mode pools the views from the same forward as the windows. On the CPU only while that
-        forward stays within `tta.CPU_IMAGES_PER_FORWARD` images (larger forwards get slower per image), which a
-        single-image request with 4 views does: one forward of 4 images instead of 1 and then 3."""
+        A CNN tower in attnpool mode pools the views from the same forward as the windows: for one image with 4 views,
+        one forward of 4 images instead of 1 and then 3. On the CPU only while that forward stays within
+        `tta.CPU_WINDOW_PASS_IMAGES` images (larger forwards get slower per image)."""
         from .cnn_tower import is_resnet
-        from .tta import CPU_IMAGES_PER_FORWARD, dihedral_views
+        from .tta import CPU_WINDOW_PASS_IMAGES, dihedral_views
 
         n, b = self.tta_views, pixels.shape[0]
         visual = getattr(getattr(self.backend, "model", None), "visual", None)
         if n < 2 or self.settings.cnn_window_mode != "attnpool" or visual is None or not is_resnet(visual):
             return None
-        if self.backend.device.type == "cpu" and n * b > max(b, CPU_IMAGES_PER_FORWARD):
+        if self.backend.device.type == "cpu" and n * b > max(b, CPU_WINDOW_PASS_IMAGES):
             return None
         return torch.cat(dihedral_views(pixels, n)[1:])
 

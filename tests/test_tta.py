@@ -6,7 +6,7 @@ from PIL import Image
 from service.constants import VIEW_COUNTS
 from service.detector import load_detector
 from service.settings import Settings
-from service.tta import average_embeddings, dihedral_views, encode_global
+from service.tta import CPU_WINDOW_PASS_IMAGES, average_embeddings, dihedral_views, encode_global
 from tests.conftest import publish_tiny_model
 
 
@@ -103,7 +103,7 @@ def test_detector_with_eight_views_ignores_a_quarter_turn(tta_store):
 
 def test_one_image_pools_its_views_from_the_window_pass_forward_and_a_batch_does_not(tta_store, monkeypatch):
     """Detector.embed with a heatmap: one image's test-time views share the backbone forward of the window pass (one
-    forward of 4 images, not 1 and then 3); a batch whose views would exceed the CPU forward size keeps encode_global.
+    forward of 4 images, not 1 and then 3); a batch whose views would exceed that forward's CPU size keeps encode_global.
     The global embedding is the same either way, and the same as without a heatmap."""
     det = load_detector(Settings(model_store=tta_store, device="cpu", tta_views=4))
     calls: list[int] = []
@@ -116,8 +116,11 @@ def test_one_image_pools_its_views_from_the_window_pass_forward_and_a_batch_does
     monkeypatch.setattr(type(det.backend), "encode_image", counting)
     one = det.embed([_square(7)])[0]
     assert calls == []  # the three other views were pooled from the window pass's forward
-    batch = det.embed([_square(s) for s in (7, 8, 9)])  # 4 views x 3 images > 8 images in one CPU forward
-    assert sum(calls) == 9  # the three other views of three images, through encode_global
+    det.embed([_square(7), _square(8)])
+    assert calls == []  # so were those of a small batch
+    seeds = range(7, 7 + CPU_WINDOW_PASS_IMAGES // 4 + 1)  # 4 views of these images exceed one CPU window pass
+    batch = det.embed([_square(s) for s in seeds])
+    assert sum(calls) == 3 * len(seeds)  # the three other views of every image, through encode_global
     assert torch.allclose(one.global_emb, batch[0].global_emb, atol=1e-5)
     calls.clear()
     plain = det.embed([_square(7)], heatmap=False)[0]
