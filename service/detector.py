@@ -315,7 +315,7 @@ class Detector:
         visual = getattr(getattr(self.backend, "model", None), "visual", None)
         if n < 2 or self.settings.cnn_window_mode != "attnpool" or visual is None or not is_resnet(visual):
             return None
-        if self.backend.device.type == "cpu" and n * b > max(b, CPU_WINDOW_PASS_IMAGES):
+        if self.backend.device.type == "cpu" and n * b > CPU_WINDOW_PASS_IMAGES:
             return None
         return torch.cat(dihedral_views(pixels, n)[1:])
 

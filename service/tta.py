@@ -38,7 +38,7 @@ def average_embeddings(per_view: list[torch.Tensor]) -> torch.Tensor:
 CPU_IMAGES_PER_FORWARD = 8
 # A heatmap pass's backbone forward also takes the batch's other views while it stays within this many images on the
 # CPU (`Detector._views_in_window_pass`): per image, 24 images in one forward beat the window pass plus grouped view
-# forwards, 32 did not (`benchmarks/views_in_window_pass.py --batches 1,4,6,8`).
+# forwards, 32 did not (`benchmarks/views_in_window_pass.py --batches 4,6,8`).
 CPU_WINDOW_PASS_IMAGES = 24
 
 
