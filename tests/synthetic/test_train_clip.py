@@ -80,7 +80,9 @@ def test_published_clip_loads_back_with_the_same_embeddings(tmp_path, trained):
     with torch.no_grad():
         want_img = backend.finish_image(ref.encode_image(pixels))
         want_txt = backend.finish_text(ref.encode_text(backend.tokenizer(texts)))
-    assert torch.allclose(backend.encode_image(pixels), want_img, atol=1e-5)
+    # The loader folds BatchNorms into the convolutions (another rounding than conv then BN): up to 2.3e-5 on an
+    # AVX-512 CPU, on embeddings up to 0.4.
+    assert torch.allclose(backend.encode_image(pixels), want_img, atol=1e-4)
     assert torch.allclose(backend.encode_text(texts), want_txt, atol=1e-4)
     # The centres are the means the manifest names: the centred reference images are not all alike.
     assert backend.encode_image(pixels).std(0).mean() > 0
