@@ -5,6 +5,7 @@
 Variants (one optimiser step = forward + backward + AdamW on `--batch` images with their captions):
 - `v3`: 64-px renders upsampled to 192 px, stride-32 tower (6x6 map), NCHW: the shipped recipe.
 - `v3_cl`: the same in channels-last.
+- `v3_bf16`: `v3_cl` under CPU bf16 autocast (what `train-clip` uses on CPUs with native bf16).
 - `v3_384`: the v3 tower given the 12x12 map the old way (64 px upsampled 6x to 384): what v4's grid cost before.
 - `v4_nchw`, `v4`: 96-px native renders, stride-8 tower (12x12 map), NCHW and channels-last (the v4 recipe).
 - `v4_bf16`: v4 under CPU bf16 autocast: without AMX/AVX-512-BF16 it runs a plain path (measured, not used).
@@ -36,6 +37,7 @@ def _variant(name: str) -> tuple[TrainClipConfig, bool, bool]:
     return {
         "v3": (TrainClipConfig(**v3), False, False),
         "v3_cl": (TrainClipConfig(**v3), True, False),
+        "v3_bf16": (TrainClipConfig(**v3), True, True),
         "v3_384": (TrainClipConfig(render_size=64, image_size=384), False, False),
         "v4_nchw": (TrainClipConfig(**v4), False, False),
         "v4": (TrainClipConfig(**v4), True, False),
@@ -50,7 +52,7 @@ def main() -> None:
     ap.add_argument("--steps", type=int, default=3, help="timed steps per variant and round")
     ap.add_argument("--rounds", type=int, default=2)
     ap.add_argument("--threads", type=int, default=2)
-    ap.add_argument("--variants", default="v3,v3_cl,v3_384,v4_nchw,v4,v4_bf16,text_half")
+    ap.add_argument("--variants", default="v3,v3_cl,v3_bf16,v3_384,v4_nchw,v4,v4_bf16,text_half")
     args = ap.parse_args()
     torch.set_num_threads(args.threads)
     names = args.variants.split(",")
