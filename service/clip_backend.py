@@ -175,22 +175,26 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_has_native_bf16() -> bool:
-    """True on CPUs with bf16 instructions (AVX512-BF16 or AMX), where oneDNN runs bf16 matmuls natively."""
+def cpu_bf16_is_fast() -> bool:
+    """True on CPUs with AMX (`amx_bf16`), where oneDNN's bf16 matmuls outrun fp32.
+
+    AVX512-BF16 alone is not enough: on a Xeon with it and no AMX, bf16 ran at 0.63x of fp32 for ViT-B-16+ heatmaps
+    (`benchmarks/heatmap.py`: bf16 matmuls at 143 GFLOP/s against 225 in fp32) and 0.83x for the embedded model
+    (`benchmarks/precision_auroc.py`), so `auto` keeps fp32 there."""
     try:
         flags = open("/proc/cpuinfo").read()
     except OSError:
         return False
-    return " avx512_bf16" in flags or " amx_bf16" in flags
+    return " amx_bf16" in flags
 
 
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on GPU; bf16 on CPUs with native bf16 (about 2-4x faster windows, AUROC unchanged on the
-    synthetic set: see README); fp32 otherwise."""
+    """'auto': fp16 on GPU; bf16 on CPUs with AMX (about 2-4x faster windows, AUROC unchanged on the synthetic
+    set: see README); fp32 otherwise (`cpu_bf16_is_fast`)."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16
-        return torch.bfloat16 if cpu_has_native_bf16() else torch.float32
+        return torch.bfloat16 if cpu_bf16_is_fast() else torch.float32
     return {"fp32": torch.float32, "fp16": torch.float16, "bf16": torch.bfloat16}[precision]
 
 

@@ -44,7 +44,7 @@ class Settings(BaseSettings):
     model_version: str | None = Field(None, description="Pin a version; None follows the name's `current` pointer.")
     device: str = Field("auto", description="'auto' (CUDA when present), 'cpu', 'cuda' or 'cuda:N'.")
     precision: Literal["auto", "fp32", "fp16", "bf16"] = Field(
-        "auto", description="'auto': fp16 on GPU, bf16 on CPUs with AVX512-BF16/AMX, else fp32."
+        "auto", description="'auto': fp16 on GPU, bf16 on CPUs with AMX, else fp32 (AVX512-BF16 alone is slower in bf16)."
     )
     hub_cache: Path | None = Field(None, description="Cache dir for pretrained CLIP downloads (default: <store>/_hub).")
     text_tower: Literal["release", "keep", "off"] = Field(

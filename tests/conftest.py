@@ -14,9 +14,9 @@ CHAR_CTX = 64
 
 @pytest.fixture(autouse=True, scope="session")
 def _exact_cpu_precision():
-    """Tests compare against fp32 references to 1e-5: keep precision 'auto' at fp32 on bf16-capable CPUs too."""
+    """Tests compare against fp32 references to 1e-5: keep precision 'auto' at fp32 on AMX CPUs too."""
     with pytest.MonkeyPatch.context() as mp:
-        mp.setattr("service.clip_backend.cpu_has_native_bf16", lambda: False)
+        mp.setattr("service.clip_backend.cpu_bf16_is_fast", lambda: False)
         yield
 
 

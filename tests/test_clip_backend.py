@@ -104,8 +104,8 @@ def test_centres_are_applied_to_both_modalities(tmp_path):
 def test_precision_policy(monkeypatch):
     import service.clip_backend as cb
 
-    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # tests run with native bf16 switched off
-    monkeypatch.setattr(cb, "cpu_has_native_bf16", lambda: True)
+    assert resolve_dtype("auto", torch.device("cpu")) == torch.float32  # tests run with fast bf16 switched off
+    monkeypatch.setattr(cb, "cpu_bf16_is_fast", lambda: True)
     assert resolve_dtype("auto", torch.device("cpu")) == torch.bfloat16
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
