@@ -69,7 +69,7 @@ class TrainClipConfig:
     # running
     device: str = "auto"
     workers: int = 2
-    amp: bool = True  # bf16 autocast on CUDA (on a CPU without AMX/AVX-512-BF16 it only slows down: never used there)
+    amp: bool = True  # bf16 autocast on CUDA only (on CPUs it slowed training down, AVX-512-BF16 included: train_speed.py)
     channels_last: bool = True  # NHWC convolutions on the CPU (oneDNN's fast layout)
     max_minutes: float | None = None
     fit_to_budget: bool = False
