@@ -68,6 +68,18 @@ def rule_maps(det, embs, zero, memory_w, memory_d, score: str) -> dict[str, tupl
     return maps
 
 
+def kind_set(det, samples, kind: str) -> tuple[list, np.ndarray, np.ndarray, list]:
+    """A kind's test images embedded with windows and dense features, their labels, which are good or deformed (the
+    deformation AUROC's subset) and their masks (None for good images)."""
+    ks = [s for s in samples if s.category == kind]
+    embs = []
+    for i in range(0, len(ks), 16):
+        embs += det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True, dense=True)
+    labels = np.array([s.label for s in ks])
+    deform = np.array([s.defect in ("good", "deformation") for s in ks])
+    return embs, labels, deform, [load_mask(s.mask_path) if s.label else None for s in ks]
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     ap.add_argument("--store", default="model_store")
@@ -88,13 +100,7 @@ def main() -> None:
             write_set(root, world, kinds, args.seed, 16, 20, 6)
             samples = read_mvtec(root).samples
             for kind in kinds:
-                ks = [s for s in samples if s.category == kind]
-                embs = []
-                for i in range(0, len(ks), 16):
-                    embs += det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True, dense=True)
-                labels = np.array([s.label for s in ks])
-                deform = np.array([s.defect in ("good", "deformation") for s in ks])
-                masks = [load_mask(s.mask_path) if s.label else None for s in ks]
+                embs, labels, deform, masks = kind_set(det, samples, kind)
                 zero = det.score(embs)
                 train = list_images(root / kind / "train" / "good")
                 for k in shots:

@@ -37,7 +37,7 @@ from sklearn.metrics import roc_auc_score
 import service.windows as windows
 from service.aggregate import upsample_map
 from service.detector import load_detector
-from service.evaluation.readers import list_images, load_mask, read_mvtec
+from service.evaluation.readers import list_images, read_mvtec
 from service.fewshot import association, build_memory, dense_near, dense_term, model_ref
 from service.preprocess import cnn_layout, load_image
 from service.settings import Settings
@@ -52,16 +52,6 @@ SHOTS, QUANTILE, SQUASH = 4, 0.99, 4.0
 SHIPPED_MAPS, SHIPPED_FEATURES = windows.cnn_feature_maps, windows.dense_features
 
 
-def _pooled(x: torch.Tensor, width: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """`windows.dense_features` at another width."""
-    x = F.avg_pool2d(x.float(), 3, stride=1, padding=1)
-    b, c, h, w = x.shape
-    rows = x.reshape(b, c, h * w).transpose(1, 2)
-    if c > width:
-        rows = F.adaptive_avg_pool1d(rows.reshape(b * h * w, 1, c), width).reshape(b, h * w, width)
-    return F.normalize(rows, dim=-1), (h, w)
-
-
 def maps_l23(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tensor, torch.Tensor]:
     """layer2 and the upsampled layer3 stacked as the "mid" map (layer2's channels first), and the final map."""
     x = visual.layer1(visual.stem(cnn_layout(pixels, visual)))
@@ -73,12 +63,12 @@ def maps_l23(visual: torch.nn.Module, pixels: torch.Tensor) -> tuple[torch.Tenso
 
 def features_l23(mid: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
     c2 = mid.shape[1] // 3  # ModifiedResNet: layer3 has twice layer2's channels
-    a, grid = _pooled(mid[:, :c2], 64)
-    b, _ = _pooled(mid[:, c2:], 64)
+    a, grid = SHIPPED_FEATURES(mid[:, :c2], 64)
+    b, _ = SHIPPED_FEATURES(mid[:, c2:], 64)
     return F.normalize(torch.cat([a, b], -1), dim=-1), grid
 
 
-FEATURES = {"l2": (SHIPPED_MAPS, SHIPPED_FEATURES), "l2w": (SHIPPED_MAPS, lambda mid: _pooled(mid, 128)),
+FEATURES = {"l2": (SHIPPED_MAPS, SHIPPED_FEATURES), "l2w": (SHIPPED_MAPS, lambda mid: SHIPPED_FEATURES(mid, 128)),
             "l23": (maps_l23, features_l23)}
 
 
@@ -112,13 +102,7 @@ def study_spread(worlds: list[str], score: str) -> dict[str, float]:
             write_set(root, world, kinds, 1919, 16, 20, 6)
             samples = read_mvtec(root).samples
             for kind in kinds:
-                ks = [s for s in samples if s.category == kind]
-                embs = []
-                for i in range(0, len(ks), 16):
-                    embs += det.embed([load_image(s.path) for s in ks[i:i + 16]], heatmap=True, dense=True)
-                labels = np.array([s.label for s in ks])
-                deform = np.array([s.defect in ("good", "deformation") for s in ks])
-                masks = [load_mask(s.mask_path) if s.label else None for s in ks]
+                embs, labels, deform, masks = fewshot_dense.kind_set(det, samples, kind)
                 ref = det.embed([load_image(p) for p in pick(list_images(root / kind / "train" / "good"), SHOTS, 0)],
                                 heatmap=True, dense=True)
                 stride, rows = det.settings.window_stride, det.settings.reference_max_rows

@@ -290,19 +290,19 @@ def cnn_feature_maps(visual: nn.Module, pixels: torch.Tensor) -> tuple[torch.Ten
     return mid, visual.layer4(x)
 
 
-def dense_features(mid: torch.Tensor) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Few-shot dense features [B, h*w, min(C, DENSE_DIM)] (float32, unit norm) of a mid-level map [B, C, h, w],
-    and its grid.
+def dense_features(mid: torch.Tensor, width: int = DENSE_DIM) -> tuple[torch.Tensor, tuple[int, int]]:
+    """Few-shot dense features [B, h*w, min(C, width)] (float32, unit norm) of a mid-level map [B, C, h, w], and its
+    grid.
 
     Each cell is averaged with its 3x3 neighbourhood first (PatchCore's local aggregation), so that a feature
     describes a small patch of the part rather than one cell, and a shift by a cell changes it little. Channels are
-    then averaged in groups down to DENSE_DIM (PatchCore's adaptive pooling of the feature dimension): the nearest-
+    then averaged in groups down to `width` (PatchCore's adaptive pooling of the feature dimension): the nearest-
     neighbour search is the cost of the dense bank."""
     x = F.avg_pool2d(mid.float(), 3, stride=1, padding=1)
     b, c, h, w = x.shape
     rows = x.reshape(b, c, h * w).transpose(1, 2)
-    if c > DENSE_DIM:
-        rows = F.adaptive_avg_pool1d(rows.reshape(b * h * w, 1, c), DENSE_DIM).reshape(b, h * w, DENSE_DIM)
+    if c > width:
+        rows = F.adaptive_avg_pool1d(rows.reshape(b * h * w, 1, c), width).reshape(b, h * w, width)
     return F.normalize(rows, dim=-1), (h, w)
 
 
