@@ -9,8 +9,9 @@ the best variant only if its sum of image + pixel + deformation AUROC over the w
 more and is not below it on `product_wide`.
 
 * `features`: `l2` (shipped: layer2, 3x3 mean, channels averaged to 64), `l2w` (the same at width 128) and `l23`
-  (PatchCore's recipe: layer2 and layer3, the latter upsampled bilinearly to layer2's grid, each 3x3-averaged,
-  averaged to 64 channels and unit-normed, then concatenated). Each variant reruns `fewshot_dense.py --shots 4` with
+  (after PatchCore: layer2 and layer3 together; here layer3 is first upsampled bilinearly to layer2's grid, where
+  PatchCore averages each layer at its own resolution first; then each is 3x3-averaged, averaged to 64 channels and
+  unit-normed, and the two are concatenated). Each variant reruns `fewshot_dense.py --shots 4` with
   `service.windows`' feature functions swapped.
 * `spread`: the dense term is put on the shots' own spread (t = tanh(d / 4 q_d)); the zero-shot map Z and the
   WinCLIP+ few-shot map W are averaged raw. `N` puts them on their spread too (tanh(Z / 4 q_Z), tanh(W / 4 q_W),
@@ -78,13 +79,15 @@ def study_features(extra: list[str]) -> dict[str, float]:
         windows.cnn_feature_maps, windows.dense_features = maps, features
         sys.argv = ["fewshot_dense.py", "--shots", str(SHOTS), *extra]
         out = io.StringIO()
-        with contextlib.redirect_stdout(out):
-            fewshot_dense.main()
+        try:
+            with contextlib.redirect_stdout(out):
+                fewshot_dense.main()
+        finally:
+            windows.cnn_feature_maps, windows.dense_features = SHIPPED_MAPS, SHIPPED_FEATURES
         print(f"## {name}\n{out.getvalue()}", flush=True)
         for world, *figures in re.findall(rf"(\w+)_k{SHOTS}_F=([\d.]+)/([\d.]+)/([\d.]+)", out.getvalue()):
             sums[f"{name}_{world}"] = sum(float(f) for f in figures)
         sums[name] = sum(v for k, v in sums.items() if k.startswith(f"{name}_"))
-    windows.cnn_feature_maps, windows.dense_features = SHIPPED_MAPS, SHIPPED_FEATURES
     return sums
 
 

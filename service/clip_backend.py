@@ -32,6 +32,7 @@ from torch import nn
 
 from .cnn_tower import apply_tower, fold_batchnorm, is_resnet, resnet_global
 from .constants import CLIP_MEAN, CLIP_STD
+from .fast_transformer import cpu_bf16_is_fast
 from .heap import trim_heap
 from .store import ModelStore, StoreError, sha256_file
 from .text_encoding import encode_prompts
@@ -175,22 +176,9 @@ def resolve_device(name: str = "auto") -> torch.device:
     return device
 
 
-def cpu_bf16_is_fast() -> bool:
-    """True on CPUs with AMX (`amx_bf16`), where oneDNN's bf16 matmuls outrun fp32.
-
-    AVX512-BF16 alone is not enough: on a Xeon with it and no AMX, bf16 ran at 0.63x of fp32 for ViT-B-16+ heatmaps
-    (`benchmarks/heatmap.py`: bf16 matmuls at 143 GFLOP/s against 225 in fp32) and 0.83x for the embedded model
-    (`benchmarks/precision_auroc.py`), so `auto` keeps fp32 there."""
-    try:
-        flags = open("/proc/cpuinfo").read()
-    except OSError:
-        return False
-    return " amx_bf16" in flags
-
-
 def resolve_dtype(precision: str, device: torch.device) -> torch.dtype:
-    """'auto': fp16 on GPU; bf16 on CPUs with AMX (about 2-4x faster windows, AUROC unchanged on the synthetic
-    set: see README); fp32 otherwise (`cpu_bf16_is_fast`)."""
+    """'auto': fp16 on GPU; bf16 on CPUs with AMX (`fast_transformer.cpu_bf16_is_fast`; AUROC unchanged on the
+    synthetic set: README); fp32 otherwise."""
     if precision == "auto":
         if device.type == "cuda":
             return torch.float16

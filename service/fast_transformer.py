@@ -15,6 +15,24 @@ import torch.nn.functional as F
 from torch import nn
 
 
+def bf16_is_fast(cpu_flags: str) -> bool:
+    """Whether a CPU with these /proc/cpuinfo flags runs bf16 matmuls faster than fp32: with AMX (`amx_bf16`) only.
+
+    AVX512-BF16 alone is not enough: on a Xeon with it and no AMX, bf16 ran at 0.63x of fp32 for ViT-B-16+ heatmaps
+    (`benchmarks/heatmap.py`: bf16 matmuls at 143 GFLOP/s against 225 in fp32) and 0.83x for the embedded model
+    (`benchmarks/precision_auroc.py`)."""
+    return "amx_bf16" in cpu_flags.split()
+
+
+def cpu_bf16_is_fast() -> bool:
+    """`bf16_is_fast` for this machine's CPU (False when /proc/cpuinfo cannot be read)."""
+    try:
+        with open("/proc/cpuinfo") as f:
+            return bf16_is_fast(f.read())
+    except OSError:
+        return False
+
+
 def block_ok(blk: nn.Module) -> bool:
     """True when the block is open_clip's plain ResidualAttentionBlock that `block_forward` reproduces exactly."""
     attn = getattr(blk, "attn", None)
@@ -42,11 +60,13 @@ _ONEDNN_BF16 = _LINEAR_POINTWISE is not None and bool(getattr(torch.ops.mkldnn, 
                                                               lambda: False)())
 
 # Pre-packed (oneDNN blocked-layout) copies of linear weights, per parameter and row range. Why: otherwise oneDNN
-# re-lays out every weight matrix on every call, 48 times per scale; packing once is 5-10% faster on AVX-512 and
-# more with AMX. It costs one extra copy of the transformer's linear weights (ViT-B-16-plus-240's image tower: about
-# 450 MB in fp32, 225 MB in bf16), so it is on only where it pays: CPUs with oneDNN bf16 kernels (AVX-512 / AMX).
-# On AVX2 it gained nothing (x0.99, 4 blocks of one image's heatmap tokens, fp32, #17), and memory comes first.
-PREPACK_WEIGHTS = _ONEDNN_BF16
+# re-lays out every weight matrix on every call, 48 times per scale; packing once was 5-10% faster where bf16 serves
+# (the first round's CPU). It costs one extra copy of the transformer's linear weights (ViT-B-16-plus-240's image
+# tower: about 450 MB in fp32, 225 MB in bf16), so it is on only where bf16 serves: CPUs with AMX. Elsewhere `auto`
+# serves fp32 and packing gained nothing: x0.99 on AVX2 (4 blocks of one image's heatmap tokens, #17), and on a Xeon
+# with AVX-512 and no AMX a batch of 8 heatmaps took 30.9 s packed and 30.4 s not, for 428 MB more peak memory
+# (`benchmarks/memory.py --cases after --precisions fp32`: 2336 against 1908 MB). Memory comes first.
+PREPACK_WEIGHTS = _ONEDNN_BF16 and cpu_bf16_is_fast()
 _PACKED: dict[int, tuple[weakref.ref, dict[tuple[int, int], tuple[tuple, torch.Tensor]]]] = {}  # id(param) ->
 
 def _onednn_ok(x: torch.Tensor, weight: torch.Tensor) -> bool:

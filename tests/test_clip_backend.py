@@ -110,3 +110,13 @@ def test_precision_policy(monkeypatch):
     assert resolve_dtype("fp32", torch.device("cpu")) == torch.float32
     assert resolve_dtype("auto", torch.device("cuda")) == torch.float16
     assert resolve_dtype("bf16", torch.device("cpu")) == torch.bfloat16
+
+
+def test_bf16_is_fast_only_with_amx():
+    """AVX512-BF16 without AMX measured slower in bf16 than fp32 (fast_transformer.bf16_is_fast): auto keeps fp32."""
+    from service.fast_transformer import bf16_is_fast
+
+    assert not bf16_is_fast("flags\t\t: fpu vme avx2 avx512f avx512_bf16 avx512_fp16")
+    assert bf16_is_fast("flags\t\t: fpu vme avx2 avx512f avx512_bf16 amx_bf16 amx_tile amx_int8")
+    assert not bf16_is_fast("flags\t\t: fpu amx_bf16x")  # a whole flag, not a prefix
+    assert not bf16_is_fast("")

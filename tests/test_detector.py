@@ -95,8 +95,8 @@ def test_maps_on_demand_equal_the_full_maps(store_with_model):
     for f, g in zip(full, lazy):
         assert isinstance(g.heat, MapsOnDemand) and not g.heat._made  # nothing made yet
         assert set(g.heat) == set(f.heat) and "fnn" in g.heat
-        # the same computation, one score at a time: equal up to the rounding of other kernel shapes (6e-8 in bf16
-        # on an AVX-512 CPU)
+        # the same computation, one score at a time: equal up to the rounding of other kernel shapes (6e-8 on an
+        # AVX-512 CPU)
         np.testing.assert_allclose(g.heat["fnn"], f.heat["fnn"], rtol=0, atol=1e-6)
         assert list(g.heat._made) == ["fnn"]  # only the map that was read
         assert g.scores == f.scores
