@@ -296,5 +296,13 @@ def test_dense_features_average_3x3_neighbourhoods_and_channel_groups():
     patch = mid[b, :, r - 1:r + 2, c - 1:c + 2].mean(dim=(1, 2))
     expected = torch.nn.functional.normalize(patch.reshape(DENSE_DIM, 4).mean(dim=1), dim=0)
     torch.testing.assert_close(rows[b, r * 6 + c], expected, atol=1e-5, rtol=0)
+    corner = mid[b, :, :2, :2].sum(dim=(1, 2)) / 9  # the padding counts as zeros, as avg_pool2d counts it
+    expected = torch.nn.functional.normalize(corner.reshape(DENSE_DIM, 4).mean(dim=1), dim=0)
+    torch.testing.assert_close(rows[b, 0], expected, atol=1e-5, rtol=0)
     narrow, _ = dense_features(mid[:, :DENSE_DIM])  # already narrow: channels kept
     assert narrow.shape[-1] == DENSE_DIM
+    # a width that does not divide the channels: adaptive pooling after the 3x3 average, as before
+    odd = mid[:, :96]
+    pooled = F.avg_pool2d(odd, 3, stride=1, padding=1).reshape(2, 96, 30).transpose(1, 2)
+    want = F.normalize(F.adaptive_avg_pool1d(pooled.reshape(60, 1, 96), DENSE_DIM).reshape(2, 30, DENSE_DIM), dim=-1)
+    torch.testing.assert_close(dense_features(odd)[0], want, atol=1e-6, rtol=0)
