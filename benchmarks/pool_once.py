@@ -3,8 +3,8 @@ against the separate calls it replaced (the baseline, kept here), in one run.
 
 The baseline projected the image's cells (q, k, v), then applied the output projection once for the patches, once
 for the global window and once per window scale, and pooled the test-time views through `attnpool_first_token`
-(k, v, q and the output projection again): 12 reads of the pool's weights, which are 4.2 M of the embedded model's
-6 M parameters. `cnn_pool_outputs` projects every image's cells together and applies one output projection to all
+(k, v, q and the output projection again): 12 reads of the pool's weights, which are 3.3 M of the embedded model's
+6.0 M parameters. `cnn_pool_outputs` projects every image's cells together and applies one output projection to all
 rows: 4 reads. Measured on the shipped model, wall p50 with `--threads` torch threads, variants interleaved:
 
 * `pool`: the pool stage alone on one request's final map (1 image + its 3 views);

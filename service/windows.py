@@ -448,8 +448,8 @@ def cnn_pool_outputs(visual: nn.Module, fmap: torch.Tensor, b: int, indices: Map
 
     Each of the pool's four weight matrices is read once: every image's cells go through q/k/v together
     (`project_cells`), and one output projection serves every row (patches, globals, windows). They are most of a
-    small CNN's parameters (4 C^2: 4.2 M of the embedded model's 6 M), and a request with few rows per matrix is
-    bound by reading them: the separate calls this replaces read them 12 times (`benchmarks/pool_once.py`)."""
+    small CNN's parameters (3.3 M of the embedded model's 6.0 M), and a request with few rows per matrix is bound by
+    reading them: the separate calls this replaces read them 12 times (`benchmarks/pool_once.py`)."""
     pool = visual.attnpool
     n_all, c, h, w = fmap.shape
     cells = project_cells(visual, fmap)
