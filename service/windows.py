@@ -33,7 +33,7 @@ from __future__ import annotations
 
 import math
 import time
-from collections.abc import Mapping, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from typing import TYPE_CHECKING, Literal
 
@@ -41,7 +41,7 @@ import torch
 import torch.nn.functional as F
 from torch import nn
 
-from .cnn_tower import cnn_stride
+from .cnn_tower import attnpool_first_token, cnn_stride
 from .fast_transformer import block_forward, block_ok
 from .timing import lap
 from .window_grid import window_boxes, window_indices
@@ -66,8 +66,6 @@ __all__ = [
     "dense_features",
     "DENSE_DIM",
     "cnn_window_embeddings",
-    "cnn_pool_outputs",
-    "PoolOutputs",
     "project_cells",
     "CellProjections",
     "cnn_patch_embeddings",
@@ -345,10 +343,6 @@ class CellProjections:
     pos: torch.Tensor  # [1 + h*w, 3C]: q | k | v of each positional row, plus the biases
     kv: torch.Tensor  # [B, h*w, 2C]: each cell's key | value as a sequence token (raw + its positional row)
 
-    def images(self, rows: slice) -> CellProjections:
-        """The projections of some of the images (the positional rows are shared)."""
-        return CellProjections(raw=self.raw[rows], pos=self.pos, kv=self.kv[rows])
-
 
 def _projected_positions(pool: nn.Module, grid: tuple[int, int], dtype: torch.dtype) -> torch.Tensor:
     """The pool's positional rows for `grid` through the stacked q/k/v projections, biases included [1 + h*w, 3C].
@@ -400,75 +394,28 @@ def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.
     window's whole sequence was projected.
     """
     pool = visual.attnpool
-    cells = cells if cells is not None else project_cells(visual, fmap)
-    return F.linear(_window_attention(pool, cells, indices, chunk), pool.c_proj.weight, pool.c_proj.bias)
-
-
-def _window_attention(pool: nn.Module, cells: CellProjections, indices: torch.Tensor, chunk: int) -> torch.Tensor:
-    """Each window's attention output [B, n_windows, C] from its cells' projections, before the output projection
-    (`cnn_window_embeddings` applies it; `cnn_pool_outputs` applies it once to everything of a pass)."""
-    b, _, c3 = cells.raw.shape
-    c = c3 // 3
+    b, c, h, w = fmap.shape
     heads = pool.num_heads
     hd = c // heads
-    device = cells.raw.device
+    cells = cells if cells is not None else project_cells(visual, fmap)
     keys, values = cells.kv[..., :c], cells.kv[..., c:]  # [B, h*w, C] each
     n = indices.shape[0]
-    idx = indices.to(device)
+    idx = indices.to(fmap.device)
     out: list[torch.Tensor] = []
     for start in range(0, b * n, max(1, chunk)):
         stop = min(b * n, start + max(1, chunk))
         img, win = _gather_rows(n, start, stop)
-        img = img.to(device)
-        widx = idx[win.to(device)]  # [m, K]
+        img = img.to(fmap.device)
+        widx = idx[win.to(fmap.device)]  # [m, K]
         rows = img[:, None]
         qkv = cells.raw[rows, widx].mean(dim=1) + cells.pos[0]  # [m, 3C]: the window's query token, projected
         m = qkv.shape[0]
         q = qkv[:, :c].reshape(m, heads, 1, hd)
         kk = torch.cat([qkv[:, None, c:2 * c], keys[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
         vv = torch.cat([qkv[:, None, 2 * c:], values[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
-        out.append(F.scaled_dot_product_attention(q, kk, vv).reshape(m, c))
-    return torch.cat(out, dim=0).reshape(b, n, c)
-
-
-@dataclass
-class PoolOutputs:
-    """What the attention pool gives one backbone pass (`cnn_pool_outputs`), raw (not centred, not normalised)."""
-
-    patches: torch.Tensor  # [B, h*w, D]
-    windows: dict[int, torch.Tensor]  # scale -> [B, n_windows, D]
-    global_emb: torch.Tensor | None  # [B, D] (None when not asked)
-    view_globals: torch.Tensor | None  # [V*B, D] of the further views after the B images (None without)
-
-
-def cnn_pool_outputs(visual: nn.Module, fmap: torch.Tensor, b: int, indices: Mapping[int, torch.Tensor], chunk: int,
-                     with_global: bool = True) -> PoolOutputs:
-    """The attention pool's outputs for a final map [B + V*B, C, h, w] of B images followed by V*B further views:
-    the images' patches and windows at each scale, their global embedding (`with_global`) and the views' global.
-
-    Each of the pool's four weight matrices is read once: every image's cells go through q/k/v together
-    (`project_cells`), and one output projection serves every row (patches, globals, windows). They are most of a
-    small CNN's parameters (3.3 M of the embedded model's 6.0 M), and a request with few rows per matrix is bound by
-    reading them: the separate calls this replaces read them 12 times (`benchmarks/pool_once.py`)."""
-    pool = visual.attnpool
-    n_all, c, h, w = fmap.shape
-    cells = project_cells(visual, fmap)
-    mine = cells.images(slice(0, b))
-    parts = [mine.kv[..., c:]]  # the patches: each cell's value path
-    pooled = cells if with_global else cells.images(slice(b, n_all))
-    if pooled.raw.shape[0]:
-        parts.append(_window_attention(pool, pooled, torch.arange(h * w).view(1, -1), chunk))
-    parts += [_window_attention(pool, mine, indices[s], chunk) for s in indices]
-    flat = F.linear(torch.cat([p.reshape(-1, c) for p in parts]), pool.c_proj.weight, pool.c_proj.bias)
-    out = [o.reshape(p.shape[0], p.shape[1], -1) for o, p in zip(flat.split([p.shape[0] * p.shape[1] for p in parts]),
-                                                                 parts)]
-    patches, rest = out[0], out[1:]
-    glob = views = None
-    if pooled.raw.shape[0]:
-        pooled_glob, rest = rest[0][:, 0], rest[1:]
-        glob, views = (pooled_glob[:b], pooled_glob[b:]) if with_global else (None, pooled_glob)
-    return PoolOutputs(patches=patches, windows=dict(zip(indices, rest)), global_emb=glob,
-                       view_globals=views if n_all > b else None)
+        o = F.scaled_dot_product_attention(q, kk, vv).reshape(m, c)
+        out.append(F.linear(o, pool.c_proj.weight, pool.c_proj.bias))
+    return torch.cat(out, dim=0).reshape(b, n, -1)
 
 
 def cnn_patch_embeddings(visual: nn.Module, fmap: torch.Tensor, cells: CellProjections | None = None) -> torch.Tensor:
@@ -603,18 +550,22 @@ def embed_image_and_windows(
             glob = vit_glob
     elif cnn_mode == "attnpool":
         b = x.shape[0]
-        xs = x if extra_views is None else torch.cat([x, extra_views.to(x.device, x.dtype)])
-        mid, fmap = cnn_feature_maps(visual, xs)  # the views share the backbone pass
+        if extra_views is not None:
+            mid, fmap = cnn_feature_maps(visual, torch.cat([x, extra_views.to(x.device, x.dtype)]))
+            view_globals = backend.finish_image(attnpool_first_token(visual.attnpool, fmap[b:]))
+            mid, fmap = mid[:b], fmap[:b]
+        else:
+            mid, fmap = cnn_feature_maps(visual, x)
         if want_dense:
-            dense, dense_grid = dense_features(mid[:b])
-        t0 = lap(timings, "embed", t0)
-        pooled = cnn_pool_outputs(visual, fmap, b, indices, chunk, with_global=own_global)
-        patch_out.append(pooled.patches)
-        raw = pooled.windows
+            dense, dense_grid = dense_features(mid)
+        cells = project_cells(visual, fmap)  # once for the patches, the global and every scale
+        patch_out.append(cnn_patch_embeddings(visual, fmap, cells))
         if own_global:
-            glob = pooled.global_emb
-        if pooled.view_globals is not None:
-            view_globals = backend.finish_image(pooled.view_globals)
+            full = torch.arange(grid[0] * grid[1]).view(1, -1)
+            glob = cnn_window_embeddings(visual, fmap, full, chunk, cells)[:, 0]
+        t0 = lap(timings, "embed", t0)
+        for s in fitting:
+            raw[s] = cnn_window_embeddings(visual, fmap, indices[s], chunk, cells)
     else:  # crop
         size = backend.image_size
         whole = x if x.shape[-2:] == (size, size) else F.interpolate(

@@ -161,39 +161,3 @@ def test_a_served_bf16_cnn_tower_is_folded_in_fp32_and_rounded_once(tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.visual.modules())
     vit = tiny_backend(tmp_path / "vit", kind="vit")
     assert fold_batchnorm(vit.model.visual) == 0  # a ViT tower is left alone
-
-
-@pytest.mark.parametrize("with_global", [True, False])
-def test_pool_outputs_read_once_equal_the_separate_calls(with_global):
-    """`cnn_pool_outputs` (each pool weight read once for a whole window pass) gives what the separate calls give:
-    the images' patches, windows and global, and the further views' global (as `attnpool_first_token`)."""
-    from service.window_grid import window_indices
-    from service.windows import cnn_patch_embeddings, cnn_pool_outputs, project_cells
-
-    model = _clip(192)
-    with torch.no_grad():
-        torch.nn.init.normal_(model.visual.attnpool.positional_embedding, std=0.5)
-        for proj in ("q_proj", "k_proj", "v_proj", "c_proj"):
-            torch.nn.init.normal_(getattr(model.visual.attnpool, proj).bias, std=0.3)
-    gen = torch.Generator().manual_seed(4)
-    b, views = 2, 3
-    fmap = torch.randn(b * (1 + views), 256, 6, 6, generator=gen)  # width 8: 8 * 32 channels
-    indices = {s: window_indices(6, 6, s, 1) for s in (1, 2, 3)}
-    with torch.no_grad():
-        out = cnn_pool_outputs(model.visual, fmap, b, indices, chunk=7, with_global=with_global)
-        mine = fmap[:b]
-        cells = project_cells(model.visual, mine)
-        torch.testing.assert_close(out.patches, cnn_patch_embeddings(model.visual, mine, cells), atol=1e-5, rtol=0)
-        for s, idx in indices.items():
-            torch.testing.assert_close(out.windows[s], cnn_window_embeddings(model.visual, mine, idx, 7, cells),
-                                       atol=1e-5, rtol=0)
-        torch.testing.assert_close(out.view_globals, attnpool_first_token(model.visual.attnpool, fmap[b:]),
-                                   atol=1e-5, rtol=0)
-        if with_global:
-            torch.testing.assert_close(out.global_emb, attnpool_first_token(model.visual.attnpool, mine),
-                                       atol=1e-5, rtol=0)
-        else:
-            assert out.global_emb is None
-        alone = cnn_pool_outputs(model.visual, mine, b, indices, chunk=7, with_global=with_global)
-        assert alone.view_globals is None
-        torch.testing.assert_close(alone.windows[2], out.windows[2], atol=1e-5, rtol=0)
