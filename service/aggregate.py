@@ -12,6 +12,7 @@ Scores are clamped to `eps` first, so a zero score gives a (near) zero mean inst
 from __future__ import annotations
 
 from collections.abc import Mapping
+from functools import lru_cache
 
 import torch
 import torch.nn.functional as F
@@ -33,10 +34,19 @@ def harmonic_patch_map(
     """
     h, w = grid
     scores = scores.float()
-    mat = incidence_matrix(h, w, indices.cpu()).to(scores.device)  # [P, n]
-    inv_sum = scores.clamp_min(eps).reciprocal() @ mat.T  # [B, P]
-    count = mat.sum(dim=1)  # [P]
-    return (count / inv_sum).reshape(scores.shape[0], h, w)
+    idx = indices.detach().cpu().long().contiguous()
+    mat, count = _incidence(h, w, tuple(idx.shape), idx.numpy().tobytes())  # [P, n], [P]
+    inv_sum = scores.clamp_min(eps).reciprocal() @ mat.to(scores.device).T  # [B, P]
+    return (count.to(scores.device) / inv_sum).reshape(scores.shape[0], h, w)
+
+
+@lru_cache(maxsize=256)
+def _incidence(h: int, w: int, shape: tuple[int, ...], data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
+    """The incidence matrix and per-patch window count of one window geometry, cached by its indices' bytes: every
+    request aggregates over the same few geometries. Read-only (shared between calls)."""
+    indices = torch.frombuffer(bytearray(data), dtype=torch.long).reshape(shape)
+    mat = incidence_matrix(h, w, indices)
+    return mat, mat.sum(dim=1)
 
 
 def harmonic_combine(maps: list[torch.Tensor], eps: float = EPS) -> torch.Tensor:

@@ -162,9 +162,10 @@ class ReferenceMemory:
                                        f"{READABLE_FORMAT_VERSIONS}")
         try:
             scales = [int(s) for s in header["scales"]]
-            windows = {s: tensors[f"w{s}"].float() for s in scales}
+            # banks are unit rows (scoring relies on it, `association(unit_bank=True)`): made so here, once
+            windows = {s: _unit_rows(tensors[f"w{s}"].float()) for s in scales}
             window_src = {s: tensors[f"w{s}_src"].long() for s in scales}
-            patches, patch_src = tensors["patches"].float(), tensors["patch_src"].long()
+            patches, patch_src = _unit_rows(tensors["patches"].float()), tensors["patch_src"].long()
             glob = tensors["global"].float()
             shots = int(header["shots"])
             grid = (int(header["grid"][0]), int(header["grid"][1]))
@@ -172,7 +173,7 @@ class ReferenceMemory:
             stride = int(header["stride"])
             dense, dense_src, dense_grid, dense_scale, dense_pos, dense_squash = None, None, None, None, None, None
             if header.get("dense_grid") is not None:
-                dense, dense_src = tensors["dense"].float(), tensors["dense_src"].long()
+                dense, dense_src = _unit_rows(tensors["dense"].float()), tensors["dense_src"].long()
                 dense_grid = (int(header["dense_grid"][0]), int(header["dense_grid"][1]))
                 dense_scale = float(header["dense_scale"])
                 dense_pos = tensors.get("dense_pos")  # older memories have none: their search is unlimited
@@ -199,6 +200,14 @@ class ReferenceMemory:
         meta = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
         return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta, dense, dense_src,
                    dense_grid, dense_scale, dense_pos, dense_squash)
+
+
+def _unit_rows(x: torch.Tensor) -> torch.Tensor:
+    """`x` as it is when its rows are unit vectors already (what `build_memory` stores: the bytes round-trip
+    exactly), else normalised."""
+    if x.ndim == 2 and x.shape[0] and bool(((x.norm(dim=-1) - 1).abs() <= 1e-5).all()):
+        return x
+    return F.normalize(x, dim=-1) if x.ndim >= 1 else x
 
 
 _HEADER_KEYS = {"format", "format_version", "shots", "grid", "scales", "stride", "model", "rows", "patch_dim",
@@ -329,16 +338,19 @@ def dense_near(memory: ReferenceMemory, radius: float | None = None) -> torch.Te
 
 
 def association(query: torch.Tensor, bank: torch.Tensor, bank_src: torch.Tensor | None = None,
-                exclude: torch.Tensor | None = None, near: torch.Tensor | None = None) -> torch.Tensor:
+                exclude: torch.Tensor | None = None, near: torch.Tensor | None = None,
+                unit_bank: bool = False) -> torch.Tensor:
     """Visual association scores [B, n]: min over bank rows of (1 - cos) / 2 for queries [B, n, D].
 
     `exclude` [B] (shot index, or -1 for none) leaves out the bank rows of that shot for each query image
     (leave-one-out). `near` [n, M] (bool) limits query row i to the bank rows near[i] allows; a query row with none
     of them left falls back to every row. Runs on the bank's device in chunks of at most MAX_SIM_ELEMENTS similarities.
+    `unit_bank`: the bank's rows are unit vectors already (a `ReferenceMemory`'s are), so they are not normalised
+    again on every call.
     """
     b, n, _ = query.shape
     q = F.normalize(query.to(bank.device, torch.float32), dim=-1)
-    bank = F.normalize(bank.float(), dim=-1)
+    bank = bank.float() if unit_bank else F.normalize(bank.float(), dim=-1)
     m = bank.shape[0]
     best = torch.full((b, n), -2.0, device=bank.device)
     if near is not None and tuple(near.shape) != (n, m):
@@ -377,12 +389,12 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
     [B, h'*w', C] of the query images, from the same model and window settings as the memory."""
     h, w = memory.grid
     b = patches.shape[0]
-    maps = [association(patches, memory.patches, memory.patch_src, exclude).reshape(b, h, w)]
+    maps = [association(patches, memory.patches, memory.patch_src, exclude, unit_bank=True).reshape(b, h, w)]
     for s in memory.scales:
         if s not in windows:
             raise ReferenceMemoryError(f"query embeddings lack window scale {s} of the memory")
         idx = window_indices(h, w, s, memory.stride)
-        scores = association(windows[s], memory.windows[s], memory.window_src[s], exclude)
+        scores = association(windows[s], memory.windows[s], memory.window_src[s], exclude, unit_bank=True)
         maps.append(harmonic_patch_map(scores, idx, (h, w)))
     winclip = torch.stack(maps).mean(dim=0)
     if memory.dense is None:
@@ -393,7 +405,8 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
     if dense.shape[1] != dh * dw or dense.shape[-1] != memory.dense.shape[-1]:
         raise ReferenceMemoryError(f"the memory's dense bank is {dh}x{dw} cells of width {memory.dense.shape[-1]}, "
                                    f"the query's {dense.shape[1]} cells of width {dense.shape[-1]}")
-    d = association(dense, memory.dense, memory.dense_src, exclude, near=dense_near(memory)).reshape(b, dh, dw)
+    d = association(dense, memory.dense, memory.dense_src, exclude, near=dense_near(memory),
+                    unit_bank=True).reshape(b, dh, dw)
     squash = memory.dense_squash if memory.dense_squash is not None else LEGACY_DENSE_SQUASH
     return (upsample_map(winclip, (dh, dw)) + dense_term(d, memory.dense_scale, squash)) / 2
 

@@ -61,7 +61,8 @@ def calibrated_score(logit: torch.Tensor, affine: tuple[float, float] | None) ->
 
 def fnn_logit(emb: torch.Tensor, fnn: FNN) -> torch.Tensor:
     shape = emb.shape[:-1]
-    fnn = fnn.to(emb.device)
+    if next(fnn.parameters()).device != emb.device:  # `Module.to` walks every module even when nothing moves
+        fnn = fnn.to(emb.device)
     with torch.inference_mode():
         return fnn(emb.reshape(-1, emb.shape[-1])).reshape(shape)
 

@@ -6,6 +6,8 @@ by at least one window, so the harmonic mean over the windows that cover a cell 
 """
 from __future__ import annotations
 
+from functools import lru_cache
+
 import torch
 
 __all__ = ["window_starts", "window_boxes", "window_indices", "incidence_matrix", "coverage"]
@@ -36,7 +38,15 @@ def window_boxes(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Ten
 
 
 def window_indices(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Tensor:
-    """LongTensor [n_windows, scale*scale]: the row-major patch indices (into the h*w grid) of each window."""
+    """LongTensor [n_windows, scale*scale]: the row-major patch indices (into the h*w grid) of each window.
+
+    A copy of a per-geometry cache: every request asks for the same few grids, and building the boxes in Python
+    cost more than the few-shot search over them."""
+    return _window_indices(int(grid_h), int(grid_w), int(scale), int(stride)).clone()
+
+
+@lru_cache(maxsize=256)
+def _window_indices(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Tensor:
     boxes = window_boxes(grid_h, grid_w, scale, stride)
     offs = torch.arange(scale)
     local = (offs[:, None] * grid_w + offs[None, :]).reshape(-1)  # [k*k] row-major inside the window

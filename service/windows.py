@@ -66,6 +66,8 @@ __all__ = [
     "dense_features",
     "DENSE_DIM",
     "cnn_window_embeddings",
+    "cnn_windows",
+    "window_membership",
     "project_cells",
     "CellProjections",
     "cnn_patch_embeddings",
@@ -266,11 +268,6 @@ def vit_embed(
 
 
 # --- CNN -------------------------------------------------------------------------------------------------------------
-def _gather_rows(n_windows: int, start: int, stop: int) -> tuple[torch.Tensor, torch.Tensor]:
-    rows = torch.arange(start, stop)
-    return rows // n_windows, rows % n_windows  # image index, window index
-
-
 def cnn_feature_map(visual: nn.Module, pixels: torch.Tensor) -> torch.Tensor:
     """Final ModifiedResNet feature map [B, C, h, w] (stem + layer1..4), before the attention pool."""
     return cnn_feature_maps(visual, pixels)[1]
@@ -381,41 +378,60 @@ def project_cells(visual: nn.Module, fmap: torch.Tensor) -> CellProjections:
     return CellProjections(raw=raw, pos=pos, kv=raw[..., c:] + pos[1:, c:])  # keys/values once, for every scale
 
 
-def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.Tensor, chunk: int,
-                          cells: CellProjections | None = None) -> torch.Tensor:
-    """Raw window embeddings [B, n_windows, D] pooling each window's cells of `fmap` [B, C, h, w] via `attnpool`.
+def window_membership(indices: Sequence[torch.Tensor], cells: int) -> torch.Tensor:
+    """[n, cells] float 0/1: which cells each window holds, for the windows of every index set [n_s, K_s] in turn
+    (window sizes may differ: the global window, then each scale)."""
+    rows = [torch.zeros(i.shape[0], cells).scatter_(1, i.long().cpu(), 1.0) for i in indices]
+    return torch.cat(rows)
 
-    Equal to `_attnpool_sequences` per window (tested), at a fraction of its cost: every cell is projected once per
-    image (`project_cells`, shared by all scales when passed as `cells`), a window's query, key and value come from
-    averaging its cells' projections, and per window there remain only the attention over its cells and the output
-    projection. For one image on the embedded model's 6x6 map with scales (1, 2, 3), the global window and the
-    patches, the projections cost 108 C^2 multiply-adds (the positional rows' 111 C^2 are cached per grid) against
-    558 C^2 when each call projected its keys and values and each window its query, and 1182 C^2 when every
-    window's whole sequence was projected.
+
+def cnn_windows(visual: nn.Module, fmap: torch.Tensor, member: torch.Tensor, chunk: int,
+                cells: CellProjections | None = None) -> torch.Tensor:
+    """Raw window embeddings [B, n, D] pooling each window's cells of `fmap` [B, C, h, w] via `attnpool`, the
+    windows given by their cells `member` [n, h*w] (`window_membership`): all scales and the global window at once.
+
+    Equal to `_attnpool_sequences` per window up to float rounding (tested), for a fraction of its work. Every cell is
+    projected once per image (`project_cells`, shared with the patches); a window's query token is the mean of its
+    cells, so its projected q, k and v are `member` @ the cells' projections (one matmul for every window). Each
+    window query then attends to its own token and to every cell, the cells outside the window masked out: dense
+    [n, h*w] scores per head instead of a gather of each window's keys and values, and one output projection for
+    all windows. On the embedded model's 6x6 map (78 windows with the global one) that is about 4 C x (h*w) x n
+    multiply-adds of attention, small beside the cells' projection. Images go `chunk // n` (at least 1) at a time.
     """
     pool = visual.attnpool
     b, c, h, w = fmap.shape
     heads = pool.num_heads
     hd = c // heads
     cells = cells if cells is not None else project_cells(visual, fmap)
-    keys, values = cells.kv[..., :c], cells.kv[..., c:]  # [B, h*w, C] each
-    n = indices.shape[0]
-    idx = indices.to(fmap.device)
+    n = member.shape[0]
+    member = member.to(fmap.device, cells.raw.dtype)
+    share = member / member.sum(dim=1, keepdim=True)  # [n, h*w]: a window's query token is the mean of its cells
+    outside = (member == 0)[None, None]  # [1, 1, n, h*w]
     out: list[torch.Tensor] = []
-    for start in range(0, b * n, max(1, chunk)):
-        stop = min(b * n, start + max(1, chunk))
-        img, win = _gather_rows(n, start, stop)
-        img = img.to(fmap.device)
-        widx = idx[win.to(fmap.device)]  # [m, K]
-        rows = img[:, None]
-        qkv = cells.raw[rows, widx].mean(dim=1) + cells.pos[0]  # [m, 3C]: the window's query token, projected
-        m = qkv.shape[0]
-        q = qkv[:, :c].reshape(m, heads, 1, hd)
-        kk = torch.cat([qkv[:, None, c:2 * c], keys[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
-        vv = torch.cat([qkv[:, None, 2 * c:], values[rows, widx]], dim=1).view(m, -1, heads, hd).transpose(1, 2)
-        o = F.scaled_dot_product_attention(q, kk, vv).reshape(m, c)
-        out.append(F.linear(o, pool.c_proj.weight, pool.c_proj.bias))
-    return torch.cat(out, dim=0).reshape(b, n, -1)
+    step = max(1, chunk // max(1, n))
+    for i in range(0, b, step):
+        raw, kv = cells.raw[i:i + step], cells.kv[i:i + step]
+        m = raw.shape[0]
+        tok = torch.matmul(share, raw) + cells.pos[0]  # [m, n, 3C]: each window's query token, projected
+        q = tok[..., :c].reshape(m, n, heads, hd).transpose(1, 2) * hd ** -0.5  # [m, H, n, hd]
+        own_k = tok[..., c:2 * c].reshape(m, n, heads, hd).transpose(1, 2)
+        own_v = tok[..., 2 * c:].reshape(m, n, heads, hd).transpose(1, 2)
+        keys = kv[..., :c].reshape(m, h * w, heads, hd).transpose(1, 2)  # [m, H, h*w, hd]
+        values = kv[..., c:].reshape(m, h * w, heads, hd).transpose(1, 2)
+        scores = torch.cat([(q * own_k).sum(dim=-1, keepdim=True),
+                            torch.matmul(q, keys.transpose(-1, -2)).masked_fill(outside, float("-inf"))], dim=-1)
+        attn = scores.float().softmax(dim=-1).to(q.dtype)  # [m, H, n, 1 + h*w]
+        o = attn[..., :1] * own_v + torch.matmul(attn[..., 1:], values)  # [m, H, n, hd]
+        out.append(F.linear(o.transpose(1, 2).reshape(m, n, c), pool.c_proj.weight, pool.c_proj.bias))
+    return torch.cat(out)
+
+
+def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.Tensor, chunk: int,
+                          cells: CellProjections | None = None) -> torch.Tensor:
+    """Raw window embeddings [B, n_windows, D] of one index set [n_windows, K] (`window_grid.window_indices`):
+    `cnn_windows` for those windows."""
+    h, w = fmap.shape[-2:]
+    return cnn_windows(visual, fmap, window_membership([indices], h * w), chunk, cells)
 
 
 def cnn_patch_embeddings(visual: nn.Module, fmap: torch.Tensor, cells: CellProjections | None = None) -> torch.Tensor:
@@ -560,12 +576,16 @@ def embed_image_and_windows(
             dense, dense_grid = dense_features(mid)
         cells = project_cells(visual, fmap)  # once for the patches, the global and every scale
         patch_out.append(cnn_patch_embeddings(visual, fmap, cells))
-        if own_global:
-            full = torch.arange(grid[0] * grid[1]).view(1, -1)
-            glob = cnn_window_embeddings(visual, fmap, full, chunk, cells)[:, 0]
+        # the global window (every cell, when this pass makes the global embedding) and every scale in one pooling
+        sets = ([torch.arange(grid[0] * grid[1]).view(1, -1)] if own_global else []) + [indices[s] for s in fitting]
         t0 = lap(timings, "embed", t0)
+        pooled = cnn_windows(visual, fmap, window_membership(sets, grid[0] * grid[1]), chunk, cells) if sets else None
+        if own_global:
+            glob = pooled[:, 0]
+        start = 1 if own_global else 0
         for s in fitting:
-            raw[s] = cnn_window_embeddings(visual, fmap, indices[s], chunk, cells)
+            raw[s] = pooled[:, start:start + indices[s].shape[0]]
+            start += indices[s].shape[0]
     else:  # crop
         size = backend.image_size
         whole = x if x.shape[-2:] == (size, size) else F.interpolate(

@@ -161,3 +161,27 @@ def test_a_served_bf16_cnn_tower_is_folded_in_fp32_and_rounded_once(tmp_path):
     assert any(isinstance(m, torch.nn.BatchNorm2d) for m in plain.model.visual.modules())
     vit = tiny_backend(tmp_path / "vit", kind="vit")
     assert fold_batchnorm(vit.model.visual) == 0  # a ViT tower is left alone
+
+
+def test_pooling_every_scale_at_once_equals_each_window_sequence():
+    """`cnn_windows` pools windows of different sizes (the global window and three scales) in one masked attention;
+    each must equal the attention pool over that window's own sequence, whatever the image chunking."""
+    from service.window_grid import window_indices
+    from service.windows import _attnpool_sequences, _pos_for_grid, cnn_windows, window_membership
+
+    model = _clip(96, FINE_TOWER)
+    pool = model.visual.attnpool
+    sets = [torch.arange(144).view(1, -1)] + [window_indices(12, 12, s, 2) for s in (1, 2, 3)]
+    with torch.no_grad():
+        fmap = cnn_feature_map(model.visual, torch.randn(3, 3, 96, 96))
+        member = window_membership(sets, 144)
+        assert member.shape == (sum(i.shape[0] for i in sets), 144) and member.sum(1).tolist()[:2] == [144.0, 1.0]
+        whole = cnn_windows(model.visual, fmap, member, chunk=1 << 20)
+        one_by_one = cnn_windows(model.visual, fmap, member, chunk=1)  # one image per step
+        pos = _pos_for_grid(pool.positional_embedding, (12, 12))
+        cells = fmap.reshape(3, fmap.shape[1], 144).transpose(1, 2)
+        ref = torch.cat([torch.stack([_attnpool_sequences(pool, cells[i][idx], pos[0], pos[1 + idx]) for i in range(3)])
+                         for idx in sets], dim=1)
+    torch.testing.assert_close(whole, ref, rtol=1e-4, atol=1e-5)
+    torch.testing.assert_close(one_by_one, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(whole[:, 0], pool(fmap), rtol=1e-4, atol=1e-5)  # the global window is the module's output

@@ -445,3 +445,21 @@ def test_dense_features_are_made_only_for_a_dense_memory(cnn):
     assert memory.dense is not None
     found = det.detect(good[:1], memory=memory)[0]  # the memory's bank asks for the query's dense features
     assert found.mode == "few_shot" and found.grid["prompt"].shape == memory.dense_grid
+
+
+def test_a_loaded_memory_scores_with_unit_rows_whatever_the_file_holds(cnn):
+    """Scoring skips normalising the banks on every call (`association(unit_bank=True)`), so a memory read from bytes
+    must hold unit rows even when the file's rows are not (another writer, a hand-edited file)."""
+    from dataclasses import replace
+
+    det = _detector(cnn)
+    memory = build_memory(_embs(det, _pixels(cnn, 2, 4)), model_ref(det), 1, 10_000, dense=True)
+    scaled = replace(memory, patches=memory.patches * 3, windows={s: w * 0.5 for s, w in memory.windows.items()},
+                     dense=memory.dense * 2)
+    back = ReferenceMemory.from_bytes(scaled.to_bytes())
+    for bank in [back.patches, back.dense, *back.windows.values()]:
+        assert torch.allclose(bank.norm(dim=-1), torch.ones(bank.shape[0]), atol=1e-6)
+    queries = _embs(det, _pixels(cnn, 1, 5))
+    # float rounding only (the dense term divides by the shots' small spread); unnormalised rows would be far off
+    torch.testing.assert_close(det._few_shot_map(queries, back, None), det._few_shot_map(queries, memory, None),
+                               rtol=1e-3, atol=2e-5)
