@@ -44,9 +44,10 @@ def harmonic_patch_map(
 def _incidence(h: int, w: int, shape: tuple[int, ...], data: bytes) -> tuple[torch.Tensor, torch.Tensor]:
     """The incidence matrix and per-patch window count of one window geometry, cached by its indices' bytes: every
     request aggregates over the same few geometries. Read-only (shared between calls)."""
-    indices = torch.frombuffer(bytearray(data), dtype=torch.long).reshape(shape)
-    mat = incidence_matrix(h, w, indices)
-    return mat, mat.sum(dim=1)
+    with torch.inference_mode(False):  # a first call under inference mode must not cache tensors autograd refuses
+        indices = torch.frombuffer(bytearray(data), dtype=torch.long).reshape(shape)
+        mat = incidence_matrix(h, w, indices)
+        return mat, mat.sum(dim=1)
 
 
 def harmonic_combine(maps: list[torch.Tensor], eps: float = EPS) -> torch.Tensor:

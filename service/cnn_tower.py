@@ -139,8 +139,9 @@ def attnpool_first_token(pool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
       q_h . (Wk_h x_i + bk_h) = (Wk_h^T q_h) . x_i + const,  so the softmax needs only u_h = Wk_h^T q_h (the key
                                                                bias shifts every score alike and drops out);
       sum_i a_hi (Wv_h x_i + bv_h) = Wv_h (sum_i a_hi x_i) + bv_h,  as the weights a_h sum to 1.
-    That is about 3 C^2 multiply-adds per image instead of 2 (1 + h*w) C^2 for the keys and values (37 C^2 on a
-    6x6 map): equal up to float rounding (tested against the module)."""
+    That is about 3 C^2 multiply-adds of projection per image instead of 2 (1 + h*w) C^2 for the keys and values
+    (74 C^2 on a 6x6 map), plus 2 C (1 + h*w) per head for the scores and the weighted sum: equal up to float
+    rounding (tested against the module)."""
     b, c, h, w = fmap.shape
     heads = pool.num_heads
     hd = c // heads
@@ -148,7 +149,7 @@ def attnpool_first_token(pool: nn.Module, fmap: torch.Tensor) -> torch.Tensor:
     x = torch.cat([x.mean(dim=1, keepdim=True), x], dim=1) + pool.positional_embedding.to(x.dtype)  # [B, N, C]
     q = F.linear(x[:, 0], pool.q_proj.weight, pool.q_proj.bias).view(b, heads, hd) * hd ** -0.5
     u = torch.bmm(q.transpose(0, 1), pool.k_proj.weight.view(heads, hd, c)).transpose(0, 1)  # [B, heads, C]
-    attn = torch.bmm(u, x.transpose(1, 2)).float().softmax(dim=-1).to(x.dtype)  # [B, heads, N], softmax in fp32
+    attn = torch.bmm(u, x.transpose(1, 2)).float().softmax(dim=-1).to(x.dtype)  # [B, heads, N]; the softmax in fp32
     z = torch.bmm(attn, x)  # [B, heads, C]: each head's attention-weighted token
     o = torch.bmm(z.transpose(0, 1), pool.v_proj.weight.view(heads, hd, c).transpose(1, 2)).transpose(0, 1)
     o = o + pool.v_proj.bias.view(heads, hd)  # [B, heads, hd]

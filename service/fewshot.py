@@ -79,7 +79,10 @@ def model_ref(detector: Any) -> dict[str, str]:
 
 @dataclass
 class ReferenceMemory:
-    """Banks of unit-norm embeddings of K normal shots; `*_src` give each row's shot index (0..K-1)."""
+    """Banks of unit-norm embeddings of K normal shots; `*_src` give each row's shot index (0..K-1).
+
+    Unit rows are a contract, not a check: scoring skips normalising the banks (`association(unit_bank=True)`), and
+    `build_memory` and `from_bytes` are the two ways in that guarantee it. Build a memory by hand with unit rows."""
 
     windows: dict[int, torch.Tensor]  # scale -> [M_s, D]
     window_src: dict[int, torch.Tensor]  # scale -> [M_s] long

@@ -47,11 +47,12 @@ def window_indices(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.T
 
 @lru_cache(maxsize=256)
 def _window_indices(grid_h: int, grid_w: int, scale: int, stride: int) -> torch.Tensor:
-    boxes = window_boxes(grid_h, grid_w, scale, stride)
-    offs = torch.arange(scale)
-    local = (offs[:, None] * grid_w + offs[None, :]).reshape(-1)  # [k*k] row-major inside the window
-    top_left = boxes[:, 0] * grid_w + boxes[:, 1]
-    return top_left[:, None] + local[None, :]
+    with torch.inference_mode(False):  # cached: a normal tensor whatever mode the first call ran in
+        boxes = window_boxes(grid_h, grid_w, scale, stride)
+        offs = torch.arange(scale)
+        local = (offs[:, None] * grid_w + offs[None, :]).reshape(-1)  # [k*k] row-major inside the window
+        top_left = boxes[:, 0] * grid_w + boxes[:, 1]
+        return top_left[:, None] + local[None, :]
 
 
 def incidence_matrix(grid_h: int, grid_w: int, indices: torch.Tensor, dtype: torch.dtype = torch.float32) -> torch.Tensor:

@@ -105,3 +105,18 @@ def test_hot_spot_lands_on_right_pixels_after_letterbox(target_xy):
     assert x0 - 1 <= tx <= x1 and y0 - 1 <= ty <= y1
     far = full[int(np.clip(ty + 60, 0, 149)) if ty < 75 else int(np.clip(ty - 60, 0, 149)), int((tx + 150) % 300)]
     assert full.max() > far + 0.1
+
+
+def test_geometry_cached_under_inference_mode_still_serves_training():
+    """The incidence matrix and window indices are cached; a first call under `torch.inference_mode` (as serving
+    runs) must not cache tensors that a later call with gradients (training's local term) cannot save for backward."""
+    from service.aggregate import harmonic_patch_map
+    from service.window_grid import window_indices
+
+    idx = window_indices(5, 7, 2, 1)
+    with torch.inference_mode():
+        served = harmonic_patch_map(torch.rand(2, idx.shape[0]), window_indices(5, 7, 2, 1), (5, 7))
+    scores = torch.rand(2, idx.shape[0], requires_grad=True)
+    trained = harmonic_patch_map(scores, window_indices(5, 7, 2, 1), (5, 7))
+    trained.sum().backward()
+    assert served.shape == trained.shape == (2, 5, 7) and scores.grad is not None and bool(scores.grad.abs().sum() > 0)

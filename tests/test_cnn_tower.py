@@ -177,11 +177,13 @@ def test_pooling_every_scale_at_once_equals_each_window_sequence():
         member = window_membership(sets, 144)
         assert member.shape == (sum(i.shape[0] for i in sets), 144) and member.sum(1).tolist()[:2] == [144.0, 1.0]
         whole = cnn_windows(model.visual, fmap, member, chunk=1 << 20)
-        one_by_one = cnn_windows(model.visual, fmap, member, chunk=1)  # one image per step
+        one_by_one = cnn_windows(model.visual, fmap, member, chunk=1)  # one image, one window per step
+        some = cnn_windows(model.visual, fmap, member, chunk=50)  # fewer than the windows: split within an image
         pos = _pos_for_grid(pool.positional_embedding, (12, 12))
         cells = fmap.reshape(3, fmap.shape[1], 144).transpose(1, 2)
         ref = torch.cat([torch.stack([_attnpool_sequences(pool, cells[i][idx], pos[0], pos[1 + idx]) for i in range(3)])
                          for idx in sets], dim=1)
     torch.testing.assert_close(whole, ref, rtol=1e-4, atol=1e-5)
     torch.testing.assert_close(one_by_one, whole, rtol=1e-5, atol=1e-6)
+    torch.testing.assert_close(some, whole, rtol=1e-5, atol=1e-6)
     torch.testing.assert_close(whole[:, 0], pool(fmap), rtol=1e-4, atol=1e-5)  # the global window is the module's output
