@@ -133,7 +133,7 @@ def main() -> None:
 
         def current():
             cells = project_cells(visual, fmap)
-            member = window_membership(sets, h * w)  # built per call, as embed_image_and_windows does
+            member = window_membership(sets, (h, w))  # built per call, as embed_image_and_windows does
             pooled = cnn_windows(visual, fmap, member, chunk, cells)
             return [cnn_patch_embeddings(visual, fmap, cells), *pooled.split(sizes, dim=1)]
 

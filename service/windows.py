@@ -44,7 +44,7 @@ from torch import nn
 from .cnn_tower import attnpool_first_token, cnn_stride
 from .fast_transformer import block_forward, block_ok
 from .timing import lap
-from .window_grid import window_boxes, window_indices
+from .window_grid import incidence_matrix, window_boxes, window_indices
 
 if TYPE_CHECKING:  # pragma: no cover
     from .clip_backend import ClipBackend
@@ -378,11 +378,10 @@ def project_cells(visual: nn.Module, fmap: torch.Tensor) -> CellProjections:
     return CellProjections(raw=raw, pos=pos, kv=raw[..., c:] + pos[1:, c:])  # keys/values once, for every scale
 
 
-def window_membership(indices: Sequence[torch.Tensor], cells: int) -> torch.Tensor:
-    """[n, cells] float 0/1: which cells each window holds, for the windows of every index set [n_s, K_s] in turn
-    (window sizes may differ: the global window, then each scale)."""
-    rows = [torch.zeros(i.shape[0], cells).scatter_(1, i.long().cpu(), 1.0) for i in indices]
-    return torch.cat(rows)
+def window_membership(indices: Sequence[torch.Tensor], grid: tuple[int, int]) -> torch.Tensor:
+    """[n, h*w] float 0/1: which cells each window holds, for the windows of every index set [n_s, K_s] in turn
+    (window sizes may differ: the global window, then each scale). The aggregation's incidence matrices, stacked."""
+    return torch.cat([incidence_matrix(grid[0], grid[1], i.long().cpu()).T for i in indices])
 
 
 def cnn_windows(visual: nn.Module, fmap: torch.Tensor, member: torch.Tensor, chunk: int,
@@ -439,7 +438,7 @@ def cnn_window_embeddings(visual: nn.Module, fmap: torch.Tensor, indices: torch.
     """Raw window embeddings [B, n_windows, D] of one index set [n_windows, K] (`window_grid.window_indices`):
     `cnn_windows` for those windows."""
     h, w = fmap.shape[-2:]
-    return cnn_windows(visual, fmap, window_membership([indices], h * w), chunk, cells)
+    return cnn_windows(visual, fmap, window_membership([indices], (h, w)), chunk, cells)
 
 
 def cnn_patch_embeddings(visual: nn.Module, fmap: torch.Tensor, cells: CellProjections | None = None) -> torch.Tensor:
@@ -587,7 +586,7 @@ def embed_image_and_windows(
         # the global window (every cell, when this pass makes the global embedding) and every scale in one pooling
         sets = ([torch.arange(grid[0] * grid[1]).view(1, -1)] if own_global else []) + [indices[s] for s in fitting]
         t0 = lap(timings, "embed", t0)
-        pooled = cnn_windows(visual, fmap, window_membership(sets, grid[0] * grid[1]), chunk, cells) if sets else None
+        pooled = cnn_windows(visual, fmap, window_membership(sets, grid), chunk, cells) if sets else None
         if own_global:
             glob = pooled[:, 0]
         start = 1 if own_global else 0

@@ -174,7 +174,7 @@ def test_pooling_every_scale_at_once_equals_each_window_sequence():
     sets = [torch.arange(144).view(1, -1)] + [window_indices(12, 12, s, 2) for s in (1, 2, 3)]
     with torch.no_grad():
         fmap = cnn_feature_map(model.visual, torch.randn(3, 3, 96, 96))
-        member = window_membership(sets, 144)
+        member = window_membership(sets, (12, 12))
         assert member.shape == (sum(i.shape[0] for i in sets), 144) and member.sum(1).tolist()[:2] == [144.0, 1.0]
         whole = cnn_windows(model.visual, fmap, member, chunk=1 << 20)
         one_by_one = cnn_windows(model.visual, fmap, member, chunk=1)  # one image, one window per step

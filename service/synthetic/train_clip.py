@@ -212,11 +212,11 @@ def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: 
 
     Why: the global loss matches whole images to captions and never asks a window where the defect is; the service
     scores WinCLIP windows, so the windows are trained as the service reads them (the attention pool over the
-    window's cells, `cnn_window_embeddings`). A window's logit is scale * (cos(w, t_defect) - cos(w, t_clean)) with
+    window's cells, `cnn_windows`). A window's logit is scale * (cos(w, t_defect) - cos(w, t_clean)) with
     the pair's own captions. The clean twin's windows are all clean; the defective twin's follow `window_targets`.
     Pairs whose defect a close-up left out, or whose mask is empty, are skipped (nothing to localise)."""
     from ..window_grid import window_indices
-    from ..windows import cnn_window_embeddings, project_cells
+    from ..windows import cnn_windows, project_cells, window_membership
 
     p = len(masks)
     # A defect drawn visible can still leave an empty mask (the world keeps its last redraw): nothing to localise.
@@ -228,12 +228,12 @@ def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: 
     h, w = fmap.shape[-2:]
     cells = project_cells(visual, fmap)
     gap = (txt[p:] - txt[:p]).float()  # [P, D]: defect caption minus clean caption
+    sets = [window_indices(h, w, k, 1).to(fmap.device) for k in scales if k <= min(h, w)]
+    # every scale in one pooling, as the service pools them (`embed_image_and_windows`)
+    pooled = cnn_windows(visual, fmap, window_membership(sets, (h, w)), chunk=1 << 30, cells=cells)
     logits, targets = [], []
-    for k in scales:
-        if k > min(h, w):
-            continue
-        idx = window_indices(h, w, k, 1).to(fmap.device)
-        emb = F.normalize(cnn_window_embeddings(visual, fmap, idx, chunk=1 << 30, cells=cells).float(), dim=-1)
+    for idx, emb in zip(sets, pooled.split([len(i) for i in sets], dim=1)):
+        emb = F.normalize(emb.float(), dim=-1)
         logit = scale * torch.einsum("bnd,bd->bn", emb, torch.cat([gap, gap]))  # [2P, n]
         t = torch.cat([torch.zeros(p, len(idx), device=fmap.device), window_targets(masks.to(fmap.device), (h, w), idx)])
         logits.append(logit[rows].reshape(-1))
