@@ -102,12 +102,14 @@ def cmd_train_clip(args: argparse.Namespace) -> int:
             version=args.version, log_every=args.log_every, ckpt_every=args.ckpt_every,
             random_word_prob=args.random_word_prob, crop_prob=args.crop_prob, random_kind_prob=args.random_kind_prob,
             wide=args.wide, tower=FINE_TOWER if args.fine_grid else None, channels_last=not args.no_channels_last,
-            centre_images=args.centre_images, local_weight=args.local_weight,
+            centre_images=args.centre_images, local_weight=args.local_weight, distill_weight=args.distill_weight,
         )
     except ValueError as exc:
         _fail(args, str(exc))
     if args.resume and not Path(args.resume).is_file():
         _fail(args, f"--resume: checkpoint {args.resume} does not exist")
+    if args.distill_weight > 0 and not args.init_from:
+        _fail(args, "--distill-weight needs --init-from (the model to stay close to; also when resuming)")
     if args.max_minutes is not None and args.max_minutes <= 0:
         _fail(args, "--max-minutes must be > 0")
     from ..store import ModelStore, StoreError
@@ -186,6 +188,10 @@ def _add_train_clip(sub: argparse._SubParsersAction) -> None:
                    help="weight of the local term: each WinCLIP window of a twin must match its pair's defect "
                         "caption where the defect mask is and its clean caption elsewhere (CNN towers; default: "
                         "%(default)s, the global contrastive loss only)")
+    t.add_argument("--distill-weight", type=float, default=0.0,
+                   help="with --init-from: keep the image embeddings of the training kinds' scenes and every caption's "
+                        "text embedding close to the starting model's (1 - cos, Learning without Forgetting; default: "
+                        "%(default)s, off)")
     t.add_argument("--no-channels-last", action="store_true", help="keep NCHW convolutions on the CPU")
     t.add_argument("--centre-images", type=int, default=2048,
                    help="clean training-kind renders averaged for the image centre (default: %(default)s)")

@@ -178,6 +178,7 @@ class TwinBatches(torch.utils.data.Dataset):
             "images": torch.from_numpy(images).permute(0, 3, 1, 2).contiguous(),  # uint8 [2P, 3, S, S]
             "tokens": self.tokenizer(texts),
             "visible": torch.tensor([p.defect_visible for p in items]),
+            "named": torch.tensor([p.kind in self.kinds for p in items]),  # a training kind's scene (not a random kind)
             "masks": torch.from_numpy(np.stack([p.mask for p in items])),  # bool [P, S, S]: the twins' defect pixels
             "step": torch.tensor(step),
         }

@@ -57,6 +57,9 @@ class TrainClipConfig:
     # local term: the WinCLIP windows of a twin must tell where its defect is (0 = the global contrastive loss only)
     local_weight: float = 0.0
     local_scales: tuple[int, ...] = (1, 2, 3)  # window sides in cells of the final feature map, as the heatmap's
+    # distillation to the starting model (`init_from`): 1 - cos of the image embeddings of named-kind scenes and of
+    # every caption's text embedding, so a fine-tune on a new world keeps what it answered on the old one (0 = off)
+    distill_weight: float = 0.0
     # model
     embed_dim: int = 128
     vision_width: int = 32
@@ -98,6 +101,8 @@ class TrainClipConfig:
         self.local_scales = tuple(int(k) for k in self.local_scales)  # type: ignore[assignment]
         if self.local_weight < 0:
             raise ValueError("--local-weight must be >= 0")
+        if self.distill_weight < 0:
+            raise ValueError("--distill-weight must be >= 0")
         if not self.local_scales or min(self.local_scales) < 1:
             raise ValueError("local_scales must be window sides >= 1")
         for name in ("crop_prob", "random_word_prob", "random_kind_prob"):
@@ -246,6 +251,21 @@ def local_loss(visual: nn.Module, fmap: torch.Tensor, txt: torch.Tensor, scale: 
     return loss
 
 
+def distill_loss(img_f: torch.Tensor, txt_f: torch.Tensor, teacher: nn.Module, images: torch.Tensor,
+                 tokens: torch.Tensor, named: torch.Tensor) -> torch.Tensor:
+    """Learning without Forgetting for a CLIP (Li & Hoiem, 2016): 1 - cos between the student's unit embeddings and
+    the frozen starting model's, for the images of `named` scenes (the old world's kinds; [B] bool) and for every
+    caption. Why: a fine-tune on a wider world otherwise drifts on the kinds it already knew (the seen-kind image AUROC
+    fell by 1-2 points in every such candidate), and merging weights afterwards only trades one for the other."""
+    with torch.no_grad():  # the whole batch, so the teacher's BatchNorm sees the batch the student's does
+        t_img = F.normalize(teacher.encode_image(images), dim=-1)
+        t_txt = F.normalize(teacher.encode_text(tokens), dim=-1)
+    loss = (1 - (txt_f.float() * t_txt.float()).sum(-1)).mean()
+    if bool(named.any()):
+        loss = loss + (1 - (img_f[named].float() * t_img[named].float()).sum(-1)).mean()
+    return loss
+
+
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
     path.parent.mkdir(parents=True, exist_ok=True)
     tmp = path.with_name(path.name + ".tmp")
@@ -301,6 +321,20 @@ def train(
     nhwc = cfg.channels_last and device.type == "cpu"
     if nhwc:
         model = model.to(memory_format=torch.channels_last)
+    teacher = None
+    if cfg.distill_weight > 0:
+        if init_from is None:
+            raise ValueError("--distill-weight needs --init-from: the model to stay close to")
+        teacher = build_model(cfg)
+        _load_published(teacher, cfg, *init_from)  # the published weights, also when resuming
+        # in training mode like the student (BatchNorm on batch statistics: equal outputs at step 0), its running
+        # statistics frozen (momentum 0), as it never learns
+        teacher = teacher.to(device).train().requires_grad_(False)
+        for m in teacher.modules():
+            if isinstance(m, nn.BatchNorm2d):
+                m.momentum = 0.0
+        if nhwc:
+            teacher = teacher.to(memory_format=torch.channels_last)
     optimizer = torch.optim.AdamW(_param_groups(model, cfg.weight_decay), lr=cfg.lr, betas=(0.9, 0.98), eps=1e-6,
                                   fused=device.type == "cuda")
     start, total = 0, cfg.steps
@@ -333,6 +367,7 @@ def train(
     losses: list[float] = []
     accs: list[float] = []
     locals_: list[float] = []  # the local term alone (0 without it), for the log
+    distills: list[float] = []  # the distillation term alone (0 without it), for the log
     pending: list[torch.Tensor] = []  # (loss, twin acc, local term) still on the device: read back only at log time
     t0 = time.time()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
@@ -365,24 +400,32 @@ def train(
             else:
                 img_f, txt_f, scale = model(images, tokens)
             loss = clip_loss(img_f.float(), txt_f.float(), scale.float()) + cfg.local_weight * local
+            distill = torch.zeros((), device=device)
+            if teacher is not None:
+                named = batch["named"].to(device).repeat(2)  # clean images, then their twins
+                distill = distill_loss(img_f, txt_f, teacher, images, tokens, named)
+                loss = loss + cfg.distill_weight * distill
         optimizer.zero_grad(set_to_none=True)
         loss.backward()
         optimizer.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, math.log(100))
         pending.append(torch.stack([loss.detach().float(), twin_accuracy(img_f.detach(), txt_f.detach(), batch["visible"]),
-                                    local.detach().float()]))
+                                    local.detach().float(), distill.detach().float()]))
         bar.update(1)
         done = step + 1
         elapsed = time.time() - t0
         if done % cfg.log_every == 0 or done >= total or (budget_s and elapsed > budget_s):
-            for loss_v, acc_v, local_v in torch.stack(pending).cpu().tolist():
+            for loss_v, acc_v, local_v, distill_v in torch.stack(pending).cpu().tolist():
                 losses.append(loss_v)
                 accs.append(acc_v)
                 locals_.append(local_v)
+                distills.append(distill_v)
             pending.clear()
             k = cfg.log_every
             extra = {"local": round(float(np.mean(locals_[-k:])), 4)} if cfg.local_weight > 0 else {}
+            if teacher is not None:
+                extra["distill"] = round(float(np.mean(distills[-k:])), 5)
             log(json.dumps({"step": done, "loss": round(float(np.mean(losses[-k:])), 4), **extra,
                             "twin_acc": round(float(np.nanmean(accs[-k:])), 4), "lr": round(lr, 6),
                             "logit_scale": round(float(model.logit_scale.detach().exp()), 2), "elapsed_s": round(elapsed, 1),
@@ -408,7 +451,7 @@ def train(
         if done >= total or (stop_after is not None and done >= stop_after):
             break
     bar.close()
-    for loss_v, acc_v, _ in (torch.stack(pending).cpu().tolist() if pending else []):
+    for loss_v, acc_v, _, _ in (torch.stack(pending).cpu().tolist() if pending else []):
         losses.append(loss_v)
         accs.append(acc_v)
     steps_done = step + 1 if losses else start

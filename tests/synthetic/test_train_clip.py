@@ -105,3 +105,40 @@ def test_init_from_a_published_clip_starts_from_its_weights(tmp_path, trained):
     assert ModelStore(tmp_path).manifest(cfg.out_name, later)["training"]["init_from"] == f"{cfg.out_name}@{version}"
     with pytest.raises(ValueError, match="another model config"):
         train(_cfg(steps=1, embed_dim=16), progress=False, log=lambda _: None, init_from=(tmp_path, cfg.out_name, version))
+
+
+def _drift(model: torch.nn.Module, start: torch.nn.Module, images: torch.Tensor) -> float:
+    """Mean 1 - cos between two models' image embeddings of the same images (eval mode)."""
+    with torch.no_grad():
+        a = torch.nn.functional.normalize(model.eval().encode_image(images), dim=-1)
+        b = torch.nn.functional.normalize(start.eval().encode_image(images), dim=-1)
+    return float((1 - (a * b).sum(-1)).mean())
+
+
+def test_distillation_keeps_a_fine_tune_close_to_its_start(tmp_path, trained):
+    from service.synthetic.train_clip import build_model, distill_loss
+
+    cfg = _cfg()
+    version = publish(trained, cfg, tmp_path, device="cpu", log=lambda _: None)
+    init = (tmp_path, cfg.out_name, version)
+    start = load_clip(ClipSpec("store", name=cfg.out_name, version=version), tmp_path, device="cpu",
+                      precision="fp32", fold_bn=False).model
+    # The term is zero for the model itself and positive for another one.
+    images, tokens = torch.randn(4, 3, 64, 64), torch.randint(1, 30, (4, 64))
+    same = build_model(cfg)
+    same.load_state_dict(start.state_dict())
+    named = torch.tensor([True, False, True, False])
+    with torch.no_grad():
+        img = torch.nn.functional.normalize(same.train().encode_image(images), dim=-1)
+        txt = torch.nn.functional.normalize(same.encode_text(tokens), dim=-1)
+    assert float(distill_loss(img, txt, same, images, tokens, named)) < 1e-5
+    other = build_model(_cfg(seed=1))
+    assert float(distill_loss(img, txt, other.train(), images, tokens, named)) > 0.01
+    # A fine-tune with the term drifts less from where it started than the same fine-tune without it.
+    kw = dict(steps=6, lr=5e-3, warmup=1, seed=3, random_kind_prob=0.5)
+    plain = train(_cfg(**kw), progress=False, log=lambda _: None, init_from=init)
+    held = train(_cfg(**kw, distill_weight=20.0), progress=False, log=lambda _: None, init_from=init)
+    probe = preprocess(torch.randint(0, 255, (8, 3, 32, 32), dtype=torch.uint8), 64)
+    assert _drift(held.model, start, probe) < 0.5 * _drift(plain.model, start, probe)
+    with pytest.raises(ValueError, match="needs --init-from"):
+        train(_cfg(steps=1, distill_weight=1.0), progress=False, log=lambda _: None)
