@@ -57,6 +57,8 @@ def test_dataset_is_reproducible_and_seed_dependent(tmp_path):
     ["synth", "train-clip", "--kinds", "teapot"],
     ["synth", "train-clip", "--init-from", "no-such-clip@v9", "--steps", "1", "--no-publish"],
     ["synth", "train-clip", "--resume", "/nonexistent/ckpt.pt"],
+    ["synth", "train-clip", "--distill-weight", "1", "--steps", "1", "--no-publish"],  # no --init-from
+    ["synth", "train-clip", "--distill-weight", "-1"],
     ["synth"],
 ])
 def test_argument_errors_exit_2_with_a_message(argv, tmp_path, capsys):
