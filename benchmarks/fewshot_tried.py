@@ -1,7 +1,8 @@
-"""Two few-shot knobs tried on the tuning kinds and not kept (README "Few-shot mode"), so their figures can be rerun.
+"""Few-shot knobs tried on the tuning kinds and not kept (README "Few-shot mode"), so their figures can be rerun.
 
     python benchmarks/fewshot_tried.py --study features     # which CNN features the dense bank compares
     python benchmarks/fewshot_tried.py --study spread       # the map's terms on the good parts' own spread
+    python benchmarks/fewshot_tried.py --study global       # the shots' global embeddings in the image score
 
 Both at 4 shots, tuning seed 1919, the three worlds of `benchmarks/fewshot_dense.py` (validation and seen kinds,
 never the held-out ones), default score, rule F's image score. The rule of each, written before its figures: adopt
@@ -17,6 +18,11 @@ more and is not below it on `product_wide`.
   WinCLIP+ few-shot map W are averaged raw. `N` puts them on their spread too (tanh(Z / 4 q_Z), tanh(W / 4 q_W),
   q the 99th percentile of the shots' own zero-shot maps and of their leave-one-out W maps); `N2` divides each term
   by its q with no squash. Only the map changes (the image score stays F's).
+* `global`: the memory keeps the shots' global embeddings and the score never reads them; a deformation moves the
+  whole part's embedding while its cells can still find look-alikes among the shots' cells. g = 1 - the largest
+  cosine between the image's global embedding and a shot's, t_g = tanh(g / 4 q_g), q_g the 99th percentile of the
+  shots' leave-one-out g. Image scores: `F` (Z + max fs) / 2 (shipped), `GA` (Z + max fs + t_g) / 3, `GB`
+  (Z + (max fs + t_g) / 2) / 2. Only the image score changes (the map stays F's).
 
 Ends with `RESULT name=fewshot_tried study=... <variant>=<sum> <variant>_<world>=<sum> ...`.
 """
@@ -149,9 +155,59 @@ def study_spread(worlds: list[str], score: str) -> dict[str, float]:
     return sums
 
 
+def global_term(query: torch.Tensor, shots: torch.Tensor) -> tuple[torch.Tensor, float]:
+    """t_g of each query global embedding [B, D] against the shots' [K, D] (unit rows), and q_g (module doc)."""
+    g = 1 - (F.normalize(query.float(), dim=-1) @ shots.float().T).amax(-1)
+    own = shots.float() @ shots.float().T
+    own.fill_diagonal_(-2.0)  # leave-one-out: a shot is not its own neighbour
+    q = max(float(torch.quantile(1 - own.amax(-1), QUANTILE)), 1e-6)
+    return torch.tanh(g / (SQUASH * q)), q
+
+
+def study_global(worlds: list[str], score: str) -> dict[str, float]:
+    det = load_detector(Settings(model_store=Path("model_store"), device="cpu", precision="fp32"))
+    kinds = RANDOM_KINDS + TRAIN_KINDS
+    table: dict[tuple[str, str], list[tuple[float, ...]]] = {}
+    with tempfile.TemporaryDirectory(prefix="zsad-tried-") as tmp:
+        for world in worlds:
+            root = Path(tmp) / world
+            write_set(root, world, kinds, 1919, 16, 20, 6)
+            samples = read_mvtec(root).samples
+            for kind in kinds:
+                embs, labels, deform, masks = fewshot_dense.kind_set(det, samples, kind)
+                ref = det.embed([load_image(p) for p in pick(list_images(root / kind / "train" / "good"), SHOTS, 0)],
+                                heatmap=True, dense=True)
+                memory = build_memory(ref, model_ref(det), det.settings.window_stride,
+                                      det.settings.reference_max_rows, dense=True)
+                zero = np.array([r.scores[score] for r in det.score(embs, maps=False)])
+                shipped = det.score(embs, memory=memory)
+                f_image = np.array([r.scores[score] for r in shipped])
+                fs_max = 2 * f_image - zero  # F: (Z + max fs) / 2
+                t_g, q_g = global_term(torch.stack([e.global_emb for e in embs]), memory.global_emb)
+                t_g = t_g.double().numpy()
+                heat = [r.heat[score] for r in shipped]
+                gt = np.concatenate([(k if k is not None else np.zeros(h.shape, bool)).ravel()
+                                     for k, h in zip(masks, heat)])
+                pixel = roc_auc_score(gt, np.concatenate([h.ravel() for h in heat]))
+                hit = localisation(heat, masks, embs[0].grid)["hit"]
+                variants = {"F": f_image, "GA": (zero + fs_max + t_g) / 3, "GB": (zero + (fs_max + t_g) / 2) / 2}
+                for name, image in variants.items():
+                    table.setdefault((world, name), []).append((
+                        roc_auc_score(labels, image), pixel, roc_auc_score(labels[deform], image[deform]), hit))
+                print(f"{world} {kind}: q_g {q_g:.4f}", flush=True)
+    print("| world | variant | image | pixel | deformation | hit@1 |\n|---|---|---|---|---|---|")
+    sums: dict[str, float] = {}
+    for (world, name), rows_ in table.items():
+        m = np.mean(np.array(rows_), axis=0)
+        print(f"| {world} | {name} | {100 * m[0]:.1f} | {100 * m[1]:.1f} | {100 * m[2]:.1f} | {m[3]:.2f} |")
+        sums[f"{name}_{world}"] = 100 * float(m[:3].sum())
+        sums[name] = sums.get(name, 0.0) + 100 * float(m[:3].sum())
+    return sums
+
+
 def main() -> None:
     ap = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    ap.add_argument("--study", choices=("features", "spread"), required=True)
+    ap.add_argument("--study", choices=("features", "spread", "global"), required=True)
     ap.add_argument("--world", default="product_wide,product,random")
     ap.add_argument("--score", default="combined")
     ap.add_argument("--threads", type=int, default=2)
@@ -159,8 +215,10 @@ def main() -> None:
     torch.set_num_threads(args.threads)
     if args.study == "features":
         sums = study_features(["--world", args.world, "--score", args.score, "--threads", str(args.threads)])
-    else:
+    elif args.study == "spread":
         sums = study_spread(args.world.split(","), args.score)
+    else:
+        sums = study_global(args.world.split(","), args.score)
     print(f"RESULT name=fewshot_tried study={args.study} " + " ".join(f"{k}={v:.1f}" for k, v in sums.items()))
 
 
