@@ -34,6 +34,7 @@ import io
 import re
 import sys
 import tempfile
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -179,6 +180,8 @@ def study_global(worlds: list[str], score: str) -> dict[str, float]:
                                 heatmap=True, dense=True)
                 memory = build_memory(ref, model_ref(det), det.settings.window_stride,
                                       det.settings.reference_max_rows, dense=True)
+                with_global = memory
+                memory = replace(memory, global_scale=None, global_squash=None)  # F: the score without the term
                 zero = np.array([r.scores[score] for r in det.score(embs, maps=False)])
                 shipped = det.score(embs, memory=memory)
                 f_image = np.array([r.scores[score] for r in shipped])
@@ -191,6 +194,9 @@ def study_global(worlds: list[str], score: str) -> dict[str, float]:
                 pixel = roc_auc_score(gt, np.concatenate([h.ravel() for h in heat]))
                 hit = localisation(heat, masks, embs[0].grid)["hit"]
                 variants = {"F": f_image, "GA": (zero + fs_max + t_g) / 3, "GB": (zero + (fs_max + t_g) / 2) / 2}
+                if with_global.global_scale is not None:  # the service's score is GB since it was adopted
+                    served = np.array([r.scores[score] for r in det.score(embs, memory=with_global, maps=False)])
+                    assert np.abs(served - variants["GB"]).max() < 1e-5, "the served image score is not GB"
                 for name, image in variants.items():
                     table.setdefault((world, name), []).append((
                         roc_auc_score(labels, image), pixel, roc_auc_score(labels[deform], image[deform]), hit))
