@@ -33,7 +33,7 @@ from sklearn.metrics import roc_auc_score
 from service.aggregate import upsample_map
 from service.detector import load_detector
 from service.evaluation.readers import list_images, load_mask, read_mvtec
-from service.fewshot import association, build_memory, dense_near, dense_term, global_term, model_ref
+from service.fewshot import association, build_memory, dense_near, dense_term, model_ref
 from service.preprocess import load_image
 from service.settings import Settings
 from service.synthetic.world import RANDOM_KINDS, TRAIN_KINDS
@@ -57,18 +57,11 @@ def rule_maps(det, embs, zero, memory_w, memory_d, score: str) -> dict[str, tupl
     z_map = upsample_map(torch.stack([torch.as_tensor(z.grid[score]) for z in zero]).float(), (dh, dw))
     w_map = upsample_map(wfs, (dh, dw))
     winclip_img, winclip_map = (z_img + wfs.amax((-2, -1)).double()) / 2, (z_map + w_map) / 2
-    # the image score's global term of a memory that has one (service.fewshot.global_term), in every dense rule
-    t_g = global_term(torch.stack([e.global_emb for e in embs]), memory_d)
-
-    def few(m: torch.Tensor) -> torch.Tensor:
-        top = m.amax((-2, -1)).double()
-        return top if t_g is None else (top + t_g.double()) / 2
-
     out: dict[str, tuple[torch.Tensor, torch.Tensor]] = {}
     for name, fs in (("E", (n_terms * w_map + t) / (n_terms + 1)), ("F", (w_map + t) / 2)):
-        out[name] = ((z_img + few(fs)) / 2, (z_map + fs) / 2)
-    out["G"] = ((z_img + few(t)) / 2, (z_map + t) / 2)
-    out["H"] = ((winclip_img + few(t)) / 2, (winclip_map + t) / 2)
+        out[name] = ((z_img + fs.amax((-2, -1)).double()) / 2, (z_map + fs) / 2)
+    out["G"] = ((z_img + t.amax((-2, -1)).double()) / 2, (z_map + t) / 2)
+    out["H"] = ((winclip_img + t.amax((-2, -1)).double()) / 2, (winclip_map + t) / 2)
     out["winclip+"] = (winclip_img, winclip_map)
     maps = {k: (img.numpy(), [e.geometry.to_original(m) for e, m in zip(embs, grid)]) for k, (img, grid) in out.items()}
     maps["zero"] = (z_img.numpy(), [np.asarray(z.heat[score]) for z in zero])

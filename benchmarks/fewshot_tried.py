@@ -22,7 +22,8 @@ more and is not below it on `product_wide`.
   whole part's embedding while its cells can still find look-alikes among the shots' cells. g = 1 - the largest
   cosine between the image's global embedding and a shot's, t_g = tanh(g / 4 q_g), q_g the 99th percentile of the
   shots' leave-one-out g. Image scores: `F` (Z + max fs) / 2 (shipped), `GA` (Z + max fs + t_g) / 3, `GB`
-  (Z + (max fs + t_g) / 2) / 2. Only the image score changes (the map stays F's).
+  (Z + (max fs + t_g) / 2) / 2. Only the image score changes (the map stays F's). GB passed the rule on the tuning
+  worlds and lost on the held-out kinds (README), so it is not in the service.
 
 Ends with `RESULT name=fewshot_tried study=... <variant>=<sum> <variant>_<world>=<sum> ...`.
 """
@@ -34,7 +35,6 @@ import io
 import re
 import sys
 import tempfile
-from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -180,8 +180,6 @@ def study_global(worlds: list[str], score: str) -> dict[str, float]:
                                 heatmap=True, dense=True)
                 memory = build_memory(ref, model_ref(det), det.settings.window_stride,
                                       det.settings.reference_max_rows, dense=True)
-                with_global = memory
-                memory = replace(memory, global_scale=None, global_squash=None)  # F: the score without the term
                 zero = np.array([r.scores[score] for r in det.score(embs, maps=False)])
                 shipped = det.score(embs, memory=memory)
                 f_image = np.array([r.scores[score] for r in shipped])
@@ -194,9 +192,6 @@ def study_global(worlds: list[str], score: str) -> dict[str, float]:
                 pixel = roc_auc_score(gt, np.concatenate([h.ravel() for h in heat]))
                 hit = localisation(heat, masks, embs[0].grid)["hit"]
                 variants = {"F": f_image, "GA": (zero + fs_max + t_g) / 3, "GB": (zero + (fs_max + t_g) / 2) / 2}
-                if with_global.global_scale is not None:  # the service's score is GB since it was adopted
-                    served = np.array([r.scores[score] for r in det.score(embs, memory=with_global, maps=False)])
-                    assert np.abs(served - variants["GB"]).max() < 1e-5, "the served image score is not GB"
                 for name, image in variants.items():
                     table.setdefault((world, name), []).append((
                         roc_auc_score(labels, image), pixel, roc_auc_score(labels[deform], image[deform]), hit))

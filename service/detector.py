@@ -352,18 +352,12 @@ class Detector:
         scores = self.score_embeddings(torch.stack([e.global_emb for e in embs]).to(device), object_name)
         names = list(scores)
         fs_map = self._few_shot_map(embs, memory, exclude) if memory is not None else None
-        global_t = None  # the few-shot image score's global term (memories with one: fewshot.global_term)
-        if memory is not None:
-            from .fewshot import global_term
-
-            ex = torch.tensor(list(exclude), dtype=torch.long) if exclude is not None else None
-            global_t = global_term(torch.stack([e.global_emb for e in embs]).to(device), memory, ex)
         grid_maps = None  # [S, B, gh, gw]: every score's patch grid, on the device
         if fs_map is not None and not maps:  # the image score needs only the few-shot map's maximum
             from .fewshot import combine_few_shot
 
             zero = torch.zeros_like(fs_map, dtype=torch.float64)
-            scores = {name: combine_few_shot(v, zero, fs_map, global_t)[0] for name, v in scores.items()}
+            scores = {name: combine_few_shot(v, zero, fs_map)[0] for name, v in scores.items()}
         elif embs[0].windows:
             b = len(embs)
             grid, stride = embs[0].grid, self.settings.window_stride
@@ -379,7 +373,7 @@ class Detector:
             if fs_map is not None:
                 from .fewshot import combine_few_shot
 
-                combined = [combine_few_shot(scores[k], grid_maps[j], fs_map, global_t) for j, k in enumerate(names)]
+                combined = [combine_few_shot(scores[k], grid_maps[j], fs_map) for j, k in enumerate(names)]
                 scores = {k: c[0] for k, c in zip(names, combined)}
                 grid_maps = torch.stack([c[1] for c in combined])
         host = torch.stack([scores[k] for k in names]).cpu().tolist()  # one transfer for every score of the batch

@@ -27,14 +27,9 @@ the coreset or leave-one-out left none there). It is unlimited (inf): radius 2 w
 badly on the held-out ones (a rotated elongated part leaves its own cells), README "Few-shot mode". With a dense
 bank the few-shot map is, on the dense grid,
       few-shot map = (WinCLIP+ few-shot map, bilinearly upsampled + tanh(d / (DENSE_SQUASH q))) / 2
-and the zero-shot map is upsampled to that grid before the same combination rule. A memory with a dense bank also
-reads the shots' global embeddings, which WinCLIP+ stores and never uses: t_g = tanh(g / (GLOBAL_SQUASH q_g)), g = 1 -
-the largest cosine between the image's global embedding and a shot's, q_g the 99th percentile of the shots' own
-leave-one-out g. A deformation moves the whole part's embedding while its cells can still find look-alikes among the
-shots' cells (the search is position-free), so the image score becomes
-      image = (zero-shot image score + (max of the few-shot map + t_g) / 2) / 2
-Chosen on the validation and seen kinds (tuning seed, never the held-out kinds): README "Few-shot mode". Opt-in
-(`build_memory(dense=True)`, setting `ZSAD_REFERENCE_DENSE=true`); without it the memory is WinCLIP+ exactly.
+and the zero-shot map is upsampled to that grid before the same combination rule. Chosen on the validation and seen
+kinds (tuning seed, never the held-out kinds): README "Few-shot mode". Opt-in (`build_memory(dense=True)`, setting
+`ZSAD_REFERENCE_DENSE=true`); without it the memory is WinCLIP+ exactly.
 
 Size is bounded: each bank keeps at most `max_rows` rows; above that a greedy coreset (as PatchCore: repeatedly add
 the row farthest from those kept) is kept, and the memory records that it did. Nearest-neighbour search runs on the
@@ -59,19 +54,18 @@ from .aggregate import harmonic_patch_map, upsample_map
 from .memory_store import FORMAT, read_header
 from .window_grid import window_indices
 
-FORMAT_VERSION = 3  # 3: global_scale (the image score's global term); 2: dense_squash (older code refuses either)
-READABLE_FORMAT_VERSIONS = (1, 2, 3)  # 1: made before the squash was recorded, read as LEGACY_DENSE_SQUASH
+FORMAT_VERSION = 2  # 2: the header records dense_squash (so older code refuses a memory it would mis-score)
+READABLE_FORMAT_VERSIONS = (1, 2)  # 1: made before the squash was recorded, read as LEGACY_DENSE_SQUASH
 MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest-neighbour search (64 MB in fp32)
 DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
 DENSE_RADIUS = math.inf  # dense cells around its own position a query cell is compared with (inf: all of them)
 DENSE_SQUASH = 8.0  # the dense term is tanh(d / (DENSE_SQUASH * q)): 8 won over 4 and 2 on the tuning worlds with default@v6
-GLOBAL_SQUASH = 4.0  # the global term is tanh(g / (GLOBAL_SQUASH * q_g)), as measured (benchmarks/fewshot_tried.py)
 LEGACY_DENSE_SQUASH = 2.0  # what memories stored before the squash was recorded were made (and calibrated) with
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
-           "greedy_coreset", "association", "dense_near", "dense_term", "few_shot_map", "global_term", "combine_few_shot",
-           "model_ref", "load_memory"]
+           "greedy_coreset", "association", "dense_near", "dense_term", "few_shot_map", "combine_few_shot", "model_ref",
+           "load_memory"]
 
 
 class ReferenceMemoryError(ValueError):
@@ -106,8 +100,6 @@ class ReferenceMemory:
     dense_scale: float | None = None  # q: the shots' leave-one-out association quantile (DENSE_QUANTILE)
     dense_pos: torch.Tensor | None = None  # [M_d] long: each dense row's cell (row-major); None: global search
     dense_squash: float | None = None  # DENSE_SQUASH when the memory was built: its thresholds were fitted with it
-    global_scale: float | None = None  # q_g of the image score's global term (None: no global term; module doc)
-    global_squash: float | None = None  # GLOBAL_SQUASH when the memory was built (kept, like dense_squash)
 
     @property
     def scales(self) -> tuple[int, ...]:
@@ -134,8 +126,7 @@ class ReferenceMemory:
                 "scales": list(self.scales), "stride": self.stride, "model": dict(self.model), "rows": self.rows,
                 "patch_dim": int(self.patches.shape[-1]), "embed_dim": int(self.global_emb.shape[-1]),
                 "dense_grid": list(self.dense_grid) if self.dense_grid is not None else None,
-                "dense_scale": self.dense_scale, "dense_squash": self.dense_squash, "global_scale": self.global_scale,
-                "global_squash": self.global_squash, **self.meta}
+                "dense_scale": self.dense_scale, "dense_squash": self.dense_squash, **self.meta}
 
     def incompatibility(self, model: Mapping[str, str], scales: Sequence[int], stride: int,
                         grid: tuple[int, int] | None = None) -> str | None:
@@ -191,9 +182,6 @@ class ReferenceMemory:
                 dense_pos = tensors.get("dense_pos")  # older memories have none: their search is unlimited
                 squash = header.get("dense_squash")  # format 1 has none: made (and calibrated) with 2
                 dense_squash = float(LEGACY_DENSE_SQUASH if squash is None else squash)
-            global_scale = header.get("global_scale")  # formats 1 and 2 have none: no global term
-            global_scale = float(global_scale) if global_scale is not None else None
-            global_squash = float(header.get("global_squash") or GLOBAL_SQUASH) if global_scale is not None else None
         except (KeyError, TypeError, ValueError, IndexError, AttributeError) as exc:
             raise ReferenceMemoryError(f"reference memory is incomplete: {exc!r}") from None
         banks = [(patches, patch_src)] + [(windows[s], window_src[s]) for s in scales]
@@ -201,9 +189,6 @@ class ReferenceMemory:
             banks.append((dense, dense_src))
             if not math.isfinite(dense_scale) or dense_scale <= 0 or not math.isfinite(dense_squash) or dense_squash <= 0:
                 raise ReferenceMemoryError("reference memory has a bad dense scale or squash")
-        if global_scale is not None and (dense is None or not all(math.isfinite(v) and v > 0
-                                                                  for v in (global_scale, global_squash))):
-            raise ReferenceMemoryError("reference memory has a bad global scale")
         dims = {w.shape[-1] for w in windows.values()} | {glob.shape[-1]}
         if (shots < 1 or glob.shape[0] != shots or len(dims) != 1 or any(
                 b.ndim != 2 or src.shape != (b.shape[0],) or b.shape[0] == 0 for b, src in banks)
@@ -217,7 +202,7 @@ class ReferenceMemory:
             dense_pos = dense_pos.long()
         meta = {k: v for k, v in header.items() if k not in _HEADER_KEYS}
         return cls(windows, window_src, patches, patch_src, glob, grid, stride, shots, model, meta, dense, dense_src,
-                   dense_grid, dense_scale, dense_pos, dense_squash, global_scale, global_squash)
+                   dense_grid, dense_scale, dense_pos, dense_squash)
 
 
 def _unit_rows(x: torch.Tensor) -> torch.Tensor:
@@ -229,8 +214,7 @@ def _unit_rows(x: torch.Tensor) -> torch.Tensor:
 
 
 _HEADER_KEYS = {"format", "format_version", "shots", "grid", "scales", "stride", "model", "rows", "patch_dim",
-                "embed_dim", "dense_grid", "dense_scale", "dense_squash", "global_scale",
-                "global_squash"}
+                "embed_dim", "dense_grid", "dense_scale", "dense_squash"}
 
 
 def _safetensors_metadata(data: bytes) -> dict[str, str]:
@@ -338,9 +322,6 @@ def build_memory(embs: Sequence[Any], model: Mapping[str, str], stride: int, max
                           near=dense_near(memory))
         memory.dense_scale = max(float(torch.quantile(own.flatten(), DENSE_QUANTILE)), 1e-6)
         memory.dense_squash = float(DENSE_SQUASH)  # read when built: the memory keeps it, with its thresholds
-        memory.global_scale = max(float(torch.quantile(global_distance(glob, glob, torch.arange(len(embs))),
-                                                       DENSE_QUANTILE)), 1e-6)
-        memory.global_squash = float(GLOBAL_SQUASH)
     return memory
 
 
@@ -433,38 +414,14 @@ def few_shot_map(windows: Mapping[int, torch.Tensor], patches: torch.Tensor, mem
     return (upsample_map(winclip, (dh, dw)) + dense_term(d, memory.dense_scale, squash)) / 2
 
 
-def global_distance(query: torch.Tensor, shots: torch.Tensor, exclude: torch.Tensor | None = None) -> torch.Tensor:
-    """g [B]: 1 - the largest cosine between each query global embedding [B, D] and the shots' [K, D] (unit rows);
-    `exclude[i]` (a shot index, or -1) leaves that shot out for query i."""
-    cos = F.normalize(query.float(), dim=-1) @ shots.float().to(query.device).T  # [B, K]
-    if exclude is not None:
-        ex = exclude.to(cos.device)
-        rows = torch.nonzero(ex >= 0).flatten()
-        cos[rows, ex[rows]] = -2.0
-    return 1 - cos.amax(dim=-1)
-
-
-def global_term(query: torch.Tensor, memory: ReferenceMemory, exclude: torch.Tensor | None = None
-                ) -> torch.Tensor | None:
-    """t_g [B] of the image score (module doc), or None for a memory without a global scale (WinCLIP+ exactly)."""
-    if memory.global_scale is None:
-        return None
-    squash = memory.global_squash if memory.global_squash is not None else GLOBAL_SQUASH
-    return torch.tanh(global_distance(query, memory.global_emb, exclude) / (squash * memory.global_scale))
-
-
-def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor,
-                     global_t: torch.Tensor | None = None) -> tuple[torch.Tensor, torch.Tensor]:
+def combine_few_shot(zero_image: torch.Tensor, zero_map: torch.Tensor, fs_map: torch.Tensor
+                     ) -> tuple[torch.Tensor, torch.Tensor]:
     """WinCLIP+'s rule: image = (zero-shot image score + max few-shot map) / 2, map = (zero-shot + few-shot) / 2.
-    A zero-shot map on a coarser grid than the few-shot map (a dense bank) is upsampled to it first. With the global
-    term `global_t` [B] (`global_term`), the few-shot part of the image score is (max few-shot map + t_g) / 2."""
+    A zero-shot map on a coarser grid than the few-shot map (a dense bank) is upsampled to it first."""
     fs_map = fs_map.to(zero_map.device)
     if zero_map.shape[-2:] != fs_map.shape[-2:]:
         zero_map = upsample_map(zero_map, tuple(fs_map.shape[-2:])).to(zero_map.dtype)
-    few = fs_map.amax(dim=(-2, -1)).to(zero_image.device).double()
-    if global_t is not None:
-        few = (few + global_t.to(zero_image.device).double()) / 2
-    image = (zero_image.double() + few) / 2  # scores stay fp64
+    image = (zero_image.double() + fs_map.amax(dim=(-2, -1)).to(zero_image.device).double()) / 2  # scores stay fp64
     return image, (zero_map + fs_map.to(zero_map.dtype)) / 2
 
 

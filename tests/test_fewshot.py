@@ -22,7 +22,6 @@ from service.detector import Detector, ImageEmbedding
 from service.fewshot import (
     DENSE_RADIUS,
     DENSE_SQUASH,
-    GLOBAL_SQUASH,
     ReferenceMemory,
     ReferenceMemoryError,
     association,
@@ -205,16 +204,13 @@ def test_few_shot_rule_holds_for_every_score_and_combined_stays_the_weighted_mea
     zero = det.score(queries)
     few = det.score(queries, memory=memory)
     w = det.settings.combine_weight
-    from service.fewshot import global_term
-
-    t_g = global_term(torch.stack([q.global_emb for q in queries]), memory)  # one global term for every score
-    for i, (z, f) in enumerate(zip(zero, few)):
+    for z, f in zip(zero, few):
         fs_max = None
         for name in ("fnn", "prompt"):
             # map = (zero + few) / 2, the zero-shot map upsampled to the dense bank's finer grid
             fs_map = 2 * f.grid[name] - upsample_map(torch.tensor(z.grid[name]), f.grid[name].shape).numpy()
             fs_max = float(fs_map.max())
-            assert abs(f.scores[name] - (z.scores[name] + (fs_max + float(t_g[i])) / 2) / 2) < 1e-6
+            assert abs(f.scores[name] - (z.scores[name] + fs_max) / 2) < 1e-6
         assert abs(f.scores["combined"] - (w * f.scores["fnn"] + (1 - w) * f.scores["prompt"])) < 1e-6
     assert all(z.mode == "zero_shot" for z in zero)
 
@@ -308,13 +304,7 @@ def _dense_reference(query: ImageEmbedding, refs: list[ImageEmbedding], zero_ima
     up = [F.interpolate(torch.tensor(m, dtype=torch.float32).reshape(1, 1, *grid), size=(dh, dw), mode="bilinear",
                         align_corners=False)[0, 0] for m in (zs_map, fs_map)]
     few = (up[1] + t) / 2
-    # the global term: the query's global embedding against each shot's, on the shots' own leave-one-out spread
-    unit = [F.normalize(r.global_emb.float(), dim=0) for r in refs]
-    own_g = [1 - max(float(unit[i] @ unit[j]) for j in range(len(refs)) if j != i) for i in range(len(refs))]
-    q_g = float(torch.quantile(torch.tensor(own_g), 0.99))
-    g = 1 - max(float(F.normalize(query.global_emb.float(), dim=0) @ u) for u in unit)
-    t_g = math.tanh(g / (GLOBAL_SQUASH * q_g))
-    return (zero_image + (float(few.max()) + t_g) / 2) / 2, (up[0] + few) / 2
+    return (zero_image + float(few.max())) / 2, (up[0] + few) / 2
 
 
 @pytest.mark.parametrize(("k_shot", "radius", "squash"),
@@ -367,19 +357,16 @@ def test_a_memory_keeps_the_squash_it_was_built_with_and_older_memories_read_as_
     # a memory stored before the squash was recorded: made, and calibrated, with tanh(d / 2q)
     data = memory.to_bytes()
     header = json.loads(fewshot._safetensors_metadata(data)["zsad"])
-    assert header["format_version"] == fewshot.FORMAT_VERSION == 3  # older code refuses it rather than mis-score it
-    del header["dense_squash"], header["global_scale"], header["global_squash"]
+    assert header["format_version"] == fewshot.FORMAT_VERSION == 2  # older code refuses it rather than mis-score it
+    del header["dense_squash"]
     header["format_version"] = 1
     legacy = ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps(header)}))
-    assert legacy.dense_squash == fewshot.LEGACY_DENSE_SQUASH == 2.0 and legacy.global_scale is None
-    with pytest.raises(fewshot.ReferenceMemoryError, match="format 4"):
-        ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps({**header, "format_version": 4})}))
+    assert legacy.dense_squash == fewshot.LEGACY_DENSE_SQUASH == 2.0
+    with pytest.raises(fewshot.ReferenceMemoryError, match="format 3"):
+        ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps({**header, "format_version": 3})}))
     with pytest.raises(fewshot.ReferenceMemoryError, match="squash"):
         ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps({**header, "dense_squash": 0})}))
-    with pytest.raises(fewshot.ReferenceMemoryError, match="global scale"):
-        ReferenceMemory.from_bytes(save(load(data), metadata={"zsad": json.dumps({**header, "global_scale": -1})}))
-    old = replace(memory, dense_squash=2.0, global_scale=None, global_squash=None)  # no global term before format 3
-    as_two = [d.scores["prompt"] for d in det.score(queries, memory=old)]
+    as_two = [d.scores["prompt"] for d in det.score(queries, memory=replace(memory, dense_squash=2.0))]
     assert [d.scores["prompt"] for d in det.score(queries, memory=legacy)] == pytest.approx(as_two, abs=1e-9)
     assert as_two != pytest.approx(before, abs=1e-6)
 
@@ -476,33 +463,3 @@ def test_a_loaded_memory_scores_with_unit_rows_whatever_the_file_holds(cnn):
     # float rounding only (the dense term divides by the shots' small spread); unnormalised rows would be far off
     torch.testing.assert_close(det._few_shot_map(queries, back, None), det._few_shot_map(queries, memory, None),
                                rtol=1e-3, atol=2e-5)
-
-
-def test_the_global_term_keeps_its_scale_and_leaves_a_shot_out_of_its_own_score(cnn):
-    """The image score's global term (module doc): kept through serialisation, and in leave-one-out scoring (the
-    thresholds' calibration) a shot's own global embedding is not its nearest neighbour."""
-    from service.fewshot import global_distance, global_term
-
-    det = _detector(cnn)
-    refs, queries = _embs(det, _pixels(cnn, 3, 31)), _embs(det, _pixels(cnn, 2, 32))
-    memory = build_memory(refs, model_ref(det), 1, 10_000, dense=True)
-    assert memory.global_scale > 0 and memory.global_squash == GLOBAL_SQUASH
-    back = ReferenceMemory.from_bytes(memory.to_bytes())
-    assert back.global_scale == memory.global_scale and back.global_squash == memory.global_squash
-    before = [d.scores["combined"] for d in det.score(queries, memory=memory)]
-    assert [d.scores["combined"] for d in det.score(queries, memory=back)] == pytest.approx(before, abs=1e-9)
-    shots = torch.stack([r.global_emb for r in refs])
-    assert torch.allclose(global_distance(shots, memory.global_emb), torch.zeros(3), atol=1e-5)  # each finds itself
-    loo = global_distance(shots, memory.global_emb, torch.arange(3))
-    unit = F.normalize(shots.float(), dim=-1)
-    for i in range(3):
-        others = [float(unit[i] @ unit[j]) for j in range(3) if j != i]
-        assert float(loo[i]) == pytest.approx(1 - max(others), abs=1e-5)
-    t = global_term(shots, memory, torch.arange(3))
-    assert bool((t > 0).all())  # with itself left out, a shot is some distance from the others
-    # scoring the shots leave-one-out uses that term: it differs from scoring them with their own rows in
-    with_self = det.score(refs, memory=memory)
-    without = det.score(refs, memory=memory, exclude=[0, 1, 2])
-    assert all(w.scores["combined"] > s.scores["combined"] for w, s in zip(without, with_self))
-    # a WinCLIP+ memory (no dense bank) has no global term
-    assert build_memory(refs, model_ref(det), 1, 10_000).global_scale is None
