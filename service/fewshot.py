@@ -60,7 +60,7 @@ MAX_SIM_ELEMENTS = 1 << 24  # similarity entries computed at once by the nearest
 DENSE_QUANTILE = 0.99  # the dense bank's scale: this quantile of the shots' leave-one-out association
 DENSE_MAX_ROWS = 2048  # the dense bank's own cap (at most the memory's max_rows): benchmarks/fewshot_dense_cost.py
 DENSE_RADIUS = math.inf  # dense cells around its own position a query cell is compared with (inf: all of them)
-DENSE_SQUASH = 8.0  # the dense term is tanh(d / (DENSE_SQUASH * q)): 8 won over 4 and 2 on the tuning worlds with default@v6
+DENSE_SQUASH = 4.0  # the dense term is tanh(d / (DENSE_SQUASH * q)): 4 won over 2 (and 1) on the tuning worlds
 LEGACY_DENSE_SQUASH = 2.0  # what memories stored before the squash was recorded were made (and calibrated) with
 
 __all__ = ["ReferenceMemory", "ReferenceMemoryError", "incompatibility", "read_header", "build_memory",
