@@ -102,10 +102,11 @@ def _on_dense_grid(grid_maps: list, size: tuple[int, int]) -> torch.Tensor:
     return upsample_map(torch.stack([torch.as_tensor(m) for m in grid_maps]).float(), size)
 
 
-def study_spread(worlds: list[str], score: str) -> dict[str, float]:
+def tuning_sets(worlds: list[str]):
+    """The detector, then for every world and kind: its test embeddings, labels, deformation subset, masks and the
+    embedded shots (the first SHOTS train/good images), as `fewshot_dense.py` makes them."""
     det = load_detector(Settings(model_store=Path("model_store"), device="cpu", precision="fp32"))
     kinds = RANDOM_KINDS + TRAIN_KINDS
-    table: dict[tuple[str, str], list[tuple[float, ...]]] = {}
     with tempfile.TemporaryDirectory(prefix="zsad-tried-") as tmp:
         for world in worlds:
             root = Path(tmp) / world
@@ -115,37 +116,11 @@ def study_spread(worlds: list[str], score: str) -> dict[str, float]:
                 embs, labels, deform, masks = fewshot_dense.kind_set(det, samples, kind)
                 ref = det.embed([load_image(p) for p in pick(list_images(root / kind / "train" / "good"), SHOTS, 0)],
                                 heatmap=True, dense=True)
-                stride, rows = det.settings.window_stride, det.settings.reference_max_rows
-                mem_w = build_memory(ref, model_ref(det), stride, rows, dense=False)
-                mem_d = build_memory(ref, model_ref(det), stride, rows, dense=True)
-                size = mem_d.dense_grid
-                # the shots' own spread: their zero-shot maps and their leave-one-out WinCLIP+ maps
-                q_z = float(torch.quantile(_on_dense_grid([z.grid[score] for z in det.score(ref)], size), QUANTILE))
-                q_w = float(torch.quantile(upsample_map(det._few_shot_map(ref, mem_w, list(range(SHOTS))), size),
-                                           QUANTILE))
-                q_z, q_w, q_d = max(q_z, 1e-6), max(q_w, 1e-6), mem_d.dense_scale
-                zero = det.score(embs)
-                z = _on_dense_grid([r.grid[score] for r in zero], size)
-                w = upsample_map(det._few_shot_map(embs, mem_w, None), size)
-                d = association(torch.stack([e.dense for e in embs]), mem_d.dense,
-                                near=dense_near(mem_d)).reshape(len(embs), *size)
-                t = dense_term(d, q_d, mem_d.dense_squash)
-                fs = (w + t) / 2
-                image = ((torch.tensor([r.scores[score] for r in zero], dtype=torch.float64)
-                          + fs.amax((-2, -1)).double()) / 2).numpy()
-                shipped = np.array([r.scores[score] for r in det.score(embs, memory=mem_d)])
-                assert np.abs(shipped - image).max() < 1e-5, "the shipped rule is not F"
-                variants = {"F": (z + fs) / 2,
-                            "N": (torch.tanh(z / (SQUASH * q_z)) + (torch.tanh(w / (SQUASH * q_w)) + t) / 2) / 2,
-                            "N2": (z / q_z + (w / q_w + d / q_d) / 2) / 2}
-                for name, m in variants.items():
-                    heat = [e.geometry.to_original(x) for e, x in zip(embs, m)]
-                    gt = np.concatenate([(k if k is not None else np.zeros(h.shape, bool)).ravel()
-                                         for k, h in zip(masks, heat)])
-                    table.setdefault((world, name), []).append((
-                        roc_auc_score(labels, image), roc_auc_score(gt, np.concatenate([h.ravel() for h in heat])),
-                        roc_auc_score(labels[deform], image[deform]), localisation(heat, masks, embs[0].grid)["hit"]))
-                print(f"{world} {kind}: q_z {q_z:.3f} q_w {q_w:.3f} q_d {q_d:.3f}", flush=True)
+                yield det, world, kind, embs, labels, deform, masks, ref
+
+
+def print_table(table: dict[tuple[str, str], list[tuple[float, ...]]]) -> dict[str, float]:
+    """The mean per world and variant, and each variant's sum of image + pixel + deformation AUROC (per world too)."""
     print("| world | variant | image | pixel | deformation | hit@1 |\n|---|---|---|---|---|---|")
     sums: dict[str, float] = {}
     for (world, name), rows_ in table.items():
@@ -154,6 +129,42 @@ def study_spread(worlds: list[str], score: str) -> dict[str, float]:
         sums[f"{name}_{world}"] = 100 * float(m[:3].sum())
         sums[name] = sums.get(name, 0.0) + 100 * float(m[:3].sum())
     return sums
+
+
+def study_spread(worlds: list[str], score: str) -> dict[str, float]:
+    table: dict[tuple[str, str], list[tuple[float, ...]]] = {}
+    for det, world, kind, embs, labels, deform, masks, ref in tuning_sets(worlds):
+        stride, rows = det.settings.window_stride, det.settings.reference_max_rows
+        mem_w = build_memory(ref, model_ref(det), stride, rows, dense=False)
+        mem_d = build_memory(ref, model_ref(det), stride, rows, dense=True)
+        size = mem_d.dense_grid
+        # the shots' own spread: their zero-shot maps and their leave-one-out WinCLIP+ maps
+        q_z = float(torch.quantile(_on_dense_grid([z.grid[score] for z in det.score(ref)], size), QUANTILE))
+        q_w = float(torch.quantile(upsample_map(det._few_shot_map(ref, mem_w, list(range(SHOTS))), size), QUANTILE))
+        q_z, q_w, q_d = max(q_z, 1e-6), max(q_w, 1e-6), mem_d.dense_scale
+        zero = det.score(embs)
+        z = _on_dense_grid([r.grid[score] for r in zero], size)
+        w = upsample_map(det._few_shot_map(embs, mem_w, None), size)
+        d = association(torch.stack([e.dense for e in embs]), mem_d.dense,
+                        near=dense_near(mem_d)).reshape(len(embs), *size)
+        t = dense_term(d, q_d, mem_d.dense_squash)
+        fs = (w + t) / 2
+        image = ((torch.tensor([r.scores[score] for r in zero], dtype=torch.float64)
+                  + fs.amax((-2, -1)).double()) / 2).numpy()
+        shipped = np.array([r.scores[score] for r in det.score(embs, memory=mem_d)])
+        assert np.abs(shipped - image).max() < 1e-5, "the shipped rule is not F"
+        variants = {"F": (z + fs) / 2,
+                    "N": (torch.tanh(z / (SQUASH * q_z)) + (torch.tanh(w / (SQUASH * q_w)) + t) / 2) / 2,
+                    "N2": (z / q_z + (w / q_w + d / q_d) / 2) / 2}
+        for name, m in variants.items():
+            heat = [e.geometry.to_original(x) for e, x in zip(embs, m)]
+            gt = np.concatenate([(k if k is not None else np.zeros(h.shape, bool)).ravel()
+                                 for k, h in zip(masks, heat)])
+            table.setdefault((world, name), []).append((
+                roc_auc_score(labels, image), roc_auc_score(gt, np.concatenate([h.ravel() for h in heat])),
+                roc_auc_score(labels[deform], image[deform]), localisation(heat, masks, embs[0].grid)["hit"]))
+        print(f"{world} {kind}: q_z {q_z:.3f} q_w {q_w:.3f} q_d {q_d:.3f}", flush=True)
+    return print_table(table)
 
 
 def global_term(query: torch.Tensor, shots: torch.Tensor) -> tuple[torch.Tensor, float]:
@@ -166,44 +177,26 @@ def global_term(query: torch.Tensor, shots: torch.Tensor) -> tuple[torch.Tensor,
 
 
 def study_global(worlds: list[str], score: str) -> dict[str, float]:
-    det = load_detector(Settings(model_store=Path("model_store"), device="cpu", precision="fp32"))
-    kinds = RANDOM_KINDS + TRAIN_KINDS
     table: dict[tuple[str, str], list[tuple[float, ...]]] = {}
-    with tempfile.TemporaryDirectory(prefix="zsad-tried-") as tmp:
-        for world in worlds:
-            root = Path(tmp) / world
-            write_set(root, world, kinds, 1919, 16, 20, 6)
-            samples = read_mvtec(root).samples
-            for kind in kinds:
-                embs, labels, deform, masks = fewshot_dense.kind_set(det, samples, kind)
-                ref = det.embed([load_image(p) for p in pick(list_images(root / kind / "train" / "good"), SHOTS, 0)],
-                                heatmap=True, dense=True)
-                memory = build_memory(ref, model_ref(det), det.settings.window_stride,
-                                      det.settings.reference_max_rows, dense=True)
-                zero = np.array([r.scores[score] for r in det.score(embs, maps=False)])
-                shipped = det.score(embs, memory=memory)
-                f_image = np.array([r.scores[score] for r in shipped])
-                fs_max = 2 * f_image - zero  # F: (Z + max fs) / 2
-                t_g, q_g = global_term(torch.stack([e.global_emb for e in embs]), memory.global_emb)
-                t_g = t_g.double().numpy()
-                heat = [r.heat[score] for r in shipped]
-                gt = np.concatenate([(k if k is not None else np.zeros(h.shape, bool)).ravel()
-                                     for k, h in zip(masks, heat)])
-                pixel = roc_auc_score(gt, np.concatenate([h.ravel() for h in heat]))
-                hit = localisation(heat, masks, embs[0].grid)["hit"]
-                variants = {"F": f_image, "GA": (zero + fs_max + t_g) / 3, "GB": (zero + (fs_max + t_g) / 2) / 2}
-                for name, image in variants.items():
-                    table.setdefault((world, name), []).append((
-                        roc_auc_score(labels, image), pixel, roc_auc_score(labels[deform], image[deform]), hit))
-                print(f"{world} {kind}: q_g {q_g:.4f}", flush=True)
-    print("| world | variant | image | pixel | deformation | hit@1 |\n|---|---|---|---|---|---|")
-    sums: dict[str, float] = {}
-    for (world, name), rows_ in table.items():
-        m = np.mean(np.array(rows_), axis=0)
-        print(f"| {world} | {name} | {100 * m[0]:.1f} | {100 * m[1]:.1f} | {100 * m[2]:.1f} | {m[3]:.2f} |")
-        sums[f"{name}_{world}"] = 100 * float(m[:3].sum())
-        sums[name] = sums.get(name, 0.0) + 100 * float(m[:3].sum())
-    return sums
+    for det, world, kind, embs, labels, deform, masks, ref in tuning_sets(worlds):
+        memory = build_memory(ref, model_ref(det), det.settings.window_stride, det.settings.reference_max_rows,
+                              dense=True)
+        zero = np.array([r.scores[score] for r in det.score(embs, maps=False)])
+        shipped = det.score(embs, memory=memory)
+        f_image = np.array([r.scores[score] for r in shipped])
+        fs_max = 2 * f_image - zero  # F: (Z + max fs) / 2
+        t_g, q_g = global_term(torch.stack([e.global_emb for e in embs]), memory.global_emb)
+        t_g = t_g.double().numpy()
+        heat = [r.heat[score] for r in shipped]
+        gt = np.concatenate([(k if k is not None else np.zeros(h.shape, bool)).ravel() for k, h in zip(masks, heat)])
+        pixel = roc_auc_score(gt, np.concatenate([h.ravel() for h in heat]))
+        hit = localisation(heat, masks, embs[0].grid)["hit"]
+        variants = {"F": f_image, "GA": (zero + fs_max + t_g) / 3, "GB": (zero + (fs_max + t_g) / 2) / 2}
+        for name, image in variants.items():
+            table.setdefault((world, name), []).append((
+                roc_auc_score(labels, image), pixel, roc_auc_score(labels[deform], image[deform]), hit))
+        print(f"{world} {kind}: q_g {q_g:.4f}", flush=True)
+    return print_table(table)
 
 
 def main() -> None:
