@@ -368,7 +368,7 @@ def train(
     accs: list[float] = []
     locals_: list[float] = []  # the local term alone (0 without it), for the log
     distills: list[float] = []  # the distillation term alone (0 without it), for the log
-    pending: list[torch.Tensor] = []  # (loss, twin acc, local term) still on the device: read back only at log time
+    pending: list[torch.Tensor] = []  # (loss, twin acc, local, distill) still on the device: read back at log time
     t0 = time.time()
     budget_s = cfg.max_minutes * 60 if cfg.max_minutes else None
     stopped = False
