@@ -260,10 +260,10 @@ def distill_loss(img_f: torch.Tensor, txt_f: torch.Tensor, teacher: nn.Module, i
     with torch.no_grad():  # the whole batch, so the teacher's BatchNorm sees the batch the student's does
         t_img = F.normalize(teacher.encode_image(images), dim=-1)
         t_txt = F.normalize(teacher.encode_text(tokens), dim=-1)
-    loss = (1 - (txt_f.float() * t_txt.float()).sum(-1)).mean()
-    if bool(named.any()):
-        loss = loss + (1 - (img_f[named].float() * t_img[named].float()).sum(-1)).mean()
-    return loss
+    text = (1 - (txt_f.float() * t_txt.float()).sum(-1)).mean()
+    gap = 1 - (img_f.float() * t_img.float()).sum(-1)  # [B]; the mean over the named images (0 when none)
+    w = named.to(gap.dtype)
+    return text + (gap * w).sum() / w.sum().clamp_min(1.0)
 
 
 def _atomic_save(obj: dict[str, Any], path: Path) -> None:
